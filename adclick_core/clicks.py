@@ -1,0 +1,140 @@
+"""Clicks: the value type, click maps (disks) and the one place for click simulation.
+
+Follows the RITM / SimpleClick protocol (ALGORITHM.md, "Click encoding and simulation").
+Coordinates are pixels ``(x = column, y = row)`` in whatever image the caller works in;
+helpers that change resolution say so.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "Click",
+    "scale_clicks",
+    "click_maps",
+    "next_eval_click",
+    "sample_training_clicks",
+    "next_training_click",
+]
+
+
+@dataclass(frozen=True)
+class Click:
+    """One user click: ``x`` is the column, ``y`` the row, in pixels."""
+
+    x: float
+    y: float
+    positive: bool = True
+
+    def scaled(self, sx: float, sy: float) -> "Click":
+        return Click(self.x * sx, self.y * sy, self.positive)
+
+
+def scale_clicks(clicks: Sequence[Click], src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> list[Click]:
+    """Map clicks from an image of size ``src_hw`` to one of size ``dst_hw`` (pixel centres kept)."""
+    sy = dst_hw[0] / src_hw[0]
+    sx = dst_hw[1] / src_hw[1]
+    return [Click((c.x + 0.5) * sx - 0.5, (c.y + 0.5) * sy - 0.5, c.positive) for c in clicks]
+
+
+def click_maps(clicks: Iterable[Click], hw: tuple[int, int], radius: float = 5.0) -> np.ndarray:
+    """Two binary disk maps ``(2, H, W)`` float32: channel 0 positive clicks, channel 1 negative."""
+    h, w = hw
+    maps = np.zeros((2, h, w), dtype=np.float32)
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    r2 = float(radius) ** 2
+    for c in clicks:
+        disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= r2
+        maps[0 if c.positive else 1][disk] = 1.0
+    return maps
+
+
+def _error_click(
+    fn: np.ndarray, fp: np.ndarray, not_clicked: np.ndarray, rng: np.random.Generator | None
+) -> Click | None:
+    """Click in the larger of the two error regions, where its distance transform is largest.
+
+    With ``rng`` (training) a random pixel whose distance exceeds half the maximum is taken;
+    without it (evaluation) the argmax, so evaluation is deterministic.
+    """
+    # Padding makes the image border count as "outside the error", as RITM does.
+    fn_dt = ndimage.distance_transform_edt(np.pad(fn & not_clicked, 1))[1:-1, 1:-1]
+    fp_dt = ndimage.distance_transform_edt(np.pad(fp & not_clicked, 1))[1:-1, 1:-1]
+    fn_max, fp_max = float(fn_dt.max()), float(fp_dt.max())
+    if max(fn_max, fp_max) <= 0:
+        return None
+    positive = fn_max >= fp_max
+    dt = fn_dt if positive else fp_dt
+    dmax = fn_max if positive else fp_max
+    if rng is None:
+        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+    else:
+        ys, xs = np.nonzero(dt > dmax / 2.0)
+        i = int(rng.integers(len(ys)))
+        y, x = ys[i], xs[i]
+    return Click(float(x), float(y), bool(positive))
+
+
+def _clicked_mask(clicks: Sequence[Click], hw: tuple[int, int], radius: float) -> np.ndarray:
+    maps = click_maps(clicks, hw, radius)
+    return (maps[0] + maps[1]) > 0
+
+
+def next_eval_click(
+    gt: np.ndarray, pred: np.ndarray | None, clicks: Sequence[Click] = (), click_radius: float = 5.0
+) -> Click | None:
+    """The evaluation protocol's next click (deterministic).
+
+    ``gt`` and ``pred`` are boolean masks of one size (``pred`` None = nothing predicted yet).
+    Returns None when there is no error left to click on.
+    """
+    gt = gt.astype(bool)
+    pred = np.zeros_like(gt) if pred is None else pred.astype(bool)
+    not_clicked = ~_clicked_mask(clicks, gt.shape, click_radius) if clicks else np.ones_like(gt)
+    return _error_click(gt & ~pred, pred & ~gt, not_clicked, None)
+
+
+def next_training_click(gt: np.ndarray, pred: np.ndarray, rng: np.random.Generator) -> Click | None:
+    """The training protocol's iterative click: random pixel deep inside the larger error region."""
+    gt = gt.astype(bool)
+    pred = pred.astype(bool)
+    return _error_click(gt & ~pred, pred & ~gt, np.ones_like(gt), rng)
+
+
+def sample_training_clicks(
+    gt: np.ndarray,
+    rng: np.random.Generator,
+    max_positive: int = 3,
+    max_negative: int = 3,
+    p_geometric: float = 0.8,
+    erosion: int = 2,
+) -> list[Click]:
+    """Initial clicks for one training sample: ``1 + Geometric(p)`` positives inside the eroded
+    mask, and ``Geometric(p) - 1`` negatives (often none) on the background near the object."""
+    gt = gt.astype(bool)
+    clicks: list[Click] = []
+    if not gt.any():
+        return clicks
+    inner = ndimage.binary_erosion(gt, iterations=erosion) if erosion > 0 else gt
+    if not inner.any():
+        inner = gt
+    n_pos = min(max_positive, int(rng.geometric(p_geometric)))
+    ys, xs = np.nonzero(inner)
+    for i in rng.choice(len(ys), size=min(n_pos, len(ys)), replace=False):
+        clicks.append(Click(float(xs[i]), float(ys[i]), True))
+    n_neg = min(max_negative, int(rng.geometric(p_geometric)) - 1)
+    if n_neg > 0:
+        # Negatives where annotators put them: on good surface close to the defect.
+        ring = ndimage.binary_dilation(gt, iterations=12) & ~ndimage.binary_dilation(gt, iterations=3)
+        if not ring.any():
+            ring = ~gt
+        ys, xs = np.nonzero(ring)
+        if len(ys):
+            for i in rng.choice(len(ys), size=min(n_neg, len(ys)), replace=False):
+                clicks.append(Click(float(xs[i]), float(ys[i]), False))
+    return clicks
