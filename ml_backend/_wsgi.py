@@ -1,0 +1,53 @@
+"""WSGI entry point for gunicorn:
+
+    gunicorn --workers 1 --threads 8 --timeout 0 -b 127.0.0.1:9090 ml_backend._wsgi:app
+
+One worker holds the models once; threads serve concurrent clicks (the click model is shared,
+per-image states are cached). ``--timeout 0`` because building a reference bank on the first
+click of a project may take longer than gunicorn's default 30 s.
+
+Environment variables
+---------------------
+LABEL_STUDIO_URL          Label Studio base URL the backend can reach (http://host:port). Needed to
+                          download task images and to read OK-tagged reference tasks. Falls back to
+                          the hostname Label Studio sends to /setup.
+LABEL_STUDIO_API_KEY      API token (legacy token, or a personal access token) of a user who can see
+                          the projects. Falls back to the token Label Studio sends to /setup.
+ADCLICK_MODEL_DIR         Where per-project data live (reference banks): <dir>/project-<id>-<ts>/bank.*
+                          (default ~/.adclick/models).
+ADCLICK_CHECKPOINT        Click model checkpoint (default: the one shipped in adclick_core).
+ADCLICK_DEVICE            auto | cpu | cuda | cuda:N (default auto: CUDA when present).
+ADCLICK_REFERENCE_DIR     Optional folder of defect-free images added to every project's bank.
+ADCLICK_MAX_REFERENCES    At most this many reference images per project (default 200).
+ADCLICK_STATE_CACHE_MB    Memory budget of the per-image state cache (default 512).
+ADCLICK_IMAGE_CACHE_MB    Disk budget of downloaded images (default 1024).
+ADCLICK_IMAGE_CACHE_DIR   Where downloaded images are cached (default <tmp>/adclick-image-cache).
+ADCLICK_MASK_THRESHOLD    Probability above which a pixel is in the mask (default 0.5).
+ADCLICK_BANK_WAIT_S       How long a click waits for a project's first bank build (default 80;
+                          Label Studio gives /predict 100 s).
+ADCLICK_BANK_REFRESH_S    Re-read OK-tagged tasks at most this often, in the background (default 600;
+                          webhooks add new OK tags at once).
+ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).
+ADCLICK_PRELOAD           1 (default) loads the click model at start in the background; 0 on first use.
+ADCLICK_LOG_LEVEL         DEBUG | INFO (default) | WARNING.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from .api import create_app
+from .model import Backend
+
+logging.basicConfig(
+    level=getattr(logging, os.environ.get("ADCLICK_LOG_LEVEL", "INFO").upper(), logging.INFO),
+    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+)
+logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+backend = Backend()
+app = create_app(backend)
+
+if os.environ.get("ADCLICK_PRELOAD", "1") not in ("0", "false", "no"):
+    threading.Thread(target=backend.preload, name="adclick-preload", daemon=True).start()

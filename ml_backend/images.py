@@ -1,0 +1,298 @@
+"""Downloading task images (and calling the Label Studio API) with clear errors.
+
+Images go through ``label_studio_sdk``'s own helper (``get_local_path``), which understands every
+Label Studio URL kind (``/data/upload/...``, ``/data/local-files/?d=...``, cloud storage, plain
+http(s)). We add what users of the official SAM backend kept tripping over:
+
+* credentials: ``LABEL_STUDIO_URL`` / ``LABEL_STUDIO_API_KEY`` from the environment win; else the
+  ``hostname`` / ``access_token`` Label Studio sent to ``/setup``. A personal access token (a JWT
+  refresh token) is exchanged for a short-lived access token first, as the SDK client does;
+  a legacy token is sent as ``Token``.
+* errors: 401/403 -> 424 naming LABEL_STUDIO_API_KEY, 404 -> 404 naming the URL, an unreachable
+  host -> 424 naming LABEL_STUDIO_URL; never a bare traceback.
+* a timeout on every download (the helper has none by default).
+* the helper's file cache is kept per (host, token) and bounded in size, so a wrong token
+  never gets a file another token downloaded, and the disk does not fill up.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import urlparse
+
+import requests
+
+from .errors import BadRequest, ImageAccessDenied, ImageNotFound
+
+logger = logging.getLogger(__name__)
+
+DOWNLOAD_TIMEOUT_S = float(os.environ.get("ADCLICK_DOWNLOAD_TIMEOUT", "30"))
+
+
+@dataclass(frozen=True)
+class Credentials:
+    hostname: str  # Label Studio base URL, e.g. http://127.0.0.1:8080 ("" = unknown)
+    token: str  # legacy token or personal access token ("" = none)
+    source: str = "environment"  # where they came from, for error messages
+
+    @staticmethod
+    def resolve(setup_hostname: str | None = None, setup_token: str | None = None) -> "Credentials":
+        env_host = os.environ.get("LABEL_STUDIO_URL") or os.environ.get("LABEL_STUDIO_HOST") or ""
+        env_token = os.environ.get("LABEL_STUDIO_API_KEY") or os.environ.get("LABEL_STUDIO_ACCESS_TOKEN") or ""
+        host = env_host or (setup_hostname or "")
+        token = env_token or (setup_token or "")
+        if env_host and env_token:
+            src = "LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY"
+        elif env_host or env_token:
+            src = "environment + /setup"
+        elif host or token:
+            src = "Label Studio /setup (set LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY to override)"
+        else:
+            src = "nowhere (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are not set)"
+        return Credentials(host.rstrip("/"), token, src)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha1(f"{self.hostname}\0{self.token}".encode()).hexdigest()[:12]
+
+
+class _TimeoutSession(requests.Session):
+    def request(self, method, url, **kwargs):  # noqa: D401 - requests API
+        kwargs.setdefault("timeout", DOWNLOAD_TIMEOUT_S)
+        return super().request(method, url, **kwargs)
+
+
+class _AccessTokens:
+    """Personal access tokens (JWT refresh tokens) -> cached access tokens."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+
+    @staticmethod
+    def _claims(token: str) -> dict | None:
+        try:
+            import jwt
+
+            return jwt.decode(token, options={"verify_signature": False})
+        except Exception:  # noqa: BLE001 - not a JWT = legacy token
+            return None
+
+    def header_token(self, creds: Credentials) -> str:
+        """The token to send: legacy tokens as they are, refresh tokens exchanged."""
+        claims = self._claims(creds.token)
+        if not claims or claims.get("token_type") != "refresh":
+            return creds.token
+        key = (creds.hostname, creds.token)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit and hit[1] - 30 > time.time():
+                return hit[0]
+            try:
+                r = requests.post(
+                    f"{creds.hostname}/api/token/refresh/", json={"refresh": creds.token},
+                    timeout=DOWNLOAD_TIMEOUT_S,
+                )
+            except requests.RequestException as e:
+                raise ImageAccessDenied(
+                    f"could not reach Label Studio at {creds.hostname} to exchange the personal access "
+                    f"token ({type(e).__name__}); check LABEL_STUDIO_URL"
+                ) from None
+            if r.status_code != 200:
+                raise ImageAccessDenied(
+                    f"Label Studio at {creds.hostname} refused the personal access token "
+                    f"(HTTP {r.status_code} from /api/token/refresh/): set LABEL_STUDIO_API_KEY to a "
+                    "valid token (Account & Settings > Personal Access Token, or a legacy token)"
+                )
+            access = r.json().get("access", "")
+            exp = (self._claims(access) or {}).get("exp") or (time.time() + 240)
+            self._cache[key] = (access, float(exp))
+            return access
+
+
+ACCESS_TOKENS = _AccessTokens()
+
+
+def auth_headers(creds: Credentials) -> dict:
+    """Authorization header for the Label Studio API (legacy ``Token`` or JWT ``Bearer``)."""
+    if not creds.token:
+        return {}
+    tok = ACCESS_TOKENS.header_token(creds)
+    scheme = "Bearer" if _AccessTokens._claims(tok) else "Token"
+    return {"Authorization": f"{scheme} {tok}"}
+
+
+class ImageLoader:
+    """Fetches task images as bytes through the SDK helper, with a bounded on-disk cache."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None, max_cache_mb: float = 1024.0):
+        self.cache_root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "adclick-image-cache"
+        self.max_cache_bytes = int(max_cache_mb * 1024 * 1024)
+        self._lock = threading.Lock()
+        self._last_prune = 0.0
+
+    def _cache_dir(self, creds: Credentials) -> Path:
+        d = self.cache_root / creds.key
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def _prune(self) -> None:
+        now = time.time()
+        if now - self._last_prune < 30:
+            return
+        self._last_prune = now
+        files = []
+        total = 0
+        for p in self.cache_root.rglob("*"):
+            try:
+                if p.is_file():
+                    st = p.stat()
+                    files.append((st.st_atime, st.st_size, p))
+                    total += st.st_size
+            except OSError:
+                continue
+        files.sort()
+        while total > self.max_cache_bytes and files:
+            _, size, p = files.pop(0)
+            try:
+                p.unlink()
+                total -= size
+            except OSError:
+                pass
+
+    def fetch(self, url: str, creds: Credentials, task_id: int | None = None) -> bytes:
+        """The image's bytes, or a BackendError with a message the annotator can act on."""
+        from label_studio_sdk._extensions.label_studio_tools.core.utils import io as ls_io
+
+        if not isinstance(url, str) or not url.strip():
+            raise BadRequest("the task has no image URL")
+        url = url.strip()
+        if url.startswith("data:"):
+            return _data_uri_bytes(url)
+        is_ls_path = url.startswith("/data/") or url.startswith("data/") or url.startswith("/storage-data/") \
+            or url.startswith("upload") or url.startswith("/upload") or url.startswith(("s3:", "gs:", "azure-blob:"))
+        parsed = urlparse(url)
+        if not is_ls_path and parsed.scheme not in ("http", "https"):
+            raise ImageNotFound(
+                f"unknown image URL {url!r}: expected a Label Studio path (/data/upload/..., "
+                "/data/local-files/?d=...), a cloud storage URI or an http(s) URL"
+            )
+        if creds.hostname and not creds.hostname.startswith(("http://", "https://")):
+            raise ImageAccessDenied(
+                f"LABEL_STUDIO_URL={creds.hostname!r} must start with http:// or https://"
+            )
+        host_for_msg = creds.hostname or "(no Label Studio URL)"
+        token = ""
+        if creds.token and creds.hostname:
+            token = ACCESS_TOKENS.header_token(creds)
+        try:
+            with ls_io.http_session(_TimeoutSession()):
+                path = ls_io.get_local_path(
+                    url,
+                    cache_dir=str(self._cache_dir(creds)),
+                    hostname=creds.hostname or None,
+                    access_token=token or None,
+                    download_resources=True,
+                    task_id=task_id,
+                )
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except requests.HTTPError as e:
+            code = e.response.status_code if e.response is not None else 0
+            if code in (401, 403):
+                raise ImageAccessDenied(
+                    f"Label Studio at {host_for_msg} refused the image download (HTTP {code}) for {url}: "
+                    "set LABEL_STUDIO_API_KEY to a valid API token of a user who can see this project "
+                    f"(credentials from {creds.source})"
+                ) from None
+            if code == 404:
+                raise ImageNotFound(
+                    f"image not found: {url} (HTTP 404 from {host_for_msg}); for local files, Label "
+                    "Studio needs a Local Storage on a folder holding it"
+                ) from None
+            raise ImageAccessDenied(f"downloading {url} from {host_for_msg} failed with HTTP {code}") from None
+        except (requests.ConnectionError, requests.Timeout) as e:
+            raise ImageAccessDenied(
+                f"could not reach {host_for_msg} to download {url} ({type(e).__name__}): set "
+                "LABEL_STUDIO_URL to an address the backend can reach"
+            ) from None
+        except (requests.exceptions.MissingSchema, requests.exceptions.InvalidURL,
+                requests.exceptions.InvalidSchema) as e:
+            raise ImageNotFound(f"unknown image URL {url!r}: {e}") from None
+        except FileNotFoundError as e:
+            msg = str(e)
+            if "LABEL_STUDIO_API_KEY" in msg:
+                raise ImageAccessDenied(
+                    f"cannot download {url}: no Label Studio API token; set LABEL_STUDIO_API_KEY"
+                ) from None
+            if "hostname" in msg or "LABEL_STUDIO_URL" in msg:
+                raise ImageAccessDenied(
+                    f"cannot download {url}: the Label Studio URL is unknown; set LABEL_STUDIO_URL "
+                    "(e.g. http://127.0.0.1:8080)"
+                ) from None
+            raise ImageNotFound(f"image not found: {url} ({msg})") from None
+        except ValueError as e:  # e.g. invalid LABEL_STUDIO_URL, path escaping the root
+            raise BadRequest(f"cannot download {url}: {e}") from None
+        except OSError as e:
+            raise ImageNotFound(f"cannot read the image {url}: {e}") from None
+        with self._lock:
+            self._prune()
+        return data
+
+
+def _data_uri_bytes(url: str) -> bytes:
+    import base64
+
+    head, _, payload = url.partition(",")
+    if ";base64" not in head:
+        raise BadRequest("data: image URLs must be base64-encoded")
+    try:
+        return base64.b64decode(payload, validate=False)
+    except Exception as e:  # noqa: BLE001
+        raise BadRequest(f"the data: image URL is not valid base64: {e}") from None
+
+
+def export_annotated_tasks(creds: Credentials, project_id: int | str, timeout: float = 120.0) -> list[dict]:
+    """Finished annotations of a project (annotated tasks only) through the export API."""
+    if not creds.hostname:
+        raise ImageAccessDenied(
+            "the Label Studio URL is unknown: set LABEL_STUDIO_URL so the backend can read the "
+            "project's OK-tagged reference images"
+        )
+    url = f"{creds.hostname}/api/projects/{project_id}/export"
+    try:
+        r = requests.get(url, params={"exportType": "JSON"}, headers=auth_headers(creds), timeout=timeout)
+    except requests.RequestException as e:
+        raise ImageAccessDenied(
+            f"could not reach Label Studio at {creds.hostname} ({type(e).__name__}); check LABEL_STUDIO_URL"
+        ) from None
+    if r.status_code in (401, 403):
+        raise ImageAccessDenied(
+            f"Label Studio refused the project export (HTTP {r.status_code}): set LABEL_STUDIO_API_KEY "
+            f"to a valid token of a user who can see project {project_id}"
+        )
+    if r.status_code == 404:
+        raise ImageNotFound(f"project {project_id} not found at {creds.hostname}")
+    if r.status_code != 200:
+        raise ImageAccessDenied(f"the project export failed with HTTP {r.status_code}: {r.text[:200]}")
+    try:
+        data = r.json()
+    except ValueError:
+        raise ImageAccessDenied("the project export is not JSON") from None
+    return data if isinstance(data, list) else []
+
+
+def utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def rmtree_quiet(path: str | os.PathLike) -> None:
+    shutil.rmtree(path, ignore_errors=True)

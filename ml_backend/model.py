@@ -1,0 +1,489 @@
+"""The model class Label Studio users know (``setup / predict / fit / model_version``), one per
+project, created lazily and cached per process, plus the process-wide ``Backend`` that owns what
+is shared: the click model weights (loaded once), the per-image state cache, the image loader and
+the background job thread.
+
+Environment variables: see ``ml_backend/_wsgi.py``.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .cache import StateCache, StateEntry, estimate_nbytes
+from .convert import (
+    LabelConfig,
+    brush_label_for,
+    context_clicks,
+    decode_image,
+    first_image_url,
+    mask_to_result,
+    parse_label_config,
+    verdict_of,
+)
+from .errors import BackendError, BadRequest, ServiceUnavailable
+from .images import Credentials, ImageLoader, utcnow
+from .references import ProjectReferences
+
+logger = logging.getLogger(__name__)
+
+SEG_NOT_IMPLEMENTED = "not implemented yet: Seg training arrives with issue 3"
+INTERACTIVE_HINT = (
+    "Smart tools do nothing? In the project's Settings > Model, turn on 'Interactive preannotations' "
+    "for this backend; on the labeling page switch on 'Auto-Annotation', pick the smart KeyPoint "
+    "label and click the defect (Alt+click = negative click)."
+)
+
+
+def _env_float(name: str, default: float) -> float:
+    v = os.environ.get(name)
+    try:
+        return float(v) if v not in (None, "") else default
+    except ValueError:
+        logger.warning("%s=%r is not a number: using %s", name, v, default)
+        return default
+
+
+@dataclass
+class Settings:
+    model_dir: Path = field(default_factory=lambda: Path(os.path.expanduser("~/.adclick/models")))
+    checkpoint: str | None = None
+    device: str = "auto"
+    state_cache_mb: float = 512.0
+    image_cache_mb: float = 1024.0
+    image_cache_dir: str | None = None
+    threshold: float = 0.5
+    reference_dir: str | None = None
+    max_references: int = 200
+    bank_wait_s: float = 80.0
+    bank_refresh_s: float = 600.0
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        return cls(
+            model_dir=Path(os.path.expanduser(os.environ.get("ADCLICK_MODEL_DIR") or "~/.adclick/models")),
+            checkpoint=os.environ.get("ADCLICK_CHECKPOINT") or None,
+            device=os.environ.get("ADCLICK_DEVICE") or "auto",
+            state_cache_mb=_env_float("ADCLICK_STATE_CACHE_MB", 512.0),
+            image_cache_mb=_env_float("ADCLICK_IMAGE_CACHE_MB", 1024.0),
+            image_cache_dir=os.environ.get("ADCLICK_IMAGE_CACHE_DIR") or None,
+            threshold=_env_float("ADCLICK_MASK_THRESHOLD", 0.5),
+            reference_dir=os.environ.get("ADCLICK_REFERENCE_DIR") or None,
+            max_references=int(_env_float("ADCLICK_MAX_REFERENCES", 200)),
+            bank_wait_s=_env_float("ADCLICK_BANK_WAIT_S", 80.0),
+            bank_refresh_s=_env_float("ADCLICK_BANK_REFRESH_S", 600.0),
+        )
+
+
+def parse_project(project: Any) -> tuple[str, str | None]:
+    """Label Studio's project field -> (id, uid). ``"12.1700000000"`` -> ("12", "12.1700000000");
+    a webhook's project object -> its id and the same uid Label Studio uses for /setup."""
+    if isinstance(project, dict):
+        pid = project.get("id")
+        if pid is None:
+            raise BadRequest("the project object has no 'id'")
+        uid = None
+        created = project.get("created_at")
+        if isinstance(created, str):
+            try:
+                ts = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+                uid = f"{int(pid)}.{int(ts)}"
+            except ValueError:
+                pass
+        return str(int(pid)), uid
+    if isinstance(project, bool) or project is None:
+        raise BadRequest("the request has no 'project'")
+    s = str(project).strip()
+    pid = s.split(".", 1)[0]
+    if not pid.isdigit():
+        raise BadRequest(f"'project' must look like '<id>.<created timestamp>', got {project!r}")
+    return pid, (s if "." in s else None)
+
+
+def click_model_tag(checkpoint: str | None) -> str:
+    """A short version tag of the click model that needs no weights loaded (setup has 3 s)."""
+    if checkpoint:
+        p = Path(checkpoint)
+        try:
+            st = p.stat()
+            h = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:8]
+        except OSError:
+            h = "missing"
+        return f"click-{p.stem}-{h}"
+    try:
+        import adclick_core
+
+        ver = getattr(adclick_core, "__version__", "0")
+    except Exception:  # noqa: BLE001
+        ver = "0"
+    return f"click-embedded-{ver}"
+
+
+class Backend:
+    """Process-wide shared resources and the per-project model instances."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        predictor_factory: Callable[[], Any] | None = None,
+        bank_cls: Any = None,
+        loader: ImageLoader | None = None,
+    ):
+        self.settings = settings or Settings.from_env()
+        self._predictor_factory = predictor_factory or self._default_predictor
+        self._bank_cls = bank_cls
+        self.loader = loader or ImageLoader(self.settings.image_cache_dir, self.settings.image_cache_mb)
+        self.cache = StateCache(int(self.settings.state_cache_mb * 1024 * 1024))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adclick-jobs")
+        self._predictor = None
+        self._predictor_error: str | None = None
+        self._predictor_lock = threading.Lock()
+        self._models: dict[str, "ADClickModel"] = {}
+        self._models_lock = threading.Lock()
+        self.started = utcnow()
+        self.click_tag = click_model_tag(self.settings.checkpoint)
+        self.training: dict = {"status": SEG_NOT_IMPLEMENTED, "last_request": None}
+        self.stats = {"clicks": 0, "cold_clicks": 0, "errors_4xx": 0, "errors_5xx": 0}
+
+    # ------------------------------------------------------------ shared model
+    def _default_predictor(self):
+        from adclick_core.predictor import ClickPredictor
+
+        return ClickPredictor.from_checkpoint(self.settings.checkpoint, device=self.settings.device)
+
+    @property
+    def bank_cls(self):
+        if self._bank_cls is None:
+            from adclick_core.reference import ReferenceBank
+
+            self._bank_cls = ReferenceBank
+        return self._bank_cls
+
+    def predictor(self):
+        """The click model, loaded once per process (thread-safe)."""
+        if self._predictor is not None:
+            return self._predictor
+        with self._predictor_lock:
+            if self._predictor is None:
+                t0 = time.time()
+                try:
+                    self._predictor = self._predictor_factory()
+                except ImportError as e:
+                    self._predictor_error = f"the click model is not available: {e}"
+                    raise ServiceUnavailable(self._predictor_error) from None
+                except Exception as e:
+                    from adclick_core.errors import AdclickError
+
+                    if isinstance(e, AdclickError):
+                        self._predictor_error = f"{type(e).__name__}: {e}"
+                        raise ServiceUnavailable(
+                            f"the click model could not be loaded: {e} (ADCLICK_CHECKPOINT="
+                            f"{self.settings.checkpoint or 'embedded default'})"
+                        ) from None
+                    self._predictor_error = f"{type(e).__name__}: {e}"
+                    raise
+                self._predictor_error = None
+                logger.info("click model loaded in %.1f s (%s)", time.time() - t0, self.click_tag)
+        return self._predictor
+
+    def preload(self) -> None:
+        try:
+            self.predictor()
+        except Exception as e:  # noqa: BLE001 - reported by /health and on the first click
+            logger.error("preloading the click model failed: %s", e)
+
+    # ------------------------------------------------------------ projects
+    def model_for(
+        self, project: Any, label_config: str | None = None, hostname: str | None = None,
+        access_token: str | None = None,
+    ) -> "ADClickModel":
+        pid, uid = parse_project(project)
+        with self._models_lock:
+            m = self._models.get(pid)
+            if m is not None and uid and m.uid and uid != m.uid:
+                logger.info("project %s was re-created in Label Studio (%s -> %s): new model", pid, m.uid, uid)
+                m = None
+            if m is None:
+                m = ADClickModel(pid, self, uid=uid)
+                self._models[pid] = m
+        m.update(label_config=label_config, hostname=hostname, access_token=access_token, uid=uid)
+        return m
+
+    def models(self) -> list["ADClickModel"]:
+        with self._models_lock:
+            return list(self._models.values())
+
+    def health(self) -> dict:
+        loaded = self._predictor is not None
+        return {
+            "status": "UP",
+            "model_class": "ADClickModel",
+            "model_version": f"ADClick-{self.click_tag}",
+            "click_model": {
+                "loaded": loaded,
+                "checkpoint": self.settings.checkpoint or "embedded default",
+                "device": str(getattr(self._predictor, "device", self.settings.device)) if loaded else self.settings.device,
+                "error": self._predictor_error,
+            },
+            "seg_model": {"status": SEG_NOT_IMPLEMENTED},
+            "training": dict(self.training),
+            "state_cache": self.cache.stats(),
+            "projects": {m.project_id: m.info() for m in self.models()},
+            "stats": dict(self.stats),
+            "started": self.started,
+            "hint": INTERACTIVE_HINT,
+        }
+
+    def versions(self) -> list[str]:
+        return sorted({m.model_version for m in self.models()} | {f"ADClick-{self.click_tag}"})
+
+
+class ADClickModel:
+    """One Label Studio project: ``setup()``, ``predict(tasks, context)``, ``fit(event, data)``."""
+
+    def __init__(self, project_id: str, backend: Backend, uid: str | None = None):
+        self.project_id = project_id
+        self.uid = uid
+        self.backend = backend
+        self.label_config_xml: str | None = None
+        self._cfg: LabelConfig | None = None
+        self._cfg_error: str | None = None
+        self.hostname: str | None = None
+        self.access_token: str | None = None
+        dir_name = f"project-{uid.replace('.', '-')}" if uid else f"project-{project_id}"
+        self.dir = backend.settings.model_dir / dir_name
+        self.references = ProjectReferences(
+            self.dir, project_id,
+            get_extractor=lambda: backend.predictor().extractor,
+            bank_cls=backend.bank_cls if backend._bank_cls is not None else _LazyBankCls(backend),
+            loader=backend.loader,
+            executor=backend.executor,
+            reference_dir=backend.settings.reference_dir,
+            max_references=backend.settings.max_references,
+        )
+        self._pred_for_bank: tuple[str, Any] | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ state
+    def update(self, label_config=None, hostname=None, access_token=None, uid=None) -> None:
+        with self._lock:
+            if uid and not self.uid:
+                self.uid = uid
+            if hostname:
+                self.hostname = hostname
+            if access_token:
+                self.access_token = access_token
+            if label_config and label_config != self.label_config_xml:
+                self.label_config_xml = label_config
+                try:
+                    self._cfg = parse_label_config(label_config)
+                    self._cfg_error = None
+                    for w in self._cfg.warnings:
+                        logger.warning("project %s: %s", self.project_id, w)
+                except BadRequest as e:
+                    self._cfg = None
+                    self._cfg_error = e.message
+
+    @property
+    def config(self) -> LabelConfig:
+        if self._cfg is None:
+            raise BadRequest(
+                self._cfg_error
+                or f"project {self.project_id}: no label config yet (send label_config with /predict or /setup)"
+            )
+        return self._cfg
+
+    @property
+    def credentials(self) -> Credentials:
+        return Credentials.resolve(self.hostname, self.access_token)
+
+    @property
+    def model_version(self) -> str:
+        return f"ADClick-{self.backend.click_tag}"
+
+    def info(self) -> dict:
+        return {
+            "uid": self.uid,
+            "model_version": self.model_version,
+            "label_config": "ok" if self._cfg else (self._cfg_error or "not received"),
+            "reference_bank": self.references.info(),
+            "seg_model": SEG_NOT_IMPLEMENTED,
+        }
+
+    # ------------------------------------------------------------ the familiar API
+    def setup(self) -> dict:
+        """Validate the config and start building the reference bank in the background."""
+        cfg = self.config  # raises BadRequest for a config without our tags
+        # Label Studio calls /setup often (every state check): sync at most once per refresh period.
+        refs = self.references
+        if refs.bank is None and refs.status != "error" or (
+            time.time() - refs.last_sync > max(self.backend.settings.bank_refresh_s, 60.0)
+        ):
+            refs.schedule_sync(cfg, self.credentials)
+        return {"model_version": self.model_version}
+
+    def predict(self, tasks: list[dict], context: dict | None = None, **kwargs) -> list[dict]:
+        if not isinstance(tasks, list) or not tasks:
+            raise BadRequest("'tasks' must be a non-empty list of tasks")
+        cfg = self.config
+        if context is None:
+            return [self._preannotate(t, cfg) for t in tasks]
+        return [self._interactive(t, context, cfg) for t in tasks]
+
+    def fit(self, event: str, data: dict, **kwargs) -> dict:
+        if event == "START_TRAINING":
+            self.backend.training = {
+                "status": SEG_NOT_IMPLEMENTED,
+                "last_request": utcnow(),
+                "project": self.project_id,
+            }
+            logger.warning(
+                "project %s: Start Training received; ADClick-Seg training is %s. The click model "
+                "keeps serving; refreshing the reference bank from OK-tagged tasks instead.",
+                self.project_id, SEG_NOT_IMPLEMENTED,
+            )
+            if self._cfg is not None:
+                self.references.schedule_sync(self._cfg, self.credentials)
+            return {"status": "not_implemented", "message": f"ADClick-Seg training is {SEG_NOT_IMPLEMENTED}",
+                    "model_version": self.model_version}
+        if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            return self._on_annotation(data)
+        if event in ("ANNOTATIONS_DELETED", "TASKS_DELETED"):
+            if self._cfg is not None and self.references.bank is not None:
+                self.references.schedule_sync(self._cfg, self.credentials)
+            return {"status": "ok", "action": event, "message": "reference bank re-sync queued"}
+        return {"status": "ignored", "action": event}
+
+    # ------------------------------------------------------------ webhooks
+    def _on_annotation(self, data: dict) -> dict:
+        if self._cfg is None:
+            return {"status": "ignored", "message": "no label config known for this project yet"}
+        cfg = self._cfg
+        ann = data.get("annotation") if isinstance(data.get("annotation"), dict) else {}
+        task = data.get("task") if isinstance(data.get("task"), dict) else {}
+        verdict = verdict_of(ann.get("result") or [], cfg)
+        tid = task.get("id")
+        if verdict == "OK" and isinstance(tid, int) and not ann.get("was_cancelled"):
+            if self.references.bank is None:
+                self.references.schedule_sync(cfg, self.credentials)
+            else:
+                creds = self.credentials
+                self.references.schedule(self.references.add_task, task, cfg, creds)
+            return {"status": "ok", "message": f"task {tid} tagged OK: added to the reference bank in the background"}
+        if isinstance(tid, int) and f"task:{tid}" in self.references.sources:
+            self.references.schedule_sync(cfg, self.credentials)
+            return {"status": "ok", "message": f"task {tid} is no longer OK: reference bank re-sync queued"}
+        return {"status": "ok"}
+
+    # ------------------------------------------------------------ predictions
+    def _preannotate(self, task: dict, cfg: LabelConfig) -> dict:
+        logger.info(
+            "project %s: task %s: no pre-annotation: no ADClick-Seg model for this project (%s)",
+            self.project_id, task.get("id") if isinstance(task, dict) else None, SEG_NOT_IMPLEMENTED,
+        )
+        return {"result": [], "score": 0.0, "model_version": self.model_version}
+
+    def click_predictor(self, bank):
+        base = self.backend.predictor()
+        fp = str(bank.fingerprint)
+        cached = self._pred_for_bank
+        if cached is not None and cached[0] == fp:
+            return cached[1]
+        pred = base.with_bank(bank)
+        self._pred_for_bank = (fp, pred)
+        return pred
+
+    def _interactive(self, task: dict, context: dict, cfg: LabelConfig) -> dict:
+        from adclick_core.errors import EmptyBankError, InputError
+
+        t0 = time.perf_counter()
+        if not isinstance(task, dict):
+            raise BadRequest("each task must be an object")
+        url = first_image_url(task, cfg)
+        # Validate the clicks' shape before any expensive work (sizes checked below).
+        context_clicks(context, cfg, None, None)
+        creds = self.credentials
+        data = self.backend.loader.fetch(url, creds, task_id=task.get("id"))
+        digest = hashlib.sha1(data).hexdigest()
+        t_fetch = time.perf_counter()
+        bank = self.references.require_bank(
+            cfg, creds, self.backend.settings.bank_wait_s, self.backend.settings.bank_refresh_s
+        )
+        pred = self.click_predictor(bank)
+        key = (digest, str(bank.fingerprint), self.backend.click_tag)
+
+        def create() -> StateEntry:
+            image = decode_image(data)
+            try:
+                state = pred.set_image(image)
+            except EmptyBankError as e:
+                raise BadRequest(str(e), status=409) from None
+            except InputError as e:
+                raise BadRequest(f"the image cannot be used: {e}") from None
+            return StateEntry(state, image.shape[1], image.shape[0], estimate_nbytes(state))
+
+        entry, cached = self.backend.cache.get_or_create(key, create)
+        t_state = time.perf_counter()
+        cc = context_clicks(context, cfg, entry.width, entry.height)
+        clicks = tuple(cc.clicks)
+        with entry.lock:
+            prev = entry.last.get(cc.label)
+            prev_mask = None
+            prob = None
+            if prev is not None:
+                prev_clicks, prev_prob = prev
+                if prev_clicks == clicks:
+                    prob = prev_prob.astype(np.float32)  # the same request again (retry)
+                elif len(prev_clicks) < len(clicks) and clicks[: len(prev_clicks)] == prev_clicks:
+                    prev_mask = prev_prob.astype(np.float32)
+            if prob is None:
+                try:
+                    prob = pred.predict(entry.state, list(clicks), prev_mask=prev_mask, defect_type=cc.label)
+                except InputError as e:
+                    raise BadRequest(f"bad clicks: {e}") from None
+                prob = np.asarray(prob, dtype=np.float32)
+                if prob.shape != (entry.height, entry.width):
+                    raise RuntimeError(
+                        f"the click model returned a {prob.shape} map for a {entry.height}x{entry.width} image"
+                    )
+                entry.last[cc.label] = (clicks, prob.astype(np.float16))
+        self.backend.cache.touch_size(key)
+        mask = prob >= self.backend.settings.threshold
+        score = float(prob[mask].mean()) if mask.any() else 0.0
+        brush_label = brush_label_for(cc.label, cfg)
+        result = []
+        if mask.any():
+            result.append(mask_to_result(mask, cfg, brush_label, score, entry.width, entry.height))
+        t_end = time.perf_counter()
+        self.backend.stats["clicks"] += 1
+        if not cached:
+            self.backend.stats["cold_clicks"] += 1
+        logger.info(
+            "project %s task %s: %d click(s) [%s] label=%s %s: fetch %.0f ms, state %.0f ms, "
+            "predict %.0f ms, total %.0f ms, mask %d px",
+            self.project_id, task.get("id"), len(clicks),
+            "".join("+" if c.positive else "-" for c in clicks), cc.label,
+            "warm" if cached else "cold", (t_fetch - t0) * 1e3, (t_state - t_fetch) * 1e3,
+            (t_end - t_state) * 1e3, (t_end - t0) * 1e3, int(mask.sum()),
+        )
+        return {"result": result, "score": score, "model_version": self.model_version}
+
+
+class _LazyBankCls:
+    """Resolves ``ReferenceBank`` on first use, so importing ml_backend never needs the core."""
+
+    def __init__(self, backend: Backend):
+        self._backend = backend
+
+    def __getattr__(self, name):
+        return getattr(self._backend.bank_cls, name)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .lsvenv (its own virtualenv, so Label Studio's pins never fight ours) with
+# label-studio==1.23.2, used by the end-to-end tests. Idempotent and quiet:
+# does nothing when .lsvenv already has the right version.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LS_VERSION=${LS_VERSION:-1.23.2}
+PY=${PYTHON:-python3}
+if [ -x .lsvenv/bin/label-studio ] && \
+   .lsvenv/bin/python -c "import importlib.metadata as m, sys; sys.exit(m.version('label-studio') != '$LS_VERSION')" 2>/dev/null; then
+  echo "label-studio $LS_VERSION already in .lsvenv"
+  exit 0
+fi
+if [ ! -x .lsvenv/bin/python ]; then
+  "$PY" -m venv .lsvenv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+.lsvenv/bin/pip install -q "label-studio==$LS_VERSION"
+.lsvenv/bin/python -c "import importlib.metadata as m; print('label-studio', m.version('label-studio'), 'installed in .lsvenv')"
