@@ -416,6 +416,7 @@ class ADClickModel:
         data = self.backend.loader.fetch(url, creds, task_id=task.get("id"))
         digest = hashlib.sha1(data).hexdigest()
         t_fetch = time.perf_counter()
+        self.backend.predictor()  # a model that cannot load is a 503, not "no references"
         bank = self.references.require_bank(
             cfg, creds, self.backend.settings.bank_wait_s, self.backend.settings.bank_refresh_s
         )

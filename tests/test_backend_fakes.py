@@ -119,3 +119,79 @@ class FakePredictor:
             disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= self.radius ** 2
             prob[disk] = 0.9 if c.positive else 0.0
         return prob
+
+
+# ---------------------------------------------------------------- a tiny fake Label Studio server
+import http.server
+import io as _io
+import socketserver
+from urllib.parse import parse_qs, urlparse
+
+from PIL import Image
+
+TOKEN = "a" * 40
+
+
+def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    buf = _io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class FakeLabelStudio:
+    """Serves ``/data/upload/<project>/<name>`` images and ``/api/projects/<id>/export`` with
+    legacy-token auth, like Label Studio does (401 on a wrong token, 404 on unknown files)."""
+
+    def __init__(self, token: str = TOKEN):
+        self.token = token
+        self.files: dict[str, bytes] = {}
+        self.exports: dict[str, list] = {}
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):  # noqa: N802
+                outer.requests.append(self.path)
+                if self.headers.get("Authorization") != f"Token {outer.token}":
+                    return self._send(401, b'{"detail":"Invalid token."}', "application/json")
+                u = urlparse(self.path)
+                if u.path.startswith("/api/projects/") and u.path.endswith("/export"):
+                    pid = u.path.split("/")[3]
+                    if pid not in outer.exports:
+                        return self._send(404, b'{"detail":"Not found."}', "application/json")
+                    return self._send(200, json.dumps(outer.exports[pid]).encode(), "application/json")
+                key = u.path
+                if u.path.startswith("/storage-data/uploaded"):
+                    key = "/data/" + parse_qs(u.query).get("filepath", [""])[0]
+                if key in outer.files:
+                    return self._send(200, outer.files[key], "image/png")
+                return self._send(404, b"not found", "text/plain")
+
+            def _send(self, code, body, ctype):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def add_file(self, path: str, data: bytes) -> str:
+        self.files[path] = data
+        return path
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
