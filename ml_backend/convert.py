@@ -313,9 +313,11 @@ def context_clicks(context: Any, cfg: LabelConfig, width: int | None, height: in
                     "(percent coordinates are used, so the click stays in place)",
                     idx + 1, ow, oh, width, height,
                 )
-        # Percent of the image -> pixels of the original image; x=100 % is the right edge.
-        px = min(x * width / 100.0, width - 1e-3)
-        py = min(y * height / 100.0, height - 1e-3)
+        # Percent of the image -> pixels of the original image. Label Studio's percent is a
+        # continuous position (0 = left edge of pixel 0, 100 = right edge of the last pixel); Click
+        # uses pixel centres at integers (x = column index), hence the half-pixel shift.
+        px = min(max(x * width / 100.0 - 0.5, 0.0), width - 1.0)
+        py = min(max(y * height / 100.0 - 0.5, 0.0), height - 1.0)
         clicks.append(Click(px, py, _as_bool(item.get("is_positive"))))
     return ContextClicks(clicks, label)
 

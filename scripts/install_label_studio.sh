@@ -15,5 +15,11 @@ if [ ! -x .lsvenv/bin/python ]; then
   "$PY" -m venv .lsvenv
 fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-.lsvenv/bin/pip install -q "label-studio==$LS_VERSION"
+log=$(mktemp)
+if ! .lsvenv/bin/pip install -q "label-studio==$LS_VERSION" >"$log" 2>&1; then
+  cat "$log" >&2
+  rm -f "$log"
+  exit 1
+fi
+rm -f "$log"
 .lsvenv/bin/python -c "import importlib.metadata as m; print('label-studio', m.version('label-studio'), 'installed in .lsvenv')"

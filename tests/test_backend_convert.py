@@ -123,11 +123,18 @@ def test_percent_to_pixels_keeps_order_and_signs(weak_cfg):
     ctx = {"result": [kp(10, 20), kp(50, 50, positive=False), kp(99.5, 0, positive=True)]}
     cc = context_clicks(ctx, weak_cfg, 200, 100)
     assert cc.label == "crack"
+    # percent * size / 100 is a continuous position; pixel centres are at integers (-0.5)
     assert [(c.x, c.y, c.positive) for c in cc.clicks] == [
-        (pytest.approx(20.0), pytest.approx(20.0), True),
-        (pytest.approx(100.0), pytest.approx(50.0), False),
-        (pytest.approx(199.0), pytest.approx(0.0), True),
+        (pytest.approx(19.5), pytest.approx(19.5), True),
+        (pytest.approx(99.5), pytest.approx(49.5), False),
+        (pytest.approx(198.5), pytest.approx(0.0), True),
     ]
+
+
+def test_pixel_centre_round_trip(weak_cfg):
+    # what the browser sends for a click on the centre of pixel (x=7, y=3) of a 200x100 image
+    cc = context_clicks({"result": [kp((7 + 0.5) / 200 * 100, (3 + 0.5) / 100 * 100)]}, weak_cfg, 200, 100)
+    assert (cc.clicks[0].x, cc.clicks[0].y) == (pytest.approx(7.0), pytest.approx(3.0))
 
 
 def test_missing_is_positive_means_positive(weak_cfg):
@@ -139,7 +146,7 @@ def test_missing_is_positive_means_positive(weak_cfg):
 def test_right_and_bottom_edges_stay_inside(weak_cfg):
     cc = context_clicks({"result": [kp(100, 100)]}, weak_cfg, 200, 100)
     c = cc.clicks[0]
-    assert 0 <= c.x < 200 and 0 <= c.y < 100
+    assert (c.x, c.y) == (199.0, 99.0)
 
 
 def test_newest_label_wins_and_other_tags_are_ignored(weak_cfg):
@@ -148,7 +155,7 @@ def test_newest_label_wins_and_other_tags_are_ignored(weak_cfg):
                       {"type": "rectanglelabels", "from_name": "box", "value": {}}]}
     cc = context_clicks(ctx, weak_cfg, 100, 100)
     assert cc.label == "fray"
-    assert [(c.x, c.y) for c in cc.clicks] == [(20.0, 20.0), (30.0, 30.0)]
+    assert [(c.x, c.y) for c in cc.clicks] == [(19.5, 19.5), (29.5, 29.5)]
 
 
 @pytest.mark.parametrize(
