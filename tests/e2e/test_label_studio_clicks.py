@@ -199,3 +199,19 @@ def test_start_training_is_acknowledged_at_once(label_studio, project, backend_s
     h = backend_server.health()
     assert h["training"]["last_request"], h["training"]
     assert "issue 3" in h["training"]["status"]
+
+
+def test_batch_preannotation_answers_every_task(label_studio, project, backend_server):
+    """Without a trained ADClick-Seg model, batch pre-annotation answers one (empty) prediction per
+    task, stamped with the backend's model version, and the reason is logged."""
+    ls = label_studio
+    ids = [t for _, t, _, _ in project["defects"]][:3]
+    out = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={project['id']}",
+                 json={"selectedItems": {"all": False, "included": ids}})
+    assert out is None or "error" not in str(out).lower(), out
+    version = ls.api("GET", f"/api/ml/{project['ml_id']}")["model_version"]
+    for tid in ids:
+        preds = ls.api("GET", f"/api/predictions/?task={tid}")
+        assert preds, f"task {tid} got no prediction"
+        assert all(p["model_version"] == version and p["result"] == [] for p in preds), preds
+    assert "no ADClick-Seg model" in backend_server.log.read_text()
