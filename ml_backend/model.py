@@ -111,22 +111,21 @@ def parse_project(project: Any) -> tuple[str, str | None]:
 
 
 def click_model_tag(checkpoint: str | None) -> str:
-    """A short version tag of the click model that needs no weights loaded (setup has 3 s)."""
+    """A short version tag of the click model that needs no weights loaded (setup has 3 s):
+    the checkpoint's name plus a hash of its path, size and mtime (a retrained file = a new tag)."""
     if checkpoint:
         p = Path(checkpoint)
+    else:
         try:
-            st = p.stat()
-            h = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:8]
-        except OSError:
-            h = "missing"
-        return f"click-{p.stem}-{h}"
+            from adclick_core.checkpoint import SHIPPED_CLICK_CHECKPOINT as p
+        except ImportError:
+            return "click-embedded"
     try:
-        import adclick_core
-
-        ver = getattr(adclick_core, "__version__", "0")
-    except Exception:  # noqa: BLE001
-        ver = "0"
-    return f"click-embedded-{ver}"
+        st = p.stat()
+        h = hashlib.sha1(f"{p.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:8]
+    except OSError:
+        h = "missing"
+    return f"click-{'' if checkpoint else 'embedded-'}{p.stem}-{h}"
 
 
 class Backend:
@@ -421,6 +420,7 @@ class ADClickModel:
             cfg, creds, self.backend.settings.bank_wait_s, self.backend.settings.bank_refresh_s
         )
         pred = self.click_predictor(bank)
+        t_bank = time.perf_counter()
         key = (digest, str(bank.fingerprint), self.backend.click_tag)
 
         def create() -> StateEntry:
@@ -470,11 +470,11 @@ class ADClickModel:
         if not cached:
             self.backend.stats["cold_clicks"] += 1
         logger.info(
-            "project %s task %s: %d click(s) [%s] label=%s %s: fetch %.0f ms, state %.0f ms, "
+            "project %s task %s: %d click(s) [%s] label=%s %s: fetch %.0f ms, bank %.0f ms, state %.0f ms, "
             "predict %.0f ms, total %.0f ms, mask %d px",
             self.project_id, task.get("id"), len(clicks),
             "".join("+" if c.positive else "-" for c in clicks), cc.label,
-            "warm" if cached else "cold", (t_fetch - t0) * 1e3, (t_state - t_fetch) * 1e3,
+            "warm" if cached else "cold", (t_fetch - t0) * 1e3, (t_bank - t_fetch) * 1e3, (t_state - t_bank) * 1e3,
             (t_end - t_state) * 1e3, (t_end - t0) * 1e3, int(mask.sum()),
         )
         return {"result": result, "score": score, "model_version": self.model_version}

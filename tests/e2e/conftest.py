@@ -152,7 +152,11 @@ class BackendServer:
 def run_backend(label_studio: LabelStudio, workdir: Path, **extra_env):
     """Our backend under gunicorn (as documented) on a free 127.0.0.1 port."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO_", "ADCLICK_"))}
+    # The runner's ADCLICK_* settings stay out (tmp dirs below), except the model choice, so a new
+    # checkpoint can be checked end to end: ADCLICK_CHECKPOINT=... pytest tests/e2e
+    keep = ("ADCLICK_CHECKPOINT", "ADCLICK_DEVICE", "ADCLICK_BACKBONE_WEIGHTS")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LABEL_STUDIO_", "ADCLICK_")) or k in keep}
     env.update({
         "LABEL_STUDIO_URL": label_studio.url,
         "LABEL_STUDIO_API_KEY": label_studio.token,
