@@ -19,6 +19,7 @@ __all__ = [
     "next_eval_click",
     "sample_training_clicks",
     "next_training_click",
+    "encode_clicks",
 ]
 
 
@@ -138,3 +139,20 @@ def sample_training_clicks(
             for i in rng.choice(len(ys), size=min(n_neg, len(ys)), replace=False):
                 clicks.append(Click(float(xs[i]), float(ys[i]), False))
     return clicks
+
+
+def encode_clicks(
+    clicks: Sequence[Sequence[Click]], prev_mask: "torch.Tensor | None", size: int, radius: float
+) -> "torch.Tensor":
+    """Model input for a batch: B x 3 x size x size (positive disks, negative disks, previous mask).
+
+    Clicks must already be in model-input pixels; ``prev_mask`` is B x 1 x size x size or None.
+    """
+    import torch
+
+    maps = torch.from_numpy(np.stack([click_maps(c, (size, size), radius) for c in clicks]))
+    if prev_mask is None:
+        prev = torch.zeros(len(clicks), 1, size, size)
+    else:
+        prev = prev_mask.detach().float().cpu()
+    return torch.cat([maps, prev], dim=1)

@@ -1,0 +1,217 @@
+"""``python -m adclick_core ...``: build reference banks, train, evaluate, benchmark.
+
+Long work shows progress bars on stderr; results meant for machines are JSON on stdout
+(and in the ``--json`` file where a command offers it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import AdclickError
+
+log = logging.getLogger("adclick_core")
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "wide_resnet50_2"])
+    p.add_argument("--backbone-weights", default=None, help="local weights file (default: packaged / timm)")
+    p.add_argument("--input-size", type=int, default=256)
+    p.add_argument("--feature-dim", type=int, default=None, help="d_f (default: backbone's own)")
+
+
+def _add_residual_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--k", type=int, default=None, help="reference images kept by global retrieval (default 20)")
+    p.add_argument("--matching", choices=["window", "soft"], default=None)
+    p.add_argument("--radius", type=float, default=None, help="hard window radius sigma in grid cells")
+    p.add_argument("--pos-weight", type=float, default=None, help="soft position-embedding scale w")
+
+
+def _residual_config(args, base=None):
+    from .residuals import ResidualConfig
+
+    cfg = base or ResidualConfig()
+    for name in ("k", "matching", "radius", "pos_weight"):
+        v = getattr(args, name, None)
+        if v is not None:
+            setattr(cfg, name, v)
+    return cfg
+
+
+def _backbone_config(args):
+    from .backbone import BackboneConfig
+
+    stages, feature_dim = (2, 3, 4), 256
+    if args.backbone == "wide_resnet50_2":
+        stages, feature_dim = (1, 2, 3), 1024
+    return BackboneConfig(name=args.backbone, stages=stages, input_size=args.input_size,
+                          feature_dim=args.feature_dim or feature_dim)
+
+
+def _bank_for(data: Path, extractor, bank_path: str | None, progress: bool = True):
+    """Load ``bank_path`` if it exists and fits the extractor, else build from data/train/good (and save)."""
+    from .data import MVTecFolder
+    from .reference import ReferenceBank
+
+    if bank_path and Path(bank_path).is_file():
+        bank = ReferenceBank.load(bank_path, device=extractor.mean.device)
+        if bank.backbone.fingerprint() == extractor.config.fingerprint():
+            return bank
+        log.warning("bank %s was built with another backbone; rebuilding", bank_path)
+    paths = MVTecFolder(data).train_good()
+    bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
+    if bank_path:
+        bank.save(bank_path)
+    return bank
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_build_bank(args) -> dict:
+    from .backbone import build_extractor
+    from .data import IMAGE_SUFFIXES
+    from .reference import ReferenceBank
+
+    extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
+    src = Path(args.images)
+    if (src / "train" / "good").is_dir():
+        src = src / "train" / "good"
+    paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise AdclickError(f"no images found in {src}")
+    t0 = time.time()
+    bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=True)
+    bank.save(args.out)
+    return {"bank": str(args.out), "images": len(bank), "seconds": round(time.time() - t0, 1),
+            "fingerprint": bank.fingerprint, "backbone": bank.backbone.to_dict()}
+
+
+def cmd_train_click(args) -> dict:
+    from .backbone import build_extractor
+    from .data import MVTecFolder
+    from .models import ADClickConfig
+    from .training import ClickTrainConfig, build_synthetic_pool, train_click
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.time()
+    data = Path(args.data)
+    extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
+    bank = _bank_for(data, extractor, args.bank)
+    rcfg = _residual_config(args)
+    normals = MVTecFolder(data).train_good()
+    index = {n: i for i, n in enumerate(bank.names)}
+    bank_index = [index.get(p.name, -1) for p in normals]
+    pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image, seed=args.seed,
+                                bank_index=bank_index)
+    t_pool = time.time() - t0
+    mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
+                         grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
+                         embed_dim=args.embed_dim, depth=args.depth)
+    tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed, model=mcfg)
+    meta = {
+        "backbone": extractor.config.to_dict(),
+        "residual_config": rcfg.to_dict(),
+        "bank_fingerprint": bank.fingerprint,
+        "trained_on": {"data": str(data), "normal_images": len(normals), "synthetic_per_image": args.per_image,
+                       "pool_seconds": round(t_pool, 1), "device": str(args.device),
+                       "threads": torch.get_num_threads()},
+    }
+    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.mean.device)
+    summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
+                    "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool)})
+    return summary
+
+
+def cmd_eval_click(args) -> dict:
+    from .evaluation import evaluate_clicks
+
+    result = evaluate_clicks(
+        data=args.data, checkpoint=args.checkpoint, clicks=[int(c) for c in args.clicks.split(",")],
+        max_clicks=args.max_clicks, bank_path=args.bank, device=args.device, limit=args.limit,
+        residual_overrides={k: getattr(args, k) for k in ("k", "matching", "radius", "pos_weight")
+                            if getattr(args, k) is not None},
+        methods=args.methods.split(","),
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def cmd_bench(args) -> dict:
+    from .benchmark import bench_clicks
+
+    return bench_clicks(data=args.data, checkpoint=args.checkpoint, bank_path=args.bank, device=args.device,
+                        n_images=args.images, clicks_per_image=args.clicks_per_image)
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m adclick_core", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-bank", help="features of defect-free images -> a reference bank file")
+    p.add_argument("images", help="folder of defect-free images, or an MVTec root (uses train/good)")
+    p.add_argument("--out", required=True, help="bank file to write (.safetensors)")
+    p.add_argument("--device", default="auto")
+    _add_backbone_args(p)
+    p.set_defaults(func=cmd_build_bank)
+
+    p = sub.add_parser("train-click", help="train the ADClick click model on synthetic anomalies")
+    p.add_argument("--data", required=True, help="MVTec-style folder; only train/good is used")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
+    p.add_argument("--iterations", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--per-image", type=int, default=2, help="synthetic anomalies per normal image")
+    p.add_argument("--embed-dim", type=int, default=96)
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    _add_backbone_args(p)
+    _add_residual_args(p)
+    p.set_defaults(func=cmd_train_click)
+
+    p = sub.add_parser("eval-click", help="simulated-click evaluation against two baselines")
+    p.add_argument("--data", required=True, help="MVTec-style folder (train/good = references, test = evaluation)")
+    p.add_argument("--checkpoint", default=None, help="click checkpoint (default: the shipped one)")
+    p.add_argument("--clicks", default="1,3,5", help="click counts to report")
+    p.add_argument("--max-clicks", type=int, default=20, help="clicks simulated at most (NoC cap)")
+    p.add_argument("--methods", default="adclick,random_walker,residual_map")
+    p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images")
+    p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--device", default="auto")
+    _add_residual_args(p)
+    p.set_defaults(func=cmd_eval_click)
+
+    p = sub.add_parser("bench", help="click latency and memory (JSON)")
+    p.add_argument("--data", required=True, help="MVTec-style folder")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--bank", default=None)
+    p.add_argument("--images", type=int, default=10)
+    p.add_argument("--clicks-per-image", type=int, default=5)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        result = args.func(args)
+    except AdclickError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0

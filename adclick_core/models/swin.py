@@ -1,0 +1,42 @@
+"""Residual Swin trunk: one stage of (shifted-)window attention blocks over the residual grid."""
+from __future__ import annotations
+
+import torch
+from timm.models.swin_transformer import SwinTransformerBlock
+from torch import nn
+
+__all__ = ["ResidualSwinTrunk"]
+
+
+class ResidualSwinTrunk(nn.Module):
+    """``depth`` Swin blocks, alternating regular and shifted windows.
+
+    ``fusion`` modules (one per block, or None) let a later branch - language (PWAM) - inject
+    information after a block without the trunk knowing what it is.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, grid_size: int, drop_path: float = 0.0):
+        super().__init__()
+        window = min(window_size, grid_size)
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                dim=dim,
+                input_resolution=(grid_size, grid_size),
+                num_heads=num_heads,
+                window_size=window,
+                shift_size=0 if i % 2 == 0 else window // 2,
+                dynamic_mask=True,  # any grid size at inference, not only the training one
+                drop_path=drop_path * i / max(1, depth - 1),
+            )
+            for i in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.fusion = nn.ModuleList([nn.Identity() for _ in range(depth)])
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens B x h x w x D (+ optional context for fusion modules) -> B x h x w x D."""
+        for block, fuse in zip(self.blocks, self.fusion):
+            tokens = block(tokens)
+            if context is not None and not isinstance(fuse, nn.Identity):
+                tokens = fuse(tokens, context)
+        return self.norm(tokens)

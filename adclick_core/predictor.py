@@ -1,0 +1,149 @@
+"""The API the backend uses (SamPredictor style): set the expensive image state once, click many times."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbone import BackboneConfig, FeatureExtractor, build_extractor, load_image, resolve_device
+from .checkpoint import load_checkpoint
+from .clicks import Click, encode_clicks, scale_clicks
+from .errors import CheckpointError, InputError
+from .models import ADClick, ADClickConfig
+from .reference import ReferenceBank, image_fingerprint
+from .residuals import ResidualConfig, compute_residuals
+
+__all__ = ["ImageState", "ClickPredictor"]
+
+
+@dataclass
+class ImageState:
+    """Everything the light part needs for one image; cache it per image."""
+
+    original_hw: tuple[int, int]
+    residual: torch.Tensor  # 1 x C x g x g
+    fine: torch.Tensor  # 1 x c1 x 2g x 2g
+    distance: torch.Tensor  # g x g training-free anomaly map
+    image_key: str
+    bank_fingerprint: str
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.residual, self.fine, self.distance))
+
+
+def _upsample(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
+class ClickPredictor:
+    """ADClick inference: residual state per image, then clicks -> probability map at image size."""
+
+    def __init__(
+        self,
+        model: ADClick,
+        extractor: FeatureExtractor,
+        bank: ReferenceBank | None,
+        residual_config: ResidualConfig,
+        device: torch.device,
+        checkpoint_info: dict | None = None,
+    ):
+        self.model = model.eval().to(device)
+        self.extractor = extractor
+        self.bank = bank.to(device) if bank is not None else ReferenceBank(extractor.config)
+        self.residual_config = residual_config
+        self.device = device
+        self.checkpoint_info = checkpoint_info or {}
+        if self.model.config.in_channels != extractor.feature_dim:
+            raise CheckpointError("checkpoint and backbone disagree on the feature dimension")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike | None = None,
+        bank: ReferenceBank | None = None,
+        device: str | torch.device = "auto",
+        backbone_weights: str | os.PathLike | None = None,
+        random_init_backbone: bool = False,
+        residual_config: ResidualConfig | None = None,
+    ) -> "ClickPredictor":
+        """Load a click checkpoint (None: the one shipped with the package) and its backbone."""
+        ckpt = load_checkpoint(path, "adclick_click")
+        dev = resolve_device(device)
+        backbone = BackboneConfig.from_dict(ckpt["backbone"])
+        if bank is not None and bank.backbone.fingerprint() != backbone.fingerprint():
+            raise CheckpointError(
+                f"the reference bank was built with backbone {bank.backbone.to_dict()}, "
+                f"the checkpoint needs {backbone.to_dict()}: rebuild the bank"
+            )
+        extractor = build_extractor(backbone, weights=backbone_weights, random_init=random_init_backbone, device=dev)
+        model = ADClick(ADClickConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+        rcfg = residual_config or ResidualConfig.from_dict(ckpt.get("residual_config", {}))
+        info = {k: v for k, v in ckpt.items() if k != "state_dict"}
+        return cls(model, extractor, bank, rcfg, dev, info)
+
+    def with_bank(self, bank: ReferenceBank) -> "ClickPredictor":
+        """A predictor for another reference bank sharing this one's weights (cheap)."""
+        other = copy.copy(self)
+        other.bank = bank.to(self.device)
+        return other
+
+    # ------------------------------------------------------------------ the two steps
+    @torch.no_grad()
+    def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
+        """Backbone features + location-aware residuals for one image: the expensive step."""
+        self.bank.require_nonempty()
+        arr = load_image(image)
+        feats = self.extractor(self.extractor.preprocess([arr]))
+        res = compute_residuals(feats.grid, feats.descriptor, self.bank, self.residual_config)
+        return ImageState(
+            original_hw=(int(arr.shape[0]), int(arr.shape[1])),
+            residual=res.residual,
+            fine=feats.fine.to(self.device),
+            distance=res.distance[0],
+            image_key=image_fingerprint(arr),
+            bank_fingerprint=self.bank.fingerprint,
+        )
+
+    @torch.no_grad()
+    def predict(
+        self,
+        state: ImageState,
+        clicks: Sequence[Click],
+        prev_mask: np.ndarray | None = None,
+        defect_type: str | None = None,
+    ) -> np.ndarray:
+        """Probability map (H x W float32 in [0, 1], original size) for the clicks so far.
+
+        ``prev_mask``: the previous answer (H x W, probabilities or 0/1), or None.
+        ``defect_type`` selects the language prompt once the language branch is enabled.
+        """
+        h, w = state.original_hw
+        for c in clicks:
+            if not (np.isfinite(c.x) and np.isfinite(c.y) and 0 <= c.x <= w and 0 <= c.y <= h):
+                raise InputError(f"click ({c.x:.1f}, {c.y:.1f}) lies outside the {w}x{h} image")
+        s = self.model.config.input_size
+        prev = None
+        if prev_mask is not None:
+            pm = np.asarray(prev_mask, dtype=np.float32)
+            if pm.shape != (h, w):
+                raise InputError(f"prev_mask has shape {pm.shape}, expected {(h, w)}")
+            if pm.max(initial=0) > 1:
+                pm = pm / 255.0
+            prev = _upsample(torch.from_numpy(pm)[None, None], (s, s))
+        maps = encode_clicks([scale_clicks(clicks, (h, w), (s, s))], prev, s, self.model.config.click_radius)
+        logits = self.model(state.residual, maps.to(self.device), state.fine)
+        prob = torch.sigmoid(_upsample(logits, (h, w)))[0, 0]
+        return prob.float().cpu().numpy()
+
+    def anomaly_map(self, state: ImageState) -> np.ndarray:
+        """Training-free anomaly map ||r|| at the original image size."""
+        return _upsample(state.distance[None, None].float(), state.original_hw)[0, 0].cpu().numpy()

@@ -1,0 +1,172 @@
+"""Synthetic anomalies on defect-free images, so the models train with no real defect at all.
+
+Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves and small
+spots (blowhole-like). Sources: a shuffled tile grid of the image itself after intensity / blur
+changes, a darkened or brightened copy, or another normal image. Blend (ALGORITHM.md):
+``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with ``beta ~ U[0.5, 1]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "AnomalySynthesizer"]
+
+
+def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """2-D gradient (Perlin) noise in about [-1, 1]; ``shape`` must be a multiple of ``res``."""
+    h, w = shape
+    ry, rx = res
+    if h % ry or w % rx:
+        raise ValueError("shape must be a multiple of res")
+    angles = rng.uniform(0, 2 * np.pi, size=(ry + 1, rx + 1))
+    grads = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    # Local coordinates inside each lattice cell, and the cell each pixel belongs to.
+    ys = np.arange(h) * ry / h
+    xs = np.arange(w) * rx / w
+    yi, xi = ys.astype(int), xs.astype(int)
+    fy, fx = (ys - yi)[:, None], (xs - xi)[None, :]
+
+    def corner(dy: int, dx: int) -> np.ndarray:
+        g = grads[yi[:, None] + dy, xi[None, :] + dx]
+        return g[..., 0] * (fy - dy) + g[..., 1] * (fx - dx)
+
+    def fade(t: np.ndarray) -> np.ndarray:
+        return t * t * t * (t * (t * 6 - 15) + 10)
+
+    uy, ux = fade(fy), fade(fx)
+    top = corner(0, 0) * (1 - ux) + corner(0, 1) * ux
+    bottom = corner(1, 0) * (1 - ux) + corner(1, 1) * ux
+    return np.sqrt(2) * (top * (1 - uy) + bottom * uy)
+
+
+def perlin_mask(hw: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
+    """Blob mask from rotated Perlin noise with a random scale 2^U{0..5} per axis."""
+    h, w = hw
+    size = 1 << int(np.ceil(np.log2(max(h, w))))
+    ry = 1 << int(rng.integers(0, 6))
+    rx = 1 << int(rng.integers(0, 6))
+    noise = perlin_noise((size, size), (min(ry, size), min(rx, size)), rng)
+    noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="reflect")
+    return noise[:h, :w] > threshold
+
+
+def crack_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A thin, wandering curve (crack / scratch) 1-4 px wide, sometimes branching."""
+    h, w = hw
+    mask = np.zeros(hw, dtype=bool)
+    n_curves = 1 + int(rng.random() < 0.3)
+    for _ in range(n_curves):
+        y, x = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+        angle = rng.uniform(0, 2 * np.pi)
+        length = rng.uniform(0.15, 0.6) * max(h, w)
+        step = 1.0
+        for _ in range(int(length / step)):
+            angle += rng.normal(0, 0.15)
+            y += step * np.sin(angle)
+            x += step * np.cos(angle)
+            if not (0 <= y < h and 0 <= x < w):
+                break
+            mask[int(y), int(x)] = True
+    width = int(rng.integers(0, 3))
+    return ndimage.binary_dilation(mask, iterations=width) if width else mask
+
+
+def spot_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """1-4 small irregular ellipses (blowhole-like), radius 2-6 % of the image side."""
+    h, w = hw
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    mask = np.zeros(hw, dtype=bool)
+    side = min(h, w)
+    centre = np.array([rng.uniform(0.15, 0.85) * h, rng.uniform(0.15, 0.85) * w])
+    for _ in range(int(rng.integers(1, 5))):
+        cy, cx = centre + rng.normal(0, 0.08 * side, size=2)
+        ay, ax = rng.uniform(0.02, 0.06, size=2) * side
+        t = rng.uniform(0, np.pi)
+        dy, dx = yy - cy, xx - cx
+        u = dy * np.cos(t) + dx * np.sin(t)
+        v = -dy * np.sin(t) + dx * np.cos(t)
+        wobble = 1 + 0.25 * perlin_noise((64, 64), (4, 4), rng)[
+            (np.clip(yy / h * 63, 0, 63)).astype(int), (np.clip(xx / w * 63, 0, 63)).astype(int)
+        ]
+        mask |= (u / ay) ** 2 + (v / ax) ** 2 <= wobble
+    return mask
+
+
+def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
+    h, w = image.shape[:2]
+    th, tw = h // grid, w // grid
+    tiles = [image[i * th : (i + 1) * th, j * tw : (j + 1) * tw] for i in range(grid) for j in range(grid)]
+    order = rng.permutation(len(tiles))
+    rows = [np.concatenate([tiles[order[i * grid + j]] for j in range(grid)], axis=1) for i in range(grid)]
+    out = np.concatenate(rows, axis=0)
+    return np.pad(out, ((0, h - out.shape[0]), (0, w - out.shape[1]), (0, 0)), mode="reflect")
+
+
+@dataclass
+class AnomalySynthesizer:
+    """Pastes one synthetic anomaly on a defect-free image (H x W x 3 uint8)."""
+
+    p_perlin: float = 0.4
+    p_crack: float = 0.3  # the rest: spots
+    min_area_frac: float = 0.0008
+    max_area_frac: float = 0.35
+    max_tries: int = 20
+
+    def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
+        area = hw[0] * hw[1]
+        m = np.zeros(hw, dtype=bool)
+        for _ in range(self.max_tries):
+            u = rng.random()
+            if u < self.p_perlin:
+                m = perlin_mask(hw, rng)
+            elif u < self.p_perlin + self.p_crack:
+                m = crack_mask(hw, rng)
+            else:
+                m = spot_mask(hw, rng)
+            if foreground is not None:
+                m &= foreground
+            if self.min_area_frac * area <= m.sum() <= self.max_area_frac * area:
+                return m
+        return m
+
+    def source(self, image: np.ndarray, rng: np.random.Generator, others: Sequence[np.ndarray] = ()) -> np.ndarray:
+        img = image.astype(np.float32)
+        u = rng.random()
+        if u < 0.4:
+            src = _shuffled_tiles(img, rng)
+            shift = rng.uniform(20, 60) * (1 if rng.random() < 0.3 else -1)
+            src = src * rng.uniform(0.5, 1.5) + shift
+        elif u < 0.8 or not len(others):
+            # Defects on these surfaces are mostly darker (holes, cracks) or brighter (chips, glare).
+            gain = rng.uniform(0.15, 0.7) if rng.random() < 0.75 else rng.uniform(1.3, 2.0)
+            src = img * gain + rng.normal(0, rng.uniform(0, 12), size=img.shape)
+        else:
+            other = others[int(rng.integers(len(others)))].astype(np.float32)
+            if other.shape != img.shape:
+                zoom = (img.shape[0] / other.shape[0], img.shape[1] / other.shape[1], 1)
+                other = ndimage.zoom(other, zoom, order=1)[: img.shape[0], : img.shape[1]]
+            src = np.rot90(other, int(rng.integers(4))) if other.shape[0] == other.shape[1] else other[::-1]
+            src = src * rng.uniform(0.5, 1.5)
+        if rng.random() < 0.5:
+            src = ndimage.gaussian_filter(src, sigma=(rng.uniform(0.5, 2.0),) * 2 + (0,))
+        return np.clip(src, 0, 255)
+
+    def __call__(
+        self,
+        image: np.ndarray,
+        rng: np.random.Generator,
+        others: Sequence[np.ndarray] = (),
+        foreground: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (anomalous image uint8, boolean mask)."""
+        mask = self.mask(image.shape[:2], rng, foreground)
+        src = self.source(image, rng, others)
+        beta = rng.uniform(0.5, 1.0)
+        m = mask.astype(np.float32)[..., None]
+        img = image.astype(np.float32)
+        out = (1 - m) * img + m * (beta * src + (1 - beta) * img)
+        return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask

@@ -1,0 +1,221 @@
+"""Training loops. ADClick (click model) trains on synthetic anomalies pasted on defect-free images,
+SimpleClick-style: initial clicks, 0-3 iterative clicks under no-grad, NFL, AdamW, EMA weights."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backbone import FeatureExtractor, load_image
+from .checkpoint import save_checkpoint
+from .clicks import encode_clicks, next_training_click, sample_training_clicks
+from .losses import normalized_focal_loss
+from .models import ADClick, ADClickConfig
+from .models.embeddings import residual_features
+from .reference import ReferenceBank
+from .residuals import ResidualConfig, compute_residuals
+from .synthesis import AnomalySynthesizer
+
+__all__ = ["SyntheticPool", "build_synthetic_pool", "ClickTrainConfig", "train_click", "ProgressFn"]
+
+ProgressFn = Callable[[float, str], None]  # (fraction done in [0, 1], message)
+
+
+@dataclass
+class SyntheticPool:
+    """Precomputed training samples: residuals, stage-1 features and masks at model input size."""
+
+    residual: torch.Tensor  # N x C x g x g (float16)
+    fine: torch.Tensor  # N x c1 x 2g x 2g (float16)
+    masks: np.ndarray  # N x S x S bool
+
+    def __len__(self) -> int:
+        return int(self.residual.shape[0])
+
+
+def build_synthetic_pool(
+    extractor: FeatureExtractor,
+    bank: ReferenceBank,
+    normals: Sequence,
+    residual_config: ResidualConfig,
+    per_image: int = 2,
+    seed: int = 0,
+    progress: bool = True,
+    bank_index: Sequence[int] | None = None,
+    batch_size: int = 8,
+) -> SyntheticPool:
+    """Paste ``per_image`` synthetic anomalies on every normal image and compute their residuals.
+
+    ``bank_index[i]`` is the bank position of ``normals[i]`` (if it is in the bank): that image is
+    excluded from its own retrieval, otherwise its residual would be trivially small.
+    """
+    rng = np.random.default_rng(seed)
+    synth = AnomalySynthesizer()
+    s = extractor.config.input_size
+    residuals, fines, masks = [], [], []
+    jobs = [(i, r) for r in range(per_image) for i in range(len(normals))]
+    bar = tqdm(total=len(jobs), desc="synthetic pool", unit="img", disable=not progress)
+    resized_cache: dict[int, np.ndarray] = {}
+
+    def resized(i: int) -> np.ndarray:
+        if i not in resized_cache:
+            img = torch.from_numpy(load_image(normals[i]).copy()).permute(2, 0, 1)[None].float()
+            img = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            resized_cache[i] = img[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+        return resized_cache[i]
+
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        images, excl = [], []
+        for i, _ in chunk:
+            other = resized(int(rng.integers(len(normals))))
+            img, mask = synth(resized(i), rng, others=[other])
+            images.append(img)
+            masks.append(mask)
+            excl.append([bank_index[i]] if bank_index is not None and bank_index[i] >= 0 else [])
+        feats = extractor(extractor.preprocess(images))
+        res = compute_residuals(feats.grid, feats.descriptor, bank, residual_config, exclude=excl)
+        residuals.append(res.residual.half().cpu())
+        fines.append(feats.fine.half().cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return SyntheticPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
+
+
+@dataclass
+class ClickTrainConfig:
+    iterations: int = 2000
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup: int = 100
+    ema_decay: float = 0.995
+    max_extra_clicks: int = 3
+    nfl_gamma: float = 2.0
+    nfl_alpha: float = 0.5
+    seed: int = 0
+    model: ADClickConfig = field(default_factory=ADClickConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _input_scale(pool: SyntheticPool, kind: str) -> torch.Tensor:
+    """Per-channel mean of the network input on pixels outside the synthetic defects."""
+    n = min(len(pool), 256)
+    x = residual_features(pool.residual[:n].float(), kind)
+    g = x.shape[-1]
+    m = torch.from_numpy(pool.masks[:n]).float()[:, None]
+    normal = (F.adaptive_max_pool2d(m, g) < 0.5).float()
+    scale = (x * normal).sum((0, 2, 3)) / normal.sum((0, 2, 3)).clamp_min(1)
+    return scale.clamp_min(1e-6)
+
+
+def _augment(res: torch.Tensor, fine: torch.Tensor, masks: np.ndarray, rng: np.random.Generator):
+    """Random flips, the same for residuals, features and masks (tiles look alike mirrored)."""
+    if rng.random() < 0.5:
+        res, fine, masks = res.flip(-1), fine.flip(-1), masks[..., ::-1]
+    if rng.random() < 0.5:
+        res, fine, masks = res.flip(-2), fine.flip(-2), masks[..., ::-1, :]
+    return res, fine, np.ascontiguousarray(masks)
+
+
+def train_click(
+    pool: SyntheticPool,
+    config: ClickTrainConfig,
+    out: str | Path | None = None,
+    meta: dict | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: ProgressFn | None = None,
+    checkpoint_every: int = 500,
+) -> tuple[ADClick, dict]:
+    """Train ADClick on a synthetic pool. Returns the EMA model and a summary; writes ``out``."""
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    device = torch.device(device)
+    mcfg = config.model
+    model = ADClick(mcfg).to(device)
+    model.residual_embed.input_scale.copy_(_input_scale(pool, mcfg.residual_input).to(device))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+    def lr_at(it: int) -> float:
+        if it < config.warmup:
+            return config.lr * (it + 1) / config.warmup
+        t = (it - config.warmup) / max(1, config.iterations - config.warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    s = mcfg.input_size
+    scale = s / s  # clicks are sampled directly at model input resolution
+    losses: list[float] = []
+    t0 = time.time()
+    bar = tqdm(range(config.iterations), desc="train-click", unit="it", disable=not progress)
+
+    def save(it: int) -> None:
+        if out is None:
+            return
+        save_checkpoint(
+            out,
+            "adclick_click",
+            ema.module.state_dict(),
+            model_config=mcfg.to_dict(),
+            train_config={k: v for k, v in config.to_dict().items() if k != "model"},
+            train_summary={"iterations_done": it, "seconds": round(time.time() - t0, 1),
+                           "final_loss": float(np.mean(losses[-100:])) if losses else None},
+            **(meta or {}),
+        )
+
+    for it in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it)
+        idx = rng.choice(len(pool), size=config.batch_size, replace=len(pool) < config.batch_size)
+        res, fine, gt = _augment(pool.residual[idx].float(), pool.fine[idx].float(), pool.masks[idx], rng)
+        res, fine = res.to(device), fine.to(device)
+        clicks = [sample_training_clicks(m, rng) for m in gt]
+        prev = None
+        n_extra = int(rng.integers(0, config.max_extra_clicks + 1))
+        if n_extra:
+            with torch.no_grad():
+                for _ in range(n_extra):
+                    logits = model(res, encode_clicks(clicks, prev, s, mcfg.click_radius).to(device), fine)
+                    prev = torch.sigmoid(F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False))
+                    pred = (prev[:, 0] > 0.49).cpu().numpy()
+                    for b in range(len(clicks)):
+                        c = next_training_click(gt[b], pred[b], rng)
+                        if c is not None:
+                            clicks[b].append(c)
+        logits = model(res, encode_clicks(clicks, prev, s, mcfg.click_radius).to(device), fine)
+        logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
+        target = torch.from_numpy(gt).float()[:, None].to(device)
+        loss = normalized_focal_loss(logits, target, gamma=config.nfl_gamma, alpha=config.nfl_alpha)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+        losses.append(loss.item())
+        if it % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr_at(it):.1e}")
+        if callback is not None and it % 10 == 0:
+            callback((it + 1) / config.iterations, f"iteration {it + 1}/{config.iterations} loss {np.mean(losses[-50:]):.4f}")
+        if checkpoint_every and (it + 1) % checkpoint_every == 0:
+            save(it + 1)
+    bar.close()
+    save(config.iterations)
+    summary = {
+        "iterations": config.iterations,
+        "seconds": round(time.time() - t0, 1),
+        "loss_first_50": float(np.mean(losses[:50])) if losses else None,
+        "loss_last_50": float(np.mean(losses[-50:])) if losses else None,
+    }
+    return ema.module.eval(), summary
