@@ -211,3 +211,38 @@ def start_backend(label_studio, tmp_path_factory):
             yield srv
 
     return start
+
+
+@pytest.fixture(scope="session")
+def mtd_project(label_studio, backend_server, mtd_dir):
+    """A project with label_config/interactive_weak.xml, a Local Storage on the MTD folder,
+    N_REFERENCES train/good images with an OK verdict (the references), 2 images per defect type
+    and one task whose file does not exist; our backend connected as interactive."""
+    from .helpers import CONFIG, MISSING_URL, N_REFERENCES, import_tasks, local_url, pick_defects, verdict_result
+
+    ls = label_studio
+    pid = ls.api("POST", "/api/projects", json={"title": "ADClick e2e", "label_config": CONFIG})["id"]
+    ls.api("POST", "/api/storages/localfiles", json={
+        "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
+    goods = sorted((mtd_dir / "train" / "good").glob("*.jpg"))
+    refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
+    defects = pick_defects(mtd_dir)
+    tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
+             for g in refs]
+    tasks += [{"data": {"image": local_url(img, mtd_dir), "defect": d}} for d, img, _ in defects]
+    tasks.append({"data": {"image": MISSING_URL}})
+    by_url = import_tasks(ls, pid, tasks)
+    ml = ls.api("POST", "/api/ml", json={"url": backend_server.url, "project": pid, "is_interactive": True,
+                                         "title": "ADClick"})
+    return {
+        "id": pid, "ml_id": ml["id"], "ml": ml, "by_url": by_url, "n_refs": len(refs),
+        "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],
+        "missing_task": by_url[MISSING_URL],
+        "any_task": by_url[local_url(defects[0][1], mtd_dir)],
+        "goods_unused": [g for g in goods if g not in refs],
+    }
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "benchmark: per-click round-trip timing through Label Studio")
+

@@ -1,0 +1,58 @@
+"""Helpers shared by the end-to-end tests: what the browser sends, and the test project."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = (REPO / "label_config" / "interactive_weak.xml").read_text()
+DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
+N_REFERENCES = 30
+PER_TYPE = 2
+MISSING_URL = "/data/local-files/?d=mtd/test/crack/this_file_does_not_exist.jpg"
+
+
+def local_url(path: Path, mtd: Path) -> str:
+    """The Local Storage URL Label Studio uses for a file under the document root (mtd's parent)."""
+    return f"/data/local-files/?d={path.relative_to(mtd.parent).as_posix()}"
+
+
+def verdict_result(value: str = "OK") -> list[dict]:
+    return [{"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": [value]}}]
+
+
+def pick_defects(mtd: Path, per_type: int = PER_TYPE, offset: int = 0) -> list[tuple[str, Path, Path]]:
+    """``per_type`` images of each defect type, spread over the sorted file list (deterministic)."""
+    out = []
+    for d in DEFECTS:
+        files = sorted((mtd / "test" / d).glob("*.jpg"))
+        for i in range(per_type):
+            img = files[((i * len(files)) // per_type + len(files) // (2 * per_type) + offset) % len(files)]
+            out.append((d, img, mtd / "ground_truth" / d / f"{img.stem}_mask.png"))
+    return out
+
+
+def keypoint(x: float, y: float, w: int, h: int, label: str, positive: bool = True) -> dict:
+    """What the browser sends for a click on pixel (x, y): percent of the image, pixel centre.
+    A positive click carries no ``is_positive`` (as when restored from a draft)."""
+    item = {"original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": (x + 0.5) / w * 100.0, "y": (y + 0.5) / h * 100.0, "width": 0.5,
+                      "keypointlabels": [label]},
+            "id": f"k{int(x)}_{int(y)}", "from_name": "click", "to_name": "image", "type": "keypointlabels"}
+    if not positive:
+        item["is_positive"] = False
+    return item
+
+
+def interactive(ls, ml_id: int, task_id: int, context: dict) -> tuple[dict, float]:
+    """One click through Label Studio's interactive-annotating API: (answer, round trip in ms)."""
+    t0 = time.perf_counter()
+    r = ls.api("POST", f"/api/ml/{ml_id}/interactive-annotating", json={"task": task_id, "context": context})
+    return r, (time.perf_counter() - t0) * 1e3
+
+
+def import_tasks(ls, pid: int, tasks: list[dict]) -> dict[str, int]:
+    """Import tasks; returns image URL -> task id for the whole project."""
+    ls.api("POST", f"/api/projects/{pid}/import", json=tasks)
+    listed = ls.api("GET", f"/api/projects/{pid}/tasks/?page_size=100000")
+    return {t["data"]["image"]: t["id"] for t in listed}
