@@ -244,7 +244,10 @@ class ProjectReferences:
         with self._lock:
             if self.bank is None:
                 self._load_persisted()
-            return self._add(self._fetch_tasks({tid: task}, cfg, creds))
+            added = self._add(self._fetch_tasks({tid: task}, cfg, creds))
+            logger.info("project %s: task %s tagged OK: reference bank has %d images (+%d)",
+                        self.project_id, tid, len(self.bank) if self.bank is not None else 0, added)
+            return added
 
     # ---------------------------------------------------------------- scheduling
     def schedule_sync(self, cfg: LabelConfig, creds: Credentials, full: bool = False):
