@@ -241,8 +241,3 @@ def mtd_project(label_studio, backend_server, mtd_dir):
         "any_task": by_url[local_url(defects[0][1], mtd_dir)],
         "goods_unused": [g for g in goods if g not in refs],
     }
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "benchmark: per-click round-trip timing through Label Studio")
-

@@ -4,7 +4,7 @@ Cold click = the first click on an image (the backend computes the image's resid
 warm click = a later click on the same image (only the light model runs). Printed as JSON.
 Floors on CPU (issue 4): warm p50 <= 300 ms, cold p50 <= 3 s.
 
-Run alone: ``pytest tests/e2e/test_bench_clicks.py -s``.
+Run: ``pytest -m benchmark -s tests/e2e`` (not part of the default run).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import pytest
 from PIL import Image
 
 from .helpers import import_tasks, interactive, keypoint, local_url, pick_defects
+
+pytestmark = pytest.mark.e2e
 
 N_IMAGES = 8
 WARM_PER_IMAGE = 4

@@ -27,6 +27,8 @@ from adclick_core.clicks import next_eval_click
 
 from .helpers import interactive, keypoint, verdict_result
 
+pytestmark = pytest.mark.e2e
+
 N_CLICKS = 3
 IOU_MIN = 0.5
 MIN_GOOD = 8  # of 10 images
