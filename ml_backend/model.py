@@ -264,7 +264,7 @@ class ADClickModel:
         self.references = ProjectReferences(
             self.dir, project_id,
             get_extractor=lambda: backend.predictor().extractor,
-            bank_cls=backend.bank_cls if backend._bank_cls is not None else _LazyBankCls(backend),
+            get_bank_cls=lambda: backend.bank_cls,
             loader=backend.loader,
             executor=backend.executor,
             reference_dir=backend.settings.reference_dir,
@@ -479,12 +479,3 @@ class ADClickModel:
         )
         return {"result": result, "score": score, "model_version": self.model_version}
 
-
-class _LazyBankCls:
-    """Resolves ``ReferenceBank`` on first use, so importing ml_backend never needs the core."""
-
-    def __init__(self, backend: Backend):
-        self._backend = backend
-
-    def __getattr__(self, name):
-        return getattr(self._backend.bank_cls, name)

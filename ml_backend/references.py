@@ -65,7 +65,7 @@ class ProjectReferences:
         project_dir: Path,
         project_id: str,
         get_extractor: Callable[[], Any],
-        bank_cls: Any,
+        get_bank_cls: Callable[[], Any],
         loader: ImageLoader,
         executor: ThreadPoolExecutor,
         reference_dir: str | None,
@@ -74,7 +74,7 @@ class ProjectReferences:
         self.dir = Path(project_dir)
         self.project_id = project_id
         self._get_extractor = get_extractor
-        self._bank_cls = bank_cls
+        self._get_bank_cls = get_bank_cls  # ReferenceBank (or a stand-in), resolved on first use
         self._loader = loader
         self._executor = executor
         self.reference_dir = reference_dir
@@ -106,7 +106,7 @@ class ProjectReferences:
         if not path.is_file():
             return False
         try:
-            bank = self._bank_cls.load(path)
+            bank = self._get_bank_cls().load(path)
             meta = json.loads((self.dir / SOURCES_FILE).read_text())
             extractor = self._get_extractor()
             want = getattr(getattr(extractor, "config", None), "fingerprint", None)
@@ -150,7 +150,7 @@ class ProjectReferences:
         images = [a for _, a in items]
         with self._lock:
             if self.bank is None:
-                new = self._bank_cls.build(extractor, images, names=keys, progress=False)
+                new = self._get_bank_cls().build(extractor, images, names=keys, progress=False)
                 added = len(new)
             else:
                 new = copy.copy(self.bank)
