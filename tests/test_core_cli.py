@@ -1,0 +1,131 @@
+"""``python -m adclick_core``: help for every command, and a real build-bank run (packaged weights)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adclick_core.cli import build_parser, main
+from adclick_core.reference import ReferenceBank
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _subcommands() -> list[str]:
+    parser = build_parser()
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            return sorted(action.choices)
+    return []
+
+
+def run_cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    # One intra-op thread: the CI machine has two cores, often shared with a training job.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "adclick_core", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_top_level_help_lists_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    subs = _subcommands()
+    assert {"build-bank", "train-click", "eval-click", "bench"} <= set(subs)
+    for name in subs:
+        assert name in proc.stdout
+
+
+# Each ``python -m adclick_core <command> --help`` costs a torch import (~2 s of CPU); one child process
+# runs them all through runpy, exactly as ``-m`` does, and reports exit code and output per command.
+_HELP_SCRIPT = r"""
+import contextlib, io, json, runpy, sys
+out = {}
+for cmd in json.loads(sys.argv[1]):
+    sys.argv = ["adclick_core", cmd, "--help"]
+    buf = io.StringIO()
+    code = None
+    with contextlib.redirect_stdout(buf):
+        try:
+            runpy.run_module("adclick_core", run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            code = exc.code
+    out[cmd] = [code, buf.getvalue()]
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def subcommand_help() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", _HELP_SCRIPT, json.dumps(_subcommands())], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("command", _subcommands())
+def test_subcommand_help(command, subcommand_help):
+    code, text = subcommand_help[command]
+    assert code in (0, None)
+    assert text.startswith("usage: python -m adclick_core " + command)
+    assert "--device" in text
+
+
+def test_one_subcommand_help_as_real_process():
+    proc = run_cli("build-bank", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "--input-size" in proc.stdout
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+def test_build_bank(tmp_path):
+    src = tmp_path / "good"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img = (rng.random((40 + 8 * i, 48, 3)) * 255).astype(np.uint8)
+        Image.fromarray(img).save(src / f"img_{i}.png")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "banks" / "bank.safetensors"
+    proc = run_cli("build-bank", str(src), "--out", str(out), "--input-size", "64", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["images"] == 3
+    assert Path(result["bank"]) == out
+    assert result["backbone"]["input_size"] == 64
+    assert result["backbone"]["name"] == "efficientnet_lite0"
+    bank = ReferenceBank.load(out)
+    assert len(bank) == 3
+    assert bank.names == ["img_0.png", "img_1.png", "img_2.png"]
+    assert bank.fingerprint == result["fingerprint"]
+    assert bank.backbone.input_size == 64
+    assert bank.features.shape == (3, 256, 8, 8)
+    # Real (pretrained) features: three different images give three different feature maps.
+    flat = bank.features.float().flatten(1)
+    assert (flat.std(dim=1) > 0).all()
+    assert not np.allclose(flat[0].numpy(), flat[1].numpy())
+
+
+def test_build_bank_empty_folder_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    code = main(["build-bank", str(empty), "--out", str(tmp_path / "b.safetensors"), "--input-size", "64",
+                 "--device", "cpu"])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "error:" in captured.err and "no images found" in captured.err
+    assert captured.out == ""
+    assert not (tmp_path / "b.safetensors").exists()

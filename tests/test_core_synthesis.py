@@ -1,0 +1,138 @@
+"""Synthetic anomalies: Perlin noise, masks and the blend (changes inside the mask only)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adclick_core.synthesis import AnomalySynthesizer, crack_mask, perlin_mask, perlin_noise, spot_mask
+
+
+def texture(seed: int, hw=(64, 64)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
+    v = 128 + 50 * np.sin(xx / 3) * np.cos(yy / 4) + rng.normal(0, 8, hw)
+    return np.stack([v, v * 0.8, v * 1.2], -1).clip(0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- Perlin noise
+
+
+@pytest.mark.parametrize("shape, res", [((64, 64), (4, 4)), ((32, 48), (2, 8)), ((16, 16), (1, 1)), ((32, 32), (32, 32))])
+def test_perlin_noise_shape_and_range(shape, res):
+    for seed in range(20):
+        n = perlin_noise(shape, res, np.random.default_rng(seed))
+        assert n.shape == shape
+        assert np.isfinite(n).all()
+        assert np.abs(n).max() <= 1.0 + 1e-9
+
+
+def test_perlin_noise_is_not_trivial_and_smooth():
+    n = perlin_noise((64, 64), (4, 4), np.random.default_rng(0))
+    assert n.std() > 0.1
+    assert n.max() > 0.3 and n.min() < -0.3
+    # Zero at lattice points (gradient noise), smooth in between.
+    assert np.abs(n[::16, ::16]).max() < 1e-9
+    assert np.abs(np.diff(n, axis=1)).max() < 0.2
+
+
+def test_perlin_noise_determinism():
+    a = perlin_noise((32, 32), (4, 2), np.random.default_rng(7))
+    b = perlin_noise((32, 32), (4, 2), np.random.default_rng(7))
+    c = perlin_noise((32, 32), (4, 2), np.random.default_rng(8))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+
+
+def test_perlin_noise_rejects_bad_res():
+    with pytest.raises(ValueError, match="multiple"):
+        perlin_noise((30, 32), (4, 4), np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------- masks
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_masks_nonempty_within_area_bounds(hw):
+    synth = AnomalySynthesizer()
+    area = hw[0] * hw[1]
+    for seed in range(40):
+        m = synth.mask(hw, np.random.default_rng(seed))
+        assert m.shape == hw and m.dtype == bool
+        assert m.any()
+        assert synth.min_area_frac * area <= m.sum() <= synth.max_area_frac * area
+
+
+def test_mask_respects_foreground():
+    synth = AnomalySynthesizer()
+    fg = np.zeros((64, 64), bool)
+    fg[:, :40] = True
+    for seed in range(10):
+        m = synth.mask((64, 64), np.random.default_rng(seed), foreground=fg)
+        assert not (m & ~fg).any()
+
+
+def test_each_mask_kind():
+    rng = np.random.default_rng(3)
+    for fn in (crack_mask, spot_mask):
+        for _ in range(5):
+            m = fn((64, 48), rng)
+            assert m.shape == (64, 48) and m.dtype == bool and m.any()
+    m = perlin_mask((64, 48), rng)
+    assert m.shape == (64, 48) and m.dtype == bool
+    # Cracks are thin: far less area than their extent.
+    c = crack_mask((64, 64), np.random.default_rng(0))
+    assert c.sum() < 0.2 * 64 * 64
+
+
+def test_mask_kind_probabilities():
+    # p_perlin = 1: every mask is a thresholded Perlin blob; p_perlin = 0, p_crack = 1: only cracks.
+    only_crack = AnomalySynthesizer(p_perlin=0.0, p_crack=1.0)
+    m = only_crack.mask((64, 64), np.random.default_rng(5))
+    rng = np.random.default_rng(5)
+    rng.random()  # the kind draw
+    np.testing.assert_array_equal(m, crack_mask((64, 64), rng))
+    only_spot = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0)
+    m = only_spot.mask((64, 64), np.random.default_rng(6))
+    rng = np.random.default_rng(6)
+    rng.random()
+    np.testing.assert_array_equal(m, spot_mask((64, 64), rng))
+
+
+# ---------------------------------------------------------------- the synthesizer
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_synthesizer_changes_inside_mask_only(seed):
+    img = texture(seed, (48, 64))
+    others = [texture(seed + 100, (48, 64)), texture(seed + 200, (32, 32))]
+    out, mask = AnomalySynthesizer()(img, np.random.default_rng(seed), others=others)
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert mask.shape == img.shape[:2] and mask.dtype == bool and mask.any()
+    np.testing.assert_array_equal(out[~mask], img[~mask])  # exactly unchanged outside
+    diff = np.abs(out.astype(int) - img.astype(int)).max(-1)[mask]
+    assert (diff > 0).mean() > 0.8
+    assert diff.mean() > 3.0
+
+
+def test_synthesizer_each_source_kind_changes_pixels():
+    img = texture(1)
+    synth = AnomalySynthesizer()
+    for seed in range(30):
+        rng = np.random.default_rng(seed)
+        src = synth.source(img, rng, others=[texture(2)])
+        assert src.shape == img.shape and np.issubdtype(src.dtype, np.floating)
+        assert src.min() >= 0 and src.max() <= 255
+        assert np.abs(src - img).mean() > 2.0
+
+
+def test_synthesizer_determinism():
+    img = texture(4)
+    others = [texture(5)]
+    a_img, a_mask = AnomalySynthesizer()(img, np.random.default_rng(11), others=others)
+    b_img, b_mask = AnomalySynthesizer()(img, np.random.default_rng(11), others=others)
+    c_img, c_mask = AnomalySynthesizer()(img, np.random.default_rng(12), others=others)
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_mask, b_mask)
+    assert not (np.array_equal(a_mask, c_mask) and np.array_equal(a_img, c_img))
+    # The input image is not modified in place.
+    np.testing.assert_array_equal(img, texture(4))

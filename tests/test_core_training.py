@@ -1,0 +1,297 @@
+"""Click training on a tiny synthetic pool, checkpoints, and the ClickPredictor built from one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import adclick_core.training as training
+from adclick_core.backbone import BackboneConfig, build_extractor
+from adclick_core.checkpoint import load_checkpoint, save_checkpoint
+from adclick_core.clicks import Click
+from adclick_core.errors import CheckpointError, EmptyBankError, InputError, MissingWeightsError
+from adclick_core.models import ADClickConfig
+from adclick_core.predictor import ClickPredictor
+from adclick_core.reference import ReferenceBank
+from adclick_core.residuals import ResidualConfig
+from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+
+ITERATIONS = 40
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def texture(seed: int, hw=(64, 64)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    v = 128 + 50 * np.sin(xx / 3 + ph[0]) * np.cos(yy / 4 + ph[1]) + rng.normal(0, 8, hw)
+    return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
+
+
+BACKBONE = BackboneConfig(input_size=64)
+RESIDUAL = ResidualConfig(k=3, radius=2.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    extractor = build_extractor(BACKBONE, random_init=True, device="cpu")
+    normals = [texture(i) for i in range(6)]
+    bank = ReferenceBank.build(extractor, normals, names=[f"n{i}" for i in range(6)], progress=False)
+    pool = build_synthetic_pool(extractor, bank, normals, RESIDUAL, per_image=2, seed=0, progress=False,
+                                bank_index=list(range(6)))
+    return extractor, bank, normals, pool
+
+
+def model_config(extractor) -> ADClickConfig:
+    return ADClickConfig(in_channels=extractor.feature_dim, embed_dim=16, depth=2, num_heads=2, window_size=4,
+                         grid_size=extractor.grid_size, input_size=BACKBONE.input_size,
+                         fine_channels=extractor.fine_channels, head_channels=8, drop_path=0.0)
+
+
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    extractor, bank, _, pool = setup
+    out = tmp_path_factory.mktemp("ckpt") / "click.pt"
+    cfg = ClickTrainConfig(iterations=ITERATIONS, batch_size=8, lr=3e-3, warmup=3, ema_decay=0.9, seed=0,
+                           model=model_config(extractor))
+    meta = {"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict(), "bank_fingerprint": bank.fingerprint}
+    losses: list[float] = []
+    bces: list[float] = []
+    progress: list[tuple[float, str]] = []
+    real_loss = training.normalized_focal_loss
+
+    def recording_loss(logits, target, *args, **kwargs):
+        loss = real_loss(logits, target, *args, **kwargs)
+        losses.append(loss.item())
+        # NFL renormalises its weights towards the hardest pixels, so its value falls slowly; plain
+        # BCE on the same batch is a steadier view of the same progress.
+        bces.append(F.binary_cross_entropy_with_logits(logits.detach(), target).item())
+        return loss
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(training, "normalized_focal_loss", recording_loss)
+    try:
+        model, summary = train_click(pool, cfg, out=out, meta=meta, device="cpu", progress=False,
+                                     callback=lambda f, m: progress.append((f, m)), checkpoint_every=0)
+    finally:
+        mp.undo()
+    return {"model": model, "summary": summary, "path": out, "losses": losses, "bces": bces, "progress": progress,
+            "config": cfg}
+
+
+# ---------------------------------------------------------------- the pool
+
+
+def test_synthetic_pool(setup):
+    extractor, _, _, pool = setup
+    assert len(pool) == 12
+    assert pool.residual.shape == (12, 256, 8, 8) and pool.residual.dtype == torch.float16
+    assert pool.fine.shape == (12, 24, 16, 16)
+    assert pool.masks.shape == (12, 64, 64) and pool.masks.dtype == bool
+    assert all(m.any() for m in pool.masks)
+    assert torch.isfinite(pool.residual.float()).all()
+    # Residuals are not trivially zero: each image was excluded from its own retrieval.
+    assert (pool.residual.float().flatten(1).norm(dim=1) > 0).all()
+
+
+def test_synthetic_pool_deterministic(setup):
+    extractor, bank, normals, pool = setup
+    again = build_synthetic_pool(extractor, bank, normals[:2], RESIDUAL, per_image=1, seed=0, progress=False,
+                                 bank_index=[0, 1])
+    third = build_synthetic_pool(extractor, bank, normals[:2], RESIDUAL, per_image=1, seed=0, progress=False,
+                                 bank_index=[0, 1])
+    np.testing.assert_array_equal(again.masks, third.masks)
+    assert torch.equal(again.residual, third.residual)
+
+
+def test_self_exclusion_matters(setup):
+    extractor, bank, normals, _ = setup
+    # A normal image without a defect that is in the bank: without exclusion its residual is ~zero.
+    with_self = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False)
+    excluded = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False,
+                                    bank_index=[0])
+    m = torch.from_numpy(with_self.masks[0]).float()[None, None]
+    normal_cells = torch.nn.functional.adaptive_max_pool2d(m, 8)[0, 0] < 0.5
+    norm_self = with_self.residual[0].float().norm(dim=0)[normal_cells].mean()
+    norm_excl = excluded.residual[0].float().norm(dim=0)[normal_cells].mean()
+    assert norm_excl > norm_self
+
+
+# ---------------------------------------------------------------- training
+
+
+def test_loss_decreases(trained):
+    losses = trained["losses"]
+    assert len(losses) == ITERATIONS  # one loss per iteration (extra clicks run without loss)
+    assert all(np.isfinite(losses))
+    first, last = float(np.mean(losses[:10])), float(np.mean(losses[-10:]))
+    assert last < first, (first, last)
+    bces = trained["bces"]
+    assert float(np.mean(bces[-10:])) < 0.9 * float(np.mean(bces[:10])), (bces[:10], bces[-10:])
+
+
+def test_summary_and_callback(trained):
+    summary = trained["summary"]
+    assert summary["iterations"] == ITERATIONS
+    assert summary["loss_first_50"] == pytest.approx(float(np.mean(trained["losses"][:50])), rel=1e-6)
+    assert summary["loss_last_50"] == pytest.approx(float(np.mean(trained["losses"][-50:])), rel=1e-6)
+    fractions = [f for f, _ in trained["progress"]]
+    assert fractions == sorted(fractions) and 0 < fractions[0] <= fractions[-1] <= 1
+    assert len(fractions) == ITERATIONS // 10
+    assert all("loss" in m for _, m in trained["progress"])
+    assert not trained["model"].training  # EMA model returned in eval mode
+
+
+def test_checkpoint_written_and_loadable(trained, setup):
+    extractor, bank, _, _ = setup
+    ckpt = load_checkpoint(trained["path"], "adclick_click")
+    assert ckpt["kind"] == "adclick_click"
+    assert ckpt["backbone"] == BACKBONE.to_dict()
+    assert ckpt["residual_config"] == RESIDUAL.to_dict()
+    assert ckpt["bank_fingerprint"] == bank.fingerprint
+    assert ADClickConfig.from_dict(ckpt["model_config"]) == trained["config"].model
+    assert ckpt["train_summary"]["iterations_done"] == ITERATIONS
+    state = trained["model"].state_dict()
+    assert set(ckpt["state_dict"]) == set(state)
+    for k, v in state.items():
+        assert torch.equal(ckpt["state_dict"][k], v.cpu()), k
+    # input_scale was set from the pool, not left at ones.
+    assert not torch.equal(ckpt["state_dict"]["residual_embed.input_scale"], torch.ones(256))
+    assert not list(trained["path"].parent.glob("*.tmp"))
+
+
+def test_checkpoint_errors(trained, tmp_path):
+    data = trained["path"].read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        load_checkpoint(truncated, "adclick_click")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"definitely not a torch file")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(garbage, "adclick_click")
+    with pytest.raises(CheckpointError, match="not a adclick_seg checkpoint"):
+        load_checkpoint(trained["path"], "adclick_seg")
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt", "adclick_click")
+    newer = save_checkpoint(tmp_path / "newer.pt", "adclick_click", {})
+    payload = torch.load(newer, weights_only=True)
+    payload["format_version"] = 999
+    torch.save(payload, newer)
+    with pytest.raises(CheckpointError, match="newer version"):
+        load_checkpoint(newer, "adclick_click")
+    with pytest.raises(CheckpointError):
+        ClickPredictor.from_checkpoint(truncated, device="cpu", random_init_backbone=True)
+
+
+# ---------------------------------------------------------------- predictor
+
+
+@pytest.fixture(scope="module")
+def predictor(trained, setup):
+    _, bank, _, _ = setup
+    torch.manual_seed(0)  # the same random backbone the bank was built with
+    return ClickPredictor.from_checkpoint(trained["path"], bank, device="cpu", random_init_backbone=True)
+
+
+def test_predictor_from_checkpoint(predictor, trained, setup):
+    _, bank, _, _ = setup
+    assert predictor.residual_config == RESIDUAL
+    assert predictor.extractor.config == BACKBONE
+    assert predictor.checkpoint_info["kind"] == "adclick_click"
+    assert "state_dict" not in predictor.checkpoint_info
+    for k, v in trained["model"].state_dict().items():
+        assert torch.equal(predictor.model.state_dict()[k], v), k
+    # The same seed gives the bank's backbone: its features match the bank's.
+    feats = predictor.extractor(predictor.extractor.preprocess([texture(0)]))
+    torch.testing.assert_close(feats.grid.half(), bank.features[:1])
+
+
+def test_predict_at_original_size(predictor):
+    image = texture(50, (50, 70))
+    image[10:25, 30:45] = 250
+    state = predictor.set_image(image)
+    assert state.original_hw == (50, 70)
+    assert state.residual.shape == (1, 256, 8, 8)
+    assert state.fine.shape == (1, 24, 16, 16)
+    assert state.distance.shape == (8, 8)
+    assert state.bank_fingerprint == predictor.bank.fingerprint
+    prob = predictor.predict(state, [Click(37, 17, True)])
+    assert prob.shape == (50, 70) and prob.dtype == np.float32
+    assert prob.min() >= 0 and prob.max() <= 1
+    both = predictor.predict(state, [Click(37, 17, True), Click(5, 45, False)], prev_mask=prob)
+    assert both.shape == (50, 70) and both.dtype == np.float32
+    assert 0 <= both.min() and both.max() <= 1
+    assert not np.allclose(both, prob)  # clicks and previous mask feed the model
+    # A 0/255 previous mask is accepted like a 0/1 one.
+    binary = (prob > 0.5).astype(np.float32)
+    np.testing.assert_allclose(predictor.predict(state, [], prev_mask=binary * 255),
+                               predictor.predict(state, [], prev_mask=binary), rtol=1e-5, atol=1e-6)
+    # Clicks on the image border are inside.
+    assert predictor.predict(state, [Click(0, 0), Click(70, 50, False)]).shape == (50, 70)
+    # The same image gives the same state.
+    again = predictor.set_image(image)
+    assert again.image_key == state.image_key
+    torch.testing.assert_close(again.residual, state.residual)
+
+
+def test_predict_input_errors(predictor):
+    state = predictor.set_image(texture(51, (50, 70)))
+    for bad in (Click(71, 10), Click(10, 51), Click(-1, 10), Click(10, -0.5), Click(float("nan"), 3)):
+        with pytest.raises(InputError, match="outside"):
+            predictor.predict(state, [bad])
+    with pytest.raises(InputError, match="prev_mask"):
+        predictor.predict(state, [Click(5, 5)], prev_mask=np.zeros((70, 50), np.float32))
+    with pytest.raises(InputError):
+        predictor.predict(state, [Click(5, 5)], prev_mask=np.zeros((50, 70, 3), np.float32))
+    with pytest.raises(InputError):
+        predictor.set_image(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_anomaly_map(predictor):
+    image = texture(0, (50, 70))
+    state = predictor.set_image(image)
+    amap = predictor.anomaly_map(state)
+    assert amap.shape == (50, 70) and amap.dtype == np.float32
+    assert np.isfinite(amap).all() and amap.min() >= 0
+
+
+def test_predictor_empty_bank(trained):
+    torch.manual_seed(0)
+    pred = ClickPredictor.from_checkpoint(trained["path"], None, device="cpu", random_init_backbone=True)
+    assert len(pred.bank) == 0
+    with pytest.raises(EmptyBankError):
+        pred.set_image(texture(1))
+    torch.manual_seed(0)
+    pred = ClickPredictor.from_checkpoint(trained["path"], ReferenceBank(BACKBONE), device="cpu",
+                                          random_init_backbone=True)
+    with pytest.raises(EmptyBankError):
+        pred.set_image(texture(1))
+
+
+def test_predictor_with_bank(predictor, setup):
+    _, bank, _, _ = setup
+    small = bank.subset([0, 1, 2])
+    other = predictor.with_bank(small)
+    assert other.bank is small and predictor.bank is not small
+    assert other.model is predictor.model
+    state = other.set_image(texture(3))
+    assert state.bank_fingerprint == small.fingerprint != predictor.bank.fingerprint
+    # texture(3) is in the full bank (residual ~ fp16 rounding) but not in the subset.
+    full = predictor.set_image(texture(3))
+    assert state.distance.mean() > 10 * full.distance.mean()
+
+
+def test_predictor_rejects_bank_of_other_backbone(trained):
+    other = ReferenceBank(BackboneConfig(input_size=96))
+    with pytest.raises(CheckpointError, match="rebuild the bank"):
+        ClickPredictor.from_checkpoint(trained["path"], other, device="cpu", random_init_backbone=True)
