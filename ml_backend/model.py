@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -464,7 +465,8 @@ class ADClickModel:
         brush_label = brush_label_for(cc.label, cfg)
         result = []
         if mask.any():
-            result.append(mask_to_result(mask, cfg, brush_label, score, entry.width, entry.height))
+            result.append(mask_to_result(mask, cfg, brush_label, score, entry.width, entry.height,
+                                         region_id=uuid.uuid4().hex[:10]))
         t_end = time.perf_counter()
         self.backend.stats["clicks"] += 1
         if not cached:
