@@ -147,7 +147,55 @@ def cmd_bench(args) -> dict:
     from .benchmark import bench_clicks
 
     return bench_clicks(data=args.data, checkpoint=args.checkpoint, bank_path=args.bank, device=args.device,
-                        n_images=args.images, clicks_per_image=args.clicks_per_image)
+                        n_images=args.images, clicks_per_image=args.clicks_per_image, bank_images=args.bank_images)
+
+
+def cmd_train_seg(args) -> dict:
+    from .data import MVTecFolder
+    from .predictor import ClickPredictor
+    from .seg_evaluation import _ok_items, split_folds, weak_items
+    from .seg_training import SegTrainConfig, train_seg
+    from .training import build_synthetic_pool
+
+    t0 = time.time()
+    data = Path(args.data)
+    folder = MVTecFolder(data)
+    clicker = ClickPredictor.from_checkpoint(args.click_checkpoint, device=args.device)
+    bank = _bank_for(data, clicker.extractor, args.bank)
+    clicker = clicker.with_bank(bank)
+    samples = folder.test_samples(defective_only=True)
+    if args.fold is not None:
+        samples = split_folds(samples, seed=args.seed)[args.fold]
+    mode = args.mode
+    items = []
+    if mode != "unsupervised":
+        items = weak_items("clicks" if mode == "clicks" else mode, samples, clicker, n_clicks=args.clicks)
+    if mode == "tags":
+        items += _ok_items(folder.train_good(), len(items), args.seed)
+    normals = folder.train_good()
+    index = {n: i for i, n in enumerate(bank.names)}
+    pool = build_synthetic_pool(clicker.extractor, bank, normals, clicker.residual_config, per_image=1, seed=args.seed,
+                                bank_index=[index.get(p.name, -1) for p in normals])
+    cfg = SegTrainConfig(seed=args.seed, language=not args.no_language)
+    if args.iterations:
+        cfg.iterations = args.iterations
+    _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
+                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device)
+    summary.update({"checkpoint": str(args.out), "mode": mode, "fold": args.fold,
+                    "total_seconds": round(time.time() - t0, 1)})
+    return summary
+
+
+def cmd_eval_seg(args) -> dict:
+    from .seg_evaluation import evaluate_seg
+
+    result = evaluate_seg(data=args.data, runs=args.runs, modes=args.modes.split(","), seed=args.seed,
+                          iterations=args.iterations, train_missing=not args.no_train,
+                          click_checkpoint=args.click_checkpoint, bank_path=args.bank, device=args.device)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 # ---------------------------------------------------------------------------- parser
@@ -170,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--per-image", type=int, default=2, help="synthetic anomalies per normal image")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
@@ -193,12 +241,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_residual_args(p)
     p.set_defaults(func=cmd_eval_click)
 
+    p = sub.add_parser("train-seg", help="train ADClick-Seg from one kind of label")
+    p.add_argument("--data", required=True, help="MVTec-style folder: train/good = references, test/<type> = labelled")
+    p.add_argument("--mode", required=True, choices=["unsupervised", "clicks", "masks", "boxes", "tags"])
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--fold", type=int, default=None, choices=[0, 1], help="train on one fold of the defective images")
+    p.add_argument("--clicks", type=int, default=5, help="simulated clicks per image for --mode clicks")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--no-language", action="store_true", help="ablation: no prompt features")
+    p.add_argument("--click-checkpoint", default=None, help="ADClick checkpoint for pseudo labels (default: shipped)")
+    p.add_argument("--bank", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("eval-seg", help="ADClick-Seg from every kind of label, side by side, two folds")
+    p.add_argument("--data", required=True)
+    p.add_argument("--runs", required=True, help="folder of checkpoints <mode>_fold<f>.pt (missing ones are trained)")
+    p.add_argument("--modes", default=",".join(["residual_map", "unsupervised", "clicks5", "boxes", "tags", "masks",
+                                                 "clicks5_no_language"]))
+    p.add_argument("--iterations", type=int, default=None, help="training iterations for missing checkpoints")
+    p.add_argument("--no-train", action="store_true", help="fail instead of training missing checkpoints")
+    p.add_argument("--click-checkpoint", default=None)
+    p.add_argument("--bank", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval_seg)
+
     p = sub.add_parser("bench", help="click latency and memory (JSON)")
     p.add_argument("--data", required=True, help="MVTec-style folder")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--bank", default=None)
     p.add_argument("--images", type=int, default=10)
     p.add_argument("--clicks-per-image", type=int, default=5)
+    p.add_argument("--bank-images", type=int, default=None, help="build the bank from the first N train/good images")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["normalized_focal_loss"]
+__all__ = ["normalized_focal_loss", "soft_dice_loss"]
 
 
 def normalized_focal_loss(
@@ -34,3 +34,18 @@ def normalized_focal_loss(
     loss = -alpha_t * beta * log_pt
     per_image = loss.sum(dims) / (valid.sum(dims) + eps)
     return per_image.mean()
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor | None = None,
+                   eps: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice per image, averaged. Insensitive to how small the defect is, so short
+    trainings do not collapse to "all background" the way pixel losses do on tiny defects."""
+    prob = torch.sigmoid(logits)
+    target = target.float()
+    if valid is not None:
+        prob = prob * valid
+        target = target * valid
+    dims = tuple(range(1, logits.dim()))
+    inter = (prob * target).sum(dims)
+    union = prob.sum(dims) + target.sum(dims)
+    return (1 - (2 * inter + eps) / (union + eps)).mean()

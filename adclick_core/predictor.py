@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, compute_residuals
 
-__all__ = ["ImageState", "ClickPredictor"]
+__all__ = ["ImageState", "ClickPredictor", "SegPredictor"]
 
 
 @dataclass
@@ -42,8 +43,8 @@ def _upsample(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
 
 
-class ClickPredictor:
-    """ADClick inference: residual state per image, then clicks -> probability map at image size."""
+class _ResidualPredictor:
+    """Shared part of both predictors: extractor + reference bank -> per-image residual state."""
 
     def __init__(
         self,
@@ -63,19 +64,10 @@ class ClickPredictor:
         if self.model.config.in_channels != extractor.feature_dim:
             raise CheckpointError("checkpoint and backbone disagree on the feature dimension")
 
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | os.PathLike | None = None,
-        bank: ReferenceBank | None = None,
-        device: str | torch.device = "auto",
-        backbone_weights: str | os.PathLike | None = None,
-        random_init_backbone: bool = False,
-        residual_config: ResidualConfig | None = None,
-    ) -> "ClickPredictor":
-        """Load a click checkpoint (None: the one shipped with the package) and its backbone."""
-        ckpt = load_checkpoint(path, "adclick_click")
+    @staticmethod
+    def _load(path, kind: str, bank: ReferenceBank | None, device, backbone_weights, random_init_backbone,
+              residual_config: ResidualConfig | None):
+        ckpt = load_checkpoint(path, kind)
         dev = resolve_device(device)
         backbone = BackboneConfig.from_dict(ckpt["backbone"])
         if bank is not None and bank.backbone.fingerprint() != backbone.fingerprint():
@@ -87,16 +79,15 @@ class ClickPredictor:
         model = ADClick(ADClickConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)
         rcfg = residual_config or ResidualConfig.from_dict(ckpt.get("residual_config", {}))
-        info = {k: v for k, v in ckpt.items() if k != "state_dict"}
-        return cls(model, extractor, bank, rcfg, dev, info)
+        info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "prompt_features")}
+        return ckpt, model, extractor, rcfg, dev, info
 
-    def with_bank(self, bank: ReferenceBank) -> "ClickPredictor":
+    def with_bank(self, bank: ReferenceBank):
         """A predictor for another reference bank sharing this one's weights (cheap)."""
         other = copy.copy(self)
         other.bank = bank.to(self.device)
         return other
 
-    # ------------------------------------------------------------------ the two steps
     @torch.no_grad()
     def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
         """Backbone features + location-aware residuals for one image: the expensive step."""
@@ -112,6 +103,29 @@ class ClickPredictor:
             image_key=image_fingerprint(arr),
             bank_fingerprint=self.bank.fingerprint,
         )
+
+    def anomaly_map(self, state: ImageState) -> np.ndarray:
+        """Training-free anomaly map ||r|| at the original image size."""
+        return _upsample(state.distance[None, None].float(), state.original_hw)[0, 0].cpu().numpy()
+
+
+class ClickPredictor(_ResidualPredictor):
+    """ADClick inference: residual state per image, then clicks -> probability map at image size."""
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike | None = None,
+        bank: ReferenceBank | None = None,
+        device: str | torch.device = "auto",
+        backbone_weights: str | os.PathLike | None = None,
+        random_init_backbone: bool = False,
+        residual_config: ResidualConfig | None = None,
+    ) -> "ClickPredictor":
+        """Load a click checkpoint (None: the one shipped with the package) and its backbone."""
+        _, model, extractor, rcfg, dev, info = cls._load(
+            path, "adclick_click", bank, device, backbone_weights, random_init_backbone, residual_config)
+        return cls(model, extractor, bank, rcfg, dev, info)
 
     @torch.no_grad()
     def predict(
@@ -144,6 +158,67 @@ class ClickPredictor:
         prob = torch.sigmoid(_upsample(logits, (h, w)))[0, 0]
         return prob.float().cpu().numpy()
 
-    def anomaly_map(self, state: ImageState) -> np.ndarray:
-        """Training-free anomaly map ||r|| at the original image size."""
-        return _upsample(state.distance[None, None].float(), state.original_hw)[0, 0].cpu().numpy()
+
+class SegPredictor(_ResidualPredictor):
+    """ADClick-Seg inference: zero clicks, once per defect type, pixel-wise max (Eq. 7)."""
+
+    def __init__(self, *args, prompt_features: dict[str, torch.Tensor] | None = None, blur_sigma: float = 4.0,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prompt_features = {k: v.to(self.device) for k, v in (prompt_features or {}).items()}
+        self.blur_sigma = blur_sigma
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        bank: ReferenceBank | None = None,
+        device: str | torch.device = "auto",
+        backbone_weights: str | os.PathLike | None = None,
+        random_init_backbone: bool = False,
+        residual_config: ResidualConfig | None = None,
+    ) -> "SegPredictor":
+        if path is None:
+            raise CheckpointError("no ADClick-Seg checkpoint given (train one first)")
+        ckpt, model, extractor, rcfg, dev, info = cls._load(
+            path, "adclick_seg", bank, device, backbone_weights, random_init_backbone, residual_config)
+        return cls(model, extractor, bank, rcfg, dev, info, prompt_features=ckpt.get("prompt_features") or {})
+
+    @property
+    def defect_types(self) -> list[str]:
+        return list(self.checkpoint_info.get("defect_types") or ["defect"])
+
+    def _smooth(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        prob = torch.sigmoid(_upsample(logits.float(), hw))
+        if self.blur_sigma > 0:
+            from torchvision.transforms.functional import gaussian_blur
+
+            k = 2 * int(math.ceil(3 * self.blur_sigma)) + 1
+            prob = gaussian_blur(prob, [k, k], [self.blur_sigma, self.blur_sigma])
+        return prob[0, 0]
+
+    @torch.no_grad()
+    def predict_per_type(self, state: ImageState, defect_types: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Anomaly probability per defect type, H x W float32 at the original size."""
+        types = list(defect_types or self.defect_types)
+        s = self.model.config.input_size
+        maps = encode_clicks([[]], None, s, self.model.config.click_radius).to(self.device)
+        out: dict[str, np.ndarray] = {}
+        if self.model.config.text_dim == 0:  # no language branch: one map serves every type
+            prob = self._smooth(self.model(state.residual, maps, state.fine), state.original_hw).cpu().numpy()
+            return {t: prob for t in types}
+        for t in types:
+            if t not in self.prompt_features:
+                raise InputError(f"defect type {t!r} is unknown to this model (known: {sorted(self.prompt_features)})")
+            lang = self.prompt_features[t][None]
+            out[t] = self._smooth(self.model(state.residual, maps, state.fine, lang), state.original_hw).cpu().numpy()
+        return out
+
+    def predict(
+        self, image: "np.ndarray | str | os.PathLike | ImageState", defect_types: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, float]:
+        """(anomaly map H x W float32 in [0, 1], image score = max of the smoothed map)."""
+        state = image if isinstance(image, ImageState) else self.set_image(image)
+        per_type = self.predict_per_type(state, defect_types)
+        amap = np.max(np.stack(list(per_type.values())), axis=0)
+        return amap.astype(np.float32), float(amap.max())

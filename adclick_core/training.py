@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
 from .clicks import encode_clicks, next_training_click, sample_training_clicks
-from .losses import normalized_focal_loss
+from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .models.embeddings import residual_features
 from .reference import ReferenceBank
@@ -93,13 +93,14 @@ def build_synthetic_pool(
 class ClickTrainConfig:
     iterations: int = 2000
     batch_size: int = 8
-    lr: float = 3e-4
+    lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 100
     ema_decay: float = 0.995
     max_extra_clicks: int = 3
     nfl_gamma: float = 2.0
     nfl_alpha: float = 0.5
+    dice_weight: float = 1.0  # + soft Dice: keeps short CPU trainings from collapsing to background
     seed: int = 0
     model: ADClickConfig = field(default_factory=ADClickConfig)
 
@@ -107,13 +108,13 @@ class ClickTrainConfig:
         return asdict(self)
 
 
-def _input_scale(pool: SyntheticPool, kind: str) -> torch.Tensor:
-    """Per-channel mean of the network input on pixels outside the synthetic defects."""
-    n = min(len(pool), 256)
-    x = residual_features(pool.residual[:n].float(), kind)
+def input_scale(residual: torch.Tensor, anomalous: torch.Tensor, kind: str, max_samples: int = 256) -> torch.Tensor:
+    """Per-channel mean of the network input on normal pixels (residual N x C x g x g,
+    ``anomalous`` N x S x S bool at any resolution, True where a defect is or may be)."""
+    n = min(len(residual), max_samples)
+    x = residual_features(residual[:n].float(), kind)
     g = x.shape[-1]
-    m = torch.from_numpy(pool.masks[:n]).float()[:, None]
-    normal = (F.adaptive_max_pool2d(m, g) < 0.5).float()
+    normal = (F.adaptive_max_pool2d(anomalous[:n].float()[:, None], g) < 0.5).float()
     scale = (x * normal).sum((0, 2, 3)) / normal.sum((0, 2, 3)).clamp_min(1)
     return scale.clamp_min(1e-6)
 
@@ -143,7 +144,8 @@ def train_click(
     device = torch.device(device)
     mcfg = config.model
     model = ADClick(mcfg).to(device)
-    model.residual_embed.input_scale.copy_(_input_scale(pool, mcfg.residual_input).to(device))
+    model.residual_embed.input_scale.copy_(
+        input_scale(pool.residual, torch.from_numpy(pool.masks), mcfg.residual_input).to(device))
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
     )
@@ -198,6 +200,8 @@ def train_click(
         logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
         target = torch.from_numpy(gt).float()[:, None].to(device)
         loss = normalized_focal_loss(logits, target, gamma=config.nfl_gamma, alpha=config.nfl_alpha)
+        if config.dice_weight:
+            loss = loss + config.dice_weight * soft_dice_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

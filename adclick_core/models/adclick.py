@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .embeddings import ClickEmbedding, ResidualEmbedding, residual_features
+from .guidance import click_similarity, residual_magnitude
 from .heads import RefineHead, TokenHead
 from .swin import ResidualSwinTrunk
 
@@ -15,7 +17,7 @@ __all__ = ["ADClickConfig", "ADClick"]
 
 @dataclass
 class ADClickConfig:
-    in_channels: int = 176  # d_f of the backbone
+    in_channels: int = 256  # d_f of the backbone
     residual_input: str = "square"
     embed_dim: int = 96
     depth: int = 4
@@ -27,13 +29,22 @@ class ADClickConfig:
     head_channels: int = 32
     click_radius: float = 5.0
     drop_path: float = 0.1
+    head: str = "refine"  # "refine": ADClick mask head; "token": ADClick-Seg per-token output
+    text_dim: int = 0  # width of prompt features; 0 = no language branch
+    language_blocks: tuple[int, ...] = (1, 3)  # PWAM after these trunk blocks
+    guidance: bool = True  # click-similarity maps (models/guidance.py)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["language_blocks"] = list(self.language_blocks)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ADClickConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        if "language_blocks" in d:
+            d["language_blocks"] = tuple(d["language_blocks"])
+        return cls(**d)
 
 
 class ADClick(nn.Module):
@@ -45,11 +56,23 @@ class ADClick(nn.Module):
         in_ch = config.in_channels * (2 if config.residual_input == "abs_square" else 1)
         self.residual_embed = ResidualEmbedding(in_ch, config.embed_dim)
         self.click_embed = ClickEmbedding(config.embed_dim, stride=config.input_size // config.grid_size)
+        # residual similarity (pos, neg) + residual magnitude, on the grid
+        self.guidance_embed = nn.Linear(3, config.embed_dim) if config.guidance else None
         self.trunk = ResidualSwinTrunk(
             config.embed_dim, config.depth, config.num_heads, config.window_size, config.grid_size, config.drop_path
         )
+        if config.head not in ("refine", "token"):
+            raise ValueError(f"unknown head {config.head!r} (refine, token)")
+        if config.text_dim > 0:
+            from .language import attach_language
+
+            attach_language(self.trunk, config.text_dim, [b for b in config.language_blocks if b < config.depth])
         self.token_head = TokenHead(config.embed_dim)
-        self.refine_head = RefineHead(config.embed_dim, config.fine_channels, config.head_channels)
+        self.refine_head = (
+            RefineHead(config.embed_dim, config.fine_channels, config.head_channels,
+                       guidance_channels=4 if config.guidance else 0)
+            if config.head == "refine" else None
+        )
 
     def forward(
         self,
@@ -59,9 +82,23 @@ class ADClick(nn.Module):
         language: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """residual B x C x h x w (signed r), click_maps B x 3 x S x S (pos, neg, prev mask),
-        fine B x c1 x 2h x 2w -> logits B x 1 x 2h x 2w."""
+        fine B x c1 x 2h x 2w, language B x L x Z (or B x Z) prompt features
+        -> logits B x 1 x 2h x 2w ("refine" head) or B x 1 x h x w ("token" head)."""
         x = residual_features(residual, self.config.residual_input)
         tokens = self.residual_embed(x) + self.click_embed(click_maps)
-        tokens = self.trunk(tokens, language)
+        guide = None
+        if self.guidance_embed is not None:
+            r_sim = click_similarity(residual, click_maps)
+            mag = residual_magnitude(x / self.residual_embed.input_scale.view(1, -1, 1, 1))
+            tokens = tokens + self.guidance_embed(torch.cat([r_sim, mag], 1).permute(0, 2, 3, 1))
+            if fine is not None:
+                f_sim = click_similarity(fine, click_maps)
+                guide = torch.cat([f_sim, F.interpolate(torch.cat([r_sim], 1), size=fine.shape[-2:],
+                                                        mode="bilinear", align_corners=False)], 1)
+        if language is not None and language.dim() == 2:
+            language = language[:, None]
+        tokens = self.trunk(tokens, language if self.config.text_dim > 0 else None)
         coarse = self.token_head(tokens)
-        return self.refine_head(tokens, coarse, fine, click_maps)
+        if self.refine_head is None:
+            return coarse
+        return self.refine_head(tokens, coarse, fine, click_maps, guide)

@@ -26,11 +26,13 @@ class RefineHead(nn.Module):
     the edges needed to place the boundary, the click maps keep clicked pixels honest.
     """
 
-    def __init__(self, dim: int, fine_channels: int, hidden: int = 32, click_channels: int = 3):
+    def __init__(self, dim: int, fine_channels: int, hidden: int = 32, click_channels: int = 3,
+                 guidance_channels: int = 0):
         super().__init__()
         self.reduce = nn.Conv2d(dim, hidden, 1)
         self.fine = nn.Conv2d(fine_channels, hidden, 1) if fine_channels > 0 else None
-        in_ch = hidden * (2 if self.fine is not None else 1) + click_channels + 1
+        self.guidance_channels = guidance_channels if fine_channels > 0 else 0
+        in_ch = hidden * (2 if self.fine is not None else 1) + click_channels + 1 + self.guidance_channels
         self.refine = nn.Sequential(
             nn.Conv2d(in_ch, hidden, 3, padding=1),
             nn.GELU(),
@@ -40,7 +42,12 @@ class RefineHead(nn.Module):
         )
 
     def forward(
-        self, tokens: torch.Tensor, coarse_logits: torch.Tensor, fine: torch.Tensor | None, click_maps: torch.Tensor
+        self,
+        tokens: torch.Tensor,
+        coarse_logits: torch.Tensor,
+        fine: torch.Tensor | None,
+        click_maps: torch.Tensor,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         x = self.reduce(tokens.permute(0, 3, 1, 2))
         size = (x.shape[-2] * 2, x.shape[-1] * 2)
@@ -50,4 +57,6 @@ class RefineHead(nn.Module):
         if self.fine is not None and fine is not None:
             parts.append(self.fine(F.interpolate(fine, size=size, mode="bilinear", align_corners=False)))
         parts += [F.adaptive_max_pool2d(click_maps, size), coarse]
+        if self.guidance_channels:
+            parts.append(F.interpolate(guidance, size=size, mode="bilinear", align_corners=False))
         return coarse + self.refine(torch.cat(parts, dim=1))

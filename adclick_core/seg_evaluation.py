@@ -1,0 +1,190 @@
+"""``eval-seg``: ADClick-Seg from each kind of label, side by side, on two folds.
+
+The defective test images are split into two folds by a fixed seed (stratified by defect type).
+For fold f, models train on fold f's weak information and are evaluated on the *other* fold's
+defective images plus all good test images; both folds and their mean are reported.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from .clicks import Click
+from .data import MVTecFolder, Sample
+from .evaluation import simulate_clicks
+from .metrics import image_auroc, segmentation_report
+from .predictor import ClickPredictor, ImageState, SegPredictor
+from .seg_training import SegItem, SegTrainConfig, train_seg
+from .training import build_synthetic_pool
+
+__all__ = ["SEG_MODES", "split_folds", "weak_items", "evaluate_seg"]
+
+log = logging.getLogger(__name__)
+SEG_MODES = ("residual_map", "unsupervised", "clicks5", "boxes", "tags", "masks", "clicks5_no_language")
+
+
+def split_folds(samples: Sequence[Sample], seed: int = 0, n_folds: int = 2) -> list[list[Sample]]:
+    """Defective samples -> n folds, each defect type split as evenly as possible."""
+    rng = np.random.default_rng(seed)
+    folds: list[list[Sample]] = [[] for _ in range(n_folds)]
+    for t in sorted({s.defect_type for s in samples}):
+        group = [s for s in samples if s.defect_type == t]
+        order = rng.permutation(len(group))
+        for j, i in enumerate(order):
+            folds[j % n_folds].append(group[i])
+    return folds
+
+
+def _boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
+    """Bounding boxes (x0, y0, x1, y1) of the 8-connected components: what an annotator would draw."""
+    labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+    return [(float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
+            for sl in ndimage.find_objects(labels) if sl is not None]
+
+
+def weak_items(mode: str, samples: Sequence[Sample], click_predictor: ClickPredictor | None = None,
+               n_clicks: int = 5) -> list[SegItem]:
+    """The training items one kind of label gives for these defective samples."""
+    items = []
+    for s in tqdm(samples, desc=f"labels ({mode})", unit="img", leave=False):
+        image = s.image()
+        gt = s.mask(image.shape[:2])
+        if mode == "masks":
+            items.append(SegItem(image, s.defect_type, mask=gt))
+        elif mode == "boxes":
+            items.append(SegItem(image, s.defect_type, boxes=_boxes(gt)))
+        elif mode == "tags":
+            items.append(SegItem(image, s.defect_type, tag="NG"))
+        elif mode.startswith("clicks"):
+            state = click_predictor.set_image(image)
+            clicks: list[Click] = []
+
+            def method(cl, prev):
+                clicks[:] = cl
+                return click_predictor.predict(state, cl, prev_mask=prev)
+
+            _, kept = simulate_clicks(method, gt, n_clicks, [n_clicks])
+            items.append(SegItem(image, s.defect_type, click_prob=kept[n_clicks].astype(np.float32),
+                                 clicks=list(clicks)))
+        else:
+            raise ValueError(f"mode {mode!r} has no labelled items")
+    return items
+
+
+def _ok_items(paths: Sequence[Path], n: int, seed: int) -> list[SegItem]:
+    """OK-tagged defect-free images (the tags mode's cheap negatives)."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
+    return [SegItem(paths[i], None, tag="OK") for i in pick]
+
+
+def _report(maps: list[np.ndarray], masks: list[np.ndarray], scores: list[float], labels: list[int]) -> dict:
+    row = segmentation_report(maps, masks)
+    row["image_auroc"] = image_auroc(scores, labels)
+    return {k: round(float(v), 4) for k, v in row.items()}
+
+
+def evaluate_seg(
+    data: str | Path,
+    runs: str | Path,
+    modes: Sequence[str] = SEG_MODES,
+    seed: int = 0,
+    iterations: int | None = None,
+    train_missing: bool = True,
+    click_checkpoint: str | None = None,
+    bank_path: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    from .cli import _bank_for
+
+    t0 = time.time()
+    runs = Path(runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    folder = MVTecFolder(data)
+    clicker = ClickPredictor.from_checkpoint(click_checkpoint, device=device)
+    bank = _bank_for(Path(data), clicker.extractor, bank_path, progress=progress)
+    clicker = clicker.with_bank(bank)
+    extractor, rcfg = clicker.extractor, clicker.residual_config
+    defect_types = folder.defect_types
+    folds = split_folds(folder.test_samples(defective_only=True), seed=seed)
+    goods = [s for s in folder.test_samples() if not s.is_defective]
+    pool = None
+    timings: dict[str, float] = {}
+
+    def checkpoint_for(mode: str, fold: int) -> Path | None:
+        if mode == "residual_map":
+            return None
+        path = runs / (f"{mode}.pt" if mode == "unsupervised" else f"{mode}_fold{fold}.pt")
+        if path.is_file() or not train_missing:
+            return path
+        nonlocal pool
+        if pool is None:
+            normals = folder.train_good()
+            index = {n: i for i, n in enumerate(bank.names)}
+            pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=1, seed=seed,
+                                        bank_index=[index.get(p.name, -1) for p in normals], progress=progress)
+        cfg = SegTrainConfig(seed=seed)
+        if iterations:
+            cfg.iterations = iterations
+        if mode == "clicks5_no_language":
+            cfg.language = False
+        base = mode.replace("_no_language", "")
+        items = [] if mode == "unsupervised" else weak_items(base, folds[fold], clicker)
+        if mode == "tags":
+            items += _ok_items(folder.train_good(), len(items), seed)
+        t = time.time()
+        train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pool, defect_types=defect_types,
+                  out=path, progress=progress, device=clicker.device)
+        timings[path.name] = round(time.time() - t, 1)
+        return path
+
+    # Residual states of every evaluation image once; all models share them.
+    states: dict[str, ImageState] = {}
+    gts: dict[str, np.ndarray] = {}
+    for s in tqdm([*goods, *folds[0], *folds[1]], desc="eval residuals", unit="img", disable=not progress):
+        img = s.image()
+        states[s.name] = clicker.set_image(img)
+        gts[s.name] = s.mask(img.shape[:2])
+
+    per_fold: list[dict] = []
+    for f in range(len(folds)):
+        held_out = [*folds[1 - f], *goods] if len(folds) == 2 else [*goods]
+        row: dict[str, dict] = {}
+        for mode in modes:
+            ckpt = checkpoint_for(mode, f)
+            maps, scores = [], []
+            seg = None if ckpt is None else SegPredictor.from_checkpoint(ckpt, bank=bank, device=device)
+            for s in held_out:
+                st = states[s.name]
+                if seg is None:
+                    amap = clicker.anomaly_map(st)
+                    amap = ndimage.gaussian_filter(amap, 4.0)
+                    score = float(amap.max())
+                else:
+                    amap, score = seg.predict(st, defect_types)
+                maps.append(amap)
+                scores.append(score)
+            row[mode] = _report(maps, [gts[s.name] for s in held_out], scores, [int(s.is_defective) for s in held_out])
+            log.info("fold %d %s: %s", f, mode, row[mode])
+        per_fold.append(row)
+
+    mean = {m: {k: round(float(np.mean([pf[m][k] for pf in per_fold])), 4) for k in per_fold[0][m]} for m in modes}
+    return {
+        "data": str(data),
+        "folds": per_fold,
+        "methods": mean,
+        "split": {"seed": seed, "fold_sizes": [len(fd) for fd in folds], "good_test_images": len(goods),
+                  "evaluated_on": "the other fold's defective images + all good test images"},
+        "training_seconds": timings,
+        "seconds": round(time.time() - t0, 1),
+    }

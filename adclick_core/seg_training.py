@@ -1,0 +1,351 @@
+"""ADClick-Seg training: one entry point, ``train_seg``, for every kind of label a project has.
+
+Labels arrive as plain Python / numpy data (:class:`SegItem`), never as Label Studio JSON:
+
+* exact masks (human-painted)            -> targets everywhere, no abandon band
+* ADClick masks + the clicks behind them -> pseudo labels: click discs (Eq. 8), tri-valued
+                                            labels with a random abandon band (Eq. 9), NFL (Eq. 10)
+* boxes                                  -> normal outside, unknown inside (+ "something is inside")
+* OK / NG tags                           -> all normal / unknown with "a defect somewhere"
+* nothing (unsupervised)                 -> synthetic anomalies on defect-free images
+
+Unknown pixels are trained semi-supervised (ResMixMatch-style, simplified): the model's own
+prediction averaged over two augmented residual views (flip, channel scaling in [0.8, 1.25]),
+sharpened, is the target there, with a weight ramped up over training; boxes and NG tags add a
+multiple-instance term (the top-k pixels of the unknown region should be anomalous).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .backbone import FeatureExtractor, load_image
+from .checkpoint import save_checkpoint
+from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
+from .labels import box_labels, exact_labels, pseudo_labels, tag_labels
+from .losses import normalized_focal_loss
+from .models import ADClick, ADClickConfig
+from .reference import ReferenceBank, image_fingerprint
+from .residuals import ResidualConfig, compute_residuals
+from .training import SyntheticPool, input_scale
+
+__all__ = ["SegItem", "SegTrainConfig", "train_seg", "SEG_KIND", "item_label_kind"]
+
+SEG_KIND = "adclick_seg"
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class SegItem:
+    """One training image and whatever labels it has (all in original image pixels)."""
+
+    image: "np.ndarray | str | Path"
+    defect_type: str | None = None
+    mask: np.ndarray | None = None  # exact (painted) mask, H x W bool
+    click_prob: np.ndarray | None = None  # ADClick probability map the clicks produced, H x W
+    clicks: Sequence[Click] = ()
+    boxes: Sequence[tuple[float, float, float, float]] = ()  # x0, y0, x1, y1
+    tag: str | None = None  # "OK" or "NG"
+
+
+def item_label_kind(item: SegItem) -> str:
+    if item.mask is not None:
+        return "mask"
+    if item.click_prob is not None:
+        return "clicks"
+    if item.boxes:
+        return "boxes"
+    if item.tag in ("OK", "NG"):
+        return "tag"
+    raise ValueError("SegItem without any label (mask, click_prob, boxes or OK/NG tag)")
+
+
+@dataclass
+class SegTrainConfig:
+    iterations: int = 1200
+    batch_size: int = 8
+    lr: float = 4e-4
+    weight_decay: float = 0.05
+    warmup: int = 60
+    ema_decay: float = 0.99
+    synthetic_fraction: float = 0.3  # share of each batch drawn from the synthetic pool (1.0 if no items)
+    max_delta: float = 0.1  # abandon band of Eq. 9
+    click_radius_pseudo: float = 5.0  # d of Eq. 8, in model-input pixels
+    max_train_clicks: int = 3  # IIS-style training; 0 clicks at test
+    p_no_clicks: float = 0.5
+    unlabelled_weight: float = 1.0
+    unlabelled_ramp: float = 0.4  # fraction of training over which the weight ramps up
+    mil_top_fraction: float = 0.02
+    sharpen_t: float = 0.5
+    language: bool = True
+    seed: int = 0
+    model: ADClickConfig = field(default_factory=lambda: ADClickConfig(head="token", depth=4, drop_path=0.1))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+@dataclass
+class _Prepared:
+    residual: torch.Tensor  # N x C x g x g float16
+    target: torch.Tensor  # N x S x S float (0/1, or ADClick probability for "clicks")
+    valid: torch.Tensor  # N x S x S bool
+    mil: torch.Tensor  # N x S x S bool: region that must contain a defect (boxes, NG), else empty
+    kind: list[str]
+    clicks: list[list[Click]]  # for "clicks": the clicks in model-input pixels
+    defect_type: list[str | None]
+
+
+def _resize(arr: np.ndarray, s: int, mode: str) -> np.ndarray:
+    t = torch.from_numpy(np.asarray(arr, dtype=np.float32))[None, None]
+    if mode == "nearest":
+        return F.interpolate(t, size=(s, s), mode="nearest")[0, 0].numpy()
+    return F.interpolate(t, size=(s, s), mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+
+
+def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: ReferenceBank, rcfg: ResidualConfig,
+             progress: bool) -> _Prepared:
+    s = extractor.config.input_size
+    index = {h: i for i, h in enumerate(bank.hashes)}
+    res, tgt, val, mil, kinds, clicks, types = [], [], [], [], [], [], []
+    for item in tqdm(items, desc="seg residuals", unit="img", disable=not progress):
+        img = load_image(item.image)
+        h, w = img.shape[:2]
+        own = index.get(image_fingerprint(img))
+        feats = extractor(extractor.preprocess([img]))
+        r = compute_residuals(feats.grid, feats.descriptor, bank, rcfg, exclude=[[own] if own is not None else []])
+        res.append(r.residual[0].half().cpu())
+        kind = item_label_kind(item)
+        region = np.zeros((s, s), dtype=bool)
+        if kind == "mask":
+            target, valid = exact_labels(_resize(item.mask, s, "nearest") > 0.5)
+            cl: list[Click] = []
+        elif kind == "clicks":
+            target = _resize(item.click_prob, s, "bilinear")
+            valid = np.ones((s, s), dtype=bool)
+            cl = scale_clicks(list(item.clicks), (h, w), (s, s))
+        elif kind == "boxes":
+            sx, sy = s / w, s / h
+            boxes = [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in item.boxes]
+            wl = box_labels((s, s), boxes)
+            target, valid = wl.target, wl.valid
+            region = ~valid.astype(bool)
+            cl = []
+        else:
+            wl = tag_labels((s, s), item.tag)
+            target, valid = wl.target, wl.valid
+            region = ~valid.astype(bool) if item.tag == "NG" else region
+            cl = []
+        tgt.append(torch.from_numpy(np.asarray(target, dtype=np.float32)))
+        val.append(torch.from_numpy(np.asarray(valid).astype(bool)))
+        mil.append(torch.from_numpy(region))
+        kinds.append(kind)
+        clicks.append(cl)
+        types.append(item.defect_type)
+    if not res:
+        g = extractor.grid_size
+        return _Prepared(torch.zeros(0, extractor.feature_dim, g, g, dtype=torch.float16), torch.zeros(0, s, s),
+                         torch.zeros(0, s, s, dtype=torch.bool), torch.zeros(0, s, s, dtype=torch.bool), [], [], [])
+    return _Prepared(torch.stack(res), torch.stack(tgt), torch.stack(val), torch.stack(mil), kinds, clicks, types)
+
+
+def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases: dict | None):
+    """Prompt features per defect type (None when language is off)."""
+    if encoder is None:
+        return None
+    return {t: encoder.defect_features(t, phrases=(phrases or {}).get(t), object_name=object_name) for t in defect_types}
+
+
+def train_seg(
+    items: Sequence[SegItem],
+    extractor: FeatureExtractor,
+    bank: ReferenceBank,
+    config: SegTrainConfig | None = None,
+    residual_config: ResidualConfig | None = None,
+    synthetic: SyntheticPool | None = None,
+    defect_types: Sequence[str] | None = None,
+    prompt_encoder=None,
+    phrases: dict[str, list[str]] | None = None,
+    object_name: str = "surface",
+    out: str | Path | None = None,
+    progress: bool | ProgressFn = True,
+    device: str | torch.device = "cpu",
+) -> tuple[ADClick, dict]:
+    """Train ADClick-Seg from labelled items (+ an optional synthetic pool); write ``out``.
+
+    ``progress``: True for a progress bar, or a callback ``(fraction, message)`` (used by the
+    Label Studio backend to report percent done).
+    """
+    config = config or SegTrainConfig()
+    rcfg = residual_config or ResidualConfig()
+    callback = progress if callable(progress) else None
+    bar_on = progress is True
+    rng = np.random.default_rng(config.seed)
+    torch.manual_seed(config.seed)
+    device = torch.device(device)
+    t0 = time.time()
+    types = sorted(set(defect_types or [])) or sorted({i.defect_type for i in items if i.defect_type}) or ["defect"]
+    if config.language and prompt_encoder is None:
+        from .prompts import PromptEncoder
+
+        prompt_encoder = PromptEncoder()
+    prompts = _prompt_bank(types, prompt_encoder if config.language else None, object_name, phrases)
+
+    if callback:
+        callback(0.0, f"computing residuals of {len(items)} labelled images")
+    data = _prepare(items, extractor, bank, rcfg, bar_on)
+    n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
+    if n_real == 0 and n_syn == 0:
+        raise ValueError("nothing to train on: no labelled item and no synthetic pool")
+    syn_frac = 1.0 if n_real == 0 else (config.synthetic_fraction if n_syn else 0.0)
+
+    mcfg = ADClickConfig.from_dict({**config.model.to_dict(), "in_channels": extractor.feature_dim,
+                                    "input_size": extractor.config.input_size, "grid_size": extractor.grid_size,
+                                    "fine_channels": 0, "head": "token",
+                                    "text_dim": prompt_encoder.feature_dim if prompts else 0})
+    model = ADClick(mcfg).to(device)
+    if n_syn:
+        scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
+    else:
+        scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
+    model.residual_embed.input_scale.copy_(scale.to(device))
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    s = mcfg.input_size
+    losses: list[float] = []
+
+    def lr_at(it: int) -> float:
+        if it < config.warmup:
+            return config.lr * (it + 1) / config.warmup
+        t = (it - config.warmup) / max(1, config.iterations - config.warmup)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+
+    def language_for(batch_types: list[str | None]) -> torch.Tensor | None:
+        if prompts is None:
+            return None
+        from .prompts import sample_prompt
+
+        feats = [sample_prompt(prompts[t if t in prompts else types[int(rng.integers(len(types)))]], rng, True)
+                 for t in batch_types]
+        return torch.stack(feats).to(device)
+
+    bar = tqdm(range(config.iterations), desc="train-seg", unit="it", disable=not bar_on)
+    for it in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it)
+        b = config.batch_size
+        n_s = int(round(b * syn_frac)) if n_real else b
+        n_r = b - n_s
+        res_parts, tgt_parts, val_parts, mil_parts, clk_parts, type_parts = [], [], [], [], [], []
+        if n_s:
+            idx = rng.choice(n_syn, size=n_s)
+            res_parts.append(synthetic.residual[idx].float())
+            m = torch.from_numpy(synthetic.masks[idx]).float()
+            tgt_parts.append(m)
+            val_parts.append(torch.ones_like(m, dtype=torch.bool))
+            mil_parts.append(torch.zeros_like(m, dtype=torch.bool))
+            clk_parts += [sample_training_clicks(mm, rng) for mm in synthetic.masks[idx]]
+            type_parts += [None] * n_s
+        if n_r:
+            idx = rng.choice(n_real, size=n_r)
+            res_parts.append(data.residual[idx].float())
+            for i in idx:
+                kind = data.kind[i]
+                if kind == "clicks":
+                    t_np, v_np = pseudo_labels(data.target[i].numpy(), data.clicks[i], config.click_radius_pseudo, rng,
+                                               max_delta=config.max_delta)
+                    tgt_parts.append(torch.from_numpy(np.asarray(t_np, dtype=np.float32))[None])
+                    val_parts.append(torch.from_numpy(np.asarray(v_np).astype(bool))[None])
+                else:
+                    tgt_parts.append(data.target[i][None])
+                    val_parts.append(data.valid[i][None])
+                mil_parts.append(data.mil[i][None])
+                known_pos = (tgt_parts[-1][0] > 0.5) & val_parts[-1][0]
+                clk_parts.append(sample_training_clicks(known_pos.numpy(), rng) if known_pos.any() else [])
+                type_parts.append(data.defect_type[i])
+        res = torch.cat(res_parts).to(device)
+        target = torch.cat(tgt_parts).to(device)[:, None]
+        valid = torch.cat(val_parts).to(device)[:, None]
+        mil = torch.cat(mil_parts).to(device)[:, None]
+        # IIS-style: sometimes a few clicks from the known positives, 0 clicks at test time.
+        clicks = [c[: int(rng.integers(1, config.max_train_clicks + 1))] if rng.random() > config.p_no_clicks else []
+                  for c in clk_parts]
+        if rng.random() < 0.5:
+            res, target, valid, mil = res.flip(-1), target.flip(-1), valid.flip(-1), mil.flip(-1)
+            clicks = [[Click(s - 1 - c.x, c.y, c.positive) for c in cl] for cl in clicks]
+        maps = encode_clicks(clicks, None, s, mcfg.click_radius).to(device)
+        lang = language_for(type_parts)
+        logits = F.interpolate(model(res, maps, None, lang), size=(s, s), mode="bilinear", align_corners=False)
+        loss = normalized_focal_loss(logits, (target > 0.5).float(), valid)
+
+        unknown = ~valid
+        if unknown.any():
+            ramp = min(1.0, it / max(1.0, config.unlabelled_ramp * config.iterations))
+            with torch.no_grad():
+                views = []
+                for flip in (False, True):
+                    scale = torch.empty(1, res.shape[1], 1, 1, device=device).uniform_(0.8, 1.25)
+                    v = (res.flip(-1) if flip else res) * scale
+                    p = torch.sigmoid(ema.module(v, maps.flip(-1) if flip else maps, None, lang))
+                    views.append(p.flip(-1) if flip else p)
+                p = F.interpolate(torch.stack(views).mean(0), size=(s, s), mode="bilinear", align_corners=False)
+                p_t = p ** (1 / config.sharpen_t)
+                guess = p_t / (p_t + (1 - p) ** (1 / config.sharpen_t))
+            prob = torch.sigmoid(logits)
+            loss_u = ((prob - guess) ** 2 * unknown).sum() / unknown.sum().clamp_min(1)
+            loss = loss + config.unlabelled_weight * ramp * loss_u
+        if mil.any():
+            prob = torch.sigmoid(logits)
+            terms = []
+            for bi in range(prob.shape[0]):
+                region = prob[bi][mil[bi]]
+                if region.numel():
+                    k = max(1, int(config.mil_top_fraction * region.numel()))
+                    top = region.topk(k).values.mean()
+                    terms.append(-torch.log(top.clamp_min(1e-6)))
+            if terms:
+                loss = loss + torch.stack(terms).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update_parameters(model)
+        losses.append(loss.item())
+        if it % 10 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            if callback:
+                callback((it + 1) / config.iterations,
+                         f"iteration {it + 1}/{config.iterations}, loss {np.mean(losses[-50:]):.4f}")
+    bar.close()
+    summary = {
+        "iterations": config.iterations, "seconds": round(time.time() - t0, 1), "labelled_images": n_real,
+        "label_kinds": {k: data.kind.count(k) for k in sorted(set(data.kind))}, "synthetic_pool": n_syn,
+        "defect_types": types, "language": prompts is not None,
+        "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
+    }
+    model = ema.module.eval()
+    if out is not None:
+        save_checkpoint(
+            out, SEG_KIND, model.state_dict(), model_config=mcfg.to_dict(),
+            train_config={k: v for k, v in config.to_dict().items() if k != "model"},
+            backbone=extractor.config.to_dict(), residual_config=rcfg.to_dict(),
+            bank_fingerprint=bank.fingerprint, defect_types=types, object_name=object_name,
+            # The averaged prompt of each type (Eq. 6) travels with the weights: inference needs no text encoder.
+            prompt_features={t: prompts[t].mean.detach().float().cpu() for t in types} if prompts else {},
+            train_summary=summary,
+        )
+        if callback:
+            callback(1.0, f"checkpoint written: {out}")
+    return model, summary
