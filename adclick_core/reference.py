@@ -75,7 +75,10 @@ class ReferenceBank:
         if extractor.config.fingerprint() != self.backbone.fingerprint():
             raise CheckpointError("extractor and bank use different backbone configurations")
         images = list(images)
-        names = list(names) if names is not None else [str(i) if not isinstance(i, (str, os.PathLike)) else str(i) for i in images]
+        if names is None:
+            start = len(self)
+            names = [str(img) if isinstance(img, (str, os.PathLike)) else f"image-{start + i}" for i, img in enumerate(images)]
+        names = list(names)
         known = set(self.hashes)
         feats, descs, new_names, new_hashes = [], [], [], []
         batch: list[np.ndarray] = []

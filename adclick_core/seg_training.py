@@ -32,7 +32,7 @@ from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
 from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
 from .labels import box_labels, exact_labels, pseudo_labels, tag_labels
-from .losses import normalized_focal_loss
+from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, compute_residuals
@@ -64,7 +64,7 @@ def item_label_kind(item: SegItem) -> str:
         return "clicks"
     if item.boxes:
         return "boxes"
-    if item.tag in ("OK", "NG"):
+    if item.tag is not None and item.tag.upper() in ("OK", "NG"):
         return "tag"
     raise ValueError("SegItem without any label (mask, click_prob, boxes or OK/NG tag)")
 
@@ -86,6 +86,7 @@ class SegTrainConfig:
     unlabelled_ramp: float = 0.4  # fraction of training over which the weight ramps up
     mil_top_fraction: float = 0.02
     sharpen_t: float = 0.5
+    dice_weight: float = 1.0  # + soft Dice over labelled pixels (see losses.soft_dice_loss)
     language: bool = True
     seed: int = 0
     model: ADClickConfig = field(default_factory=lambda: ADClickConfig(head="token", depth=4, drop_path=0.1))
@@ -145,7 +146,7 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
         else:
             wl = tag_labels((s, s), item.tag)
             target, valid = wl.target, wl.valid
-            region = ~valid.astype(bool) if item.tag == "NG" else region
+            region = ~valid.astype(bool) if item.tag.upper() == "NG" else region
             cl = []
         tgt.append(torch.from_numpy(np.asarray(target, dtype=np.float32)))
         val.append(torch.from_numpy(np.asarray(valid).astype(bool)))
@@ -289,6 +290,8 @@ def train_seg(
         lang = language_for(type_parts)
         logits = F.interpolate(model(res, maps, None, lang), size=(s, s), mode="bilinear", align_corners=False)
         loss = normalized_focal_loss(logits, (target > 0.5).float(), valid)
+        if config.dice_weight:
+            loss = loss + config.dice_weight * soft_dice_loss(logits, (target > 0.5).float(), valid)
 
         unknown = ~valid
         if unknown.any():

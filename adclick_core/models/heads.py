@@ -49,6 +49,8 @@ class RefineHead(nn.Module):
         click_maps: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if self.fine is not None and fine is None:
+            raise ValueError("this model's refine head needs the stage-1 features (fine=...)")
         x = self.reduce(tokens.permute(0, 3, 1, 2))
         size = (x.shape[-2] * 2, x.shape[-1] * 2)
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
