@@ -1,0 +1,417 @@
+"""ADClick-Seg: label kinds, ``train_seg`` on every kind of label (language on and off), learning on a
+toy set, and the ``SegPredictor`` built from the checkpoints (Eq. 7, sizes, errors)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from adclick_core.backbone import BackboneConfig, build_extractor
+from adclick_core.checkpoint import load_checkpoint
+from adclick_core.clicks import Click
+from adclick_core.errors import CheckpointError, InputError
+from adclick_core.metrics import pixel_ap
+from adclick_core.models import ADClickConfig
+from adclick_core.models.language import PWAM
+from adclick_core.predictor import ImageState, SegPredictor
+from adclick_core.prompts import PromptEncoder, TextEncoderConfig
+from adclick_core.reference import ReferenceBank
+from adclick_core.residuals import ResidualConfig
+from adclick_core.seg_training import SEG_KIND, SegItem, SegTrainConfig, item_label_kind, train_seg
+from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+
+BACKBONE = BackboneConfig(input_size=64)
+RESIDUAL = ResidualConfig(k=3, radius=2.0)
+TYPES = ["crack", "scratch"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def texture(seed: int, hw=(64, 64)) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
+    ph = rng.uniform(0, 2 * np.pi, 2)
+    v = 128 + 50 * np.sin(xx / 3 + ph[0]) * np.cos(yy / 4 + ph[1]) + rng.normal(0, 8, hw)
+    return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
+
+
+def defective(seed: int, hw=(64, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """A textured normal image with a bright square pasted in, and its exact mask."""
+    rng = np.random.default_rng(1000 + seed)
+    img = texture(100 + seed, hw)
+    s = int(rng.integers(10, 18))
+    y, x = int(rng.integers(4, hw[0] - s - 4)), int(rng.integers(4, hw[1] - s - 4))
+    img[y : y + s, x : x + s] = 245
+    mask = np.zeros(hw, bool)
+    mask[y : y + s, x : x + s] = True
+    return img, mask
+
+
+def box_of(mask: np.ndarray) -> tuple[float, float, float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
+
+
+def tiny_model() -> ADClickConfig:
+    return ADClickConfig(head="token", embed_dim=16, depth=2, num_heads=2, window_size=4, drop_path=0.0)
+
+
+def tiny_config(iterations: int = 3, language: bool = True, **kw) -> SegTrainConfig:
+    base = dict(iterations=iterations, batch_size=4, lr=3e-3, warmup=2, ema_decay=0.9, seed=0, language=language,
+                model=tiny_model())
+    base.update(kw)
+    return SegTrainConfig(**base)
+
+
+# ---------------------------------------------------------------- shared tiny world
+
+
+@pytest.fixture(scope="module")
+def world():
+    torch.manual_seed(0)
+    extractor = build_extractor(BACKBONE, random_init=True, device="cpu")
+    normals = [texture(i) for i in range(6)]
+    bank = ReferenceBank.build(extractor, normals, names=[f"n{i}" for i in range(6)], progress=False)
+    pool = build_synthetic_pool(extractor, bank, normals, RESIDUAL, per_image=1, seed=0, progress=False,
+                                bank_index=list(range(6)))
+    return extractor, bank, normals, pool
+
+
+_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "crack", "scratch", "on", "the", "surface",
+          "photo", "of", "with", "small", "large", "defect"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory) -> PromptEncoder:
+    """A tiny BERT written here (no 90 MB MiniLM needed)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    (d / "vocab.txt").write_text("\n".join(_WORDS) + "\n")
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(_WORDS), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    BertModel(cfg).save_pretrained(str(d))
+    BertTokenizer(str(d / "vocab.txt")).save_pretrained(str(d))
+    return PromptEncoder(TextEncoderConfig(path=str(d), max_length=24), device="cpu")
+
+
+def load_predictor(path, bank) -> SegPredictor:
+    torch.manual_seed(0)  # the same random backbone the bank was built with
+    return SegPredictor.from_checkpoint(path, bank, device="cpu", random_init_backbone=True)
+
+
+def labelled_items() -> dict[str, list[SegItem]]:
+    """Two items of every label kind, over both defect types."""
+    out: dict[str, list[SegItem]] = {"mask": [], "clicks": [], "boxes": [], "tag": []}
+    for i in range(2):
+        img, m = defective(i)
+        out["mask"].append(SegItem(img, TYPES[i], mask=m))
+        img, m = defective(10 + i)
+        ys, xs = np.nonzero(m)
+        prob = np.where(m, 0.9, 0.05).astype(np.float32)
+        prob[:2] = 0.5  # an uncertain band (abandoned by Eq. 9)
+        clicks = [Click(float(xs.mean()), float(ys.mean()), True), Click(2.0, 60.0, False)]
+        out["clicks"].append(SegItem(img, TYPES[i], click_prob=prob, clicks=clicks))
+        img, m = defective(20 + i)
+        out["boxes"].append(SegItem(img, TYPES[i], boxes=[box_of(m)]))
+    img, _ = defective(30)
+    out["tag"] += [SegItem(img, "crack", tag="NG"), SegItem(texture(40), None, tag="ok"),
+                   SegItem(defective(31)[0], "scratch", tag="ng"), SegItem(texture(41), None, tag="OK")]
+    return out
+
+
+# ---------------------------------------------------------------- item_label_kind
+
+
+def test_item_label_kind_each_kind():
+    img = texture(0)
+    m = np.zeros((64, 64), bool)
+    assert item_label_kind(SegItem(img, mask=m)) == "mask"
+    assert item_label_kind(SegItem(img, click_prob=np.zeros((64, 64), np.float32))) == "clicks"
+    assert item_label_kind(SegItem(img, boxes=[(1, 2, 3, 4)])) == "boxes"
+    for tag in ("OK", "ok", "NG", "ng", "Ng"):
+        assert item_label_kind(SegItem(img, tag=tag)) == "tag"
+    # Precedence: the richest label wins.
+    assert item_label_kind(SegItem(img, mask=m, boxes=[(1, 2, 3, 4)], tag="NG")) == "mask"
+    assert item_label_kind(SegItem(img, click_prob=np.zeros((64, 64)), boxes=[(1, 2, 3, 4)])) == "clicks"
+    assert item_label_kind(SegItem(img, boxes=[(1, 2, 3, 4)], tag="OK")) == "boxes"
+
+
+def test_item_label_kind_without_label_raises():
+    img = texture(0)
+    for item in (SegItem(img), SegItem(img, "crack"), SegItem(img, tag="maybe"), SegItem(img, boxes=[])):
+        with pytest.raises(ValueError, match="without any label"):
+            item_label_kind(item)
+
+
+def test_train_seg_rejects_unlabelled_item_and_empty_input(world):
+    extractor, bank, _, _ = world
+    with pytest.raises(ValueError, match="without any label"):
+        train_seg([SegItem(texture(0), "crack")], extractor, bank, tiny_config(language=False),
+                  residual_config=RESIDUAL, progress=False)
+    with pytest.raises(ValueError, match="nothing to train on"):
+        train_seg([], extractor, bank, tiny_config(language=False), residual_config=RESIDUAL, progress=False)
+
+
+# ---------------------------------------------------------------- train_seg on each kind of label
+
+
+@pytest.mark.parametrize("kind", ["mask", "clicks", "boxes", "tag"])
+def test_train_seg_each_label_kind_with_language(kind, world, encoder, tmp_path):
+    extractor, bank, _, pool = world
+    items = labelled_items()[kind]
+    out = tmp_path / f"{kind}.pt"
+    progress: list[tuple[float, str]] = []
+    model, summary = train_seg(items, extractor, bank, tiny_config(iterations=3), residual_config=RESIDUAL,
+                               synthetic=pool, prompt_encoder=encoder, out=out,
+                               progress=lambda f, m: progress.append((f, m)))
+    assert summary["label_kinds"] == {kind: len(items)}
+    assert summary["labelled_images"] == len(items)
+    assert summary["synthetic_pool"] == len(pool)
+    assert summary["language"] is True
+    assert summary["defect_types"] == TYPES  # from the items, sorted
+    assert np.isfinite(summary["loss_first_50"]) and np.isfinite(summary["loss_last_50"])
+    assert progress[0][0] == 0.0 and progress[-1] == (1.0, f"checkpoint written: {out}")
+    assert not model.training
+
+    ckpt = load_checkpoint(out, SEG_KIND)
+    assert ckpt["defect_types"] == TYPES
+    assert set(ckpt["prompt_features"]) == set(TYPES)
+    for t in TYPES:
+        feat = ckpt["prompt_features"][t]
+        assert feat.shape == (encoder.feature_dim,)
+        # Eq. 6: the stored vector is the average of the type's template phrases.
+        torch.testing.assert_close(feat, encoder.defect_features(t).mean)
+    assert ckpt["model_config"]["text_dim"] == encoder.feature_dim
+    assert ckpt["model_config"]["head"] == "token"
+    assert ckpt["backbone"] == BACKBONE.to_dict()
+    assert ckpt["residual_config"] == RESIDUAL.to_dict()
+    assert ckpt["bank_fingerprint"] == bank.fingerprint
+    assert ckpt["train_summary"]["label_kinds"] == {kind: len(items)}
+
+    pred = load_predictor(out, bank)
+    assert pred.defect_types == TYPES
+    assert set(pred.prompt_features) == set(TYPES)
+    for k, v in model.state_dict().items():
+        assert torch.equal(pred.model.state_dict()[k], v), k
+    amap, score = pred.predict(texture(5))
+    assert amap.shape == (64, 64) and np.isfinite(amap).all()
+
+
+def test_train_seg_mixed_kinds_without_language(world, tmp_path):
+    extractor, bank, _, pool = world
+    by_kind = labelled_items()
+    items = [it for k in ("mask", "clicks", "boxes", "tag") for it in by_kind[k]]
+    out = tmp_path / "mixed.pt"
+    _, summary = train_seg(items, extractor, bank, tiny_config(iterations=4, language=False),
+                           residual_config=RESIDUAL, synthetic=pool, defect_types=["scratch", "crack", "dent"],
+                           out=out, progress=False)
+    assert summary["label_kinds"] == {"boxes": 2, "clicks": 2, "mask": 2, "tag": 4}
+    assert summary["labelled_images"] == 10
+    assert summary["language"] is False
+    assert summary["defect_types"] == ["crack", "dent", "scratch"]  # given types win over the items'
+    ckpt = load_checkpoint(out, SEG_KIND)
+    assert ckpt["prompt_features"] == {}
+    assert ckpt["model_config"]["text_dim"] == 0
+    assert not any(".fusion." in k for k in ckpt["state_dict"])  # no PWAM without language
+    pred = load_predictor(out, bank)
+    assert pred.prompt_features == {}
+    assert pred.defect_types == ["crack", "dent", "scratch"]
+
+
+def test_train_seg_with_language_adds_pwam(world, encoder, tmp_path):
+    extractor, bank, _, pool = world
+    items = labelled_items()["mask"]
+    train_seg(items, extractor, bank, tiny_config(iterations=2), residual_config=RESIDUAL, synthetic=pool,
+              prompt_encoder=encoder, out=tmp_path / "l.pt", progress=False)
+    sd = load_checkpoint(tmp_path / "l.pt", SEG_KIND)["state_dict"]
+    assert any(k.startswith("trunk.fusion.1.") for k in sd)  # PWAM after block 1 (block 3 > depth is dropped)
+
+
+def test_train_seg_unsupervised_synthetic_only(world, tmp_path):
+    extractor, bank, _, pool = world
+    _, summary = train_seg([], extractor, bank, tiny_config(iterations=3, language=False), residual_config=RESIDUAL,
+                           synthetic=pool, out=tmp_path / "unsup.pt", progress=False)
+    assert summary["labelled_images"] == 0 and summary["label_kinds"] == {}
+    assert summary["defect_types"] == ["defect"]
+    pred = load_predictor(tmp_path / "unsup.pt", bank)
+    assert pred.defect_types == ["defect"]
+    assert pred.predict(texture(3))[0].shape == (64, 64)
+
+
+def test_train_seg_reads_image_paths_and_non_square_images(world, tmp_path):
+    from PIL import Image
+
+    extractor, bank, _, _ = world
+    img, m = defective(50, (48, 80))
+    path = tmp_path / "img.png"
+    Image.fromarray(img).save(path)
+    box = box_of(m)
+    items = [SegItem(path, "crack", mask=m), SegItem(img, "crack", boxes=[box])]
+    _, summary = train_seg(items, extractor, bank, tiny_config(iterations=2, language=False),
+                           residual_config=RESIDUAL, out=tmp_path / "p.pt", progress=False)
+    assert summary["label_kinds"] == {"boxes": 1, "mask": 1}
+    assert summary["synthetic_pool"] == 0
+
+
+# ---------------------------------------------------------------- it learns
+
+
+def test_training_raises_pixel_ap_on_toy_set(world, tmp_path):
+    extractor, bank, _, pool = world
+    data = [defective(i) for i in range(8)]
+    items = [SegItem(img, "square", mask=m) for img, m in data]
+
+    def ap_after(iterations: int) -> float:
+        cfg = SegTrainConfig(iterations=iterations, batch_size=8, lr=3e-3, warmup=5, ema_decay=0.9, seed=0,
+                             language=False, model=tiny_model())
+        out = tmp_path / f"toy{iterations}.pt"
+        _, summary = train_seg(items, extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, out=out,
+                               progress=False)
+        pred = load_predictor(out, bank)
+        maps = [pred.predict(img)[0] for img, _ in data]
+        return pixel_ap(maps, [m for _, m in data]), summary
+
+    ap0, s0 = ap_after(1)
+    ap1, s1 = ap_after(70)
+    assert s1["loss_last_50"] < s1["loss_first_50"]
+    assert ap1 > ap0 + 0.25, (ap0, ap1)
+    assert ap1 > 0.4, ap1  # the square is found, not just slightly better than at random init
+
+
+# ---------------------------------------------------------------- SegPredictor
+
+
+@pytest.fixture(scope="module")
+def lang_ckpt(world, encoder, tmp_path_factory):
+    extractor, bank, _, pool = world
+    items = labelled_items()["mask"] + labelled_items()["boxes"]
+    out = tmp_path_factory.mktemp("seg") / "lang.pt"
+    train_seg(items, extractor, bank, tiny_config(iterations=4), residual_config=RESIDUAL, synthetic=pool,
+              prompt_encoder=encoder, out=out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def nolang_ckpt(world, tmp_path_factory):
+    extractor, bank, _, pool = world
+    out = tmp_path_factory.mktemp("seg") / "nolang.pt"
+    train_seg(labelled_items()["mask"], extractor, bank, tiny_config(iterations=3, language=False),
+              residual_config=RESIDUAL, synthetic=pool, defect_types=TYPES, out=out, progress=False)
+    return out
+
+
+def test_predict_original_size_range_and_score(lang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    img, _ = defective(60, (50, 70))
+    amap, score = pred.predict(img, TYPES)
+    assert amap.shape == (50, 70) and amap.dtype == np.float32
+    assert 0.0 <= amap.min() and amap.max() <= 1.0
+    assert isinstance(score, float) and score == pytest.approx(float(amap.max()), abs=0)
+    # An array and its prepared state give the same answer; None = the checkpoint's types.
+    state = pred.set_image(img)
+    assert isinstance(state, ImageState) and state.original_hw == (50, 70)
+    again, score2 = pred.predict(state)
+    np.testing.assert_allclose(again, amap, atol=1e-6)
+    assert score2 == pytest.approx(score, abs=1e-6)
+
+
+def test_predict_per_type_keys_and_eq7_max(lang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    # Make the language branch matter strongly, so the per-type maps really differ: an open gate and
+    # far-apart prompt vectors (the tiny encoder's template averages are nearly alike).
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in pred.model.modules():
+            if isinstance(m, PWAM):
+                torch.nn.init.normal_(m.gate[2].weight, std=1.0)
+    z = pred.model.config.text_dim
+    pred.prompt_features = {"crack": 3 * torch.randn(z), "scratch": 3 * torch.randn(z)}
+    state = pred.set_image(defective(61, (50, 70))[0])
+    per = pred.predict_per_type(state, ["scratch"])
+    assert list(per) == ["scratch"]
+    per = pred.predict_per_type(state, ["scratch", "crack"])
+    assert list(per) == ["scratch", "crack"]
+    assert set(pred.predict_per_type(state)) == set(TYPES)
+    for v in per.values():
+        assert v.shape == (50, 70) and v.dtype == np.float32 and 0 <= v.min() and v.max() <= 1
+    a, b = per["crack"], per["scratch"]
+    assert np.abs(a - b).max() > 1e-3  # the prompts change the map
+    amap, score = pred.predict(state, ["crack", "scratch"])
+    np.testing.assert_allclose(amap, np.maximum(a, b), rtol=0, atol=1e-6)  # Eq. 7
+    assert score == pytest.approx(float(np.maximum(a, b).max()), abs=1e-6)
+    single, _ = pred.predict(state, ["crack"])
+    np.testing.assert_allclose(single, a, atol=1e-6)
+    # Here one prompt shifts the whole map; with maps that cross, the answer must be the pixel-wise
+    # max, not any one of them.
+    c = np.ascontiguousarray(a[:, ::-1])
+    assert (a > c).any() and (c > a).any()
+    pred.predict_per_type = lambda st, types=None: {"crack": a, "scratch": c, "dent": np.zeros_like(a)}
+    amap, score = pred.predict(state, ["crack", "scratch", "dent"])
+    np.testing.assert_array_equal(amap, np.maximum(a, c))
+    assert amap.dtype == np.float32 and score == float(np.maximum(a, c).max())
+
+
+def test_trained_language_maps_differ_per_type(lang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    per = pred.predict_per_type(pred.set_image(defective(62)[0]))
+    assert not np.array_equal(per["crack"], per["scratch"])  # the trained gate is open a little
+
+
+def test_unknown_defect_type_with_language(lang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    state = pred.set_image(texture(7))
+    with pytest.raises(InputError, match="unknown to this model"):
+        pred.predict_per_type(state, ["crack", "dent"])
+    with pytest.raises(InputError):
+        pred.predict(state, ["dent"])
+
+
+def test_without_language_one_map_for_all_types(nolang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(nolang_ckpt, bank)
+    assert pred.model.config.text_dim == 0
+    state = pred.set_image(defective(63, (40, 56))[0])
+    per = pred.predict_per_type(state, ["crack", "scratch", "never-seen"])
+    assert list(per) == ["crack", "scratch", "never-seen"]  # any name is fine: no prompt is used
+    assert per["crack"] is per["scratch"] is per["never-seen"]
+    assert per["crack"].shape == (40, 56)
+    amap, score = pred.predict(state, ["anything"])
+    np.testing.assert_array_equal(amap, per["crack"])
+    assert score == float(amap.max())
+
+
+def test_seg_predictor_checkpoint_errors(world, tmp_path):
+    extractor, bank, normals, pool = world
+    with pytest.raises(CheckpointError, match="no ADClick-Seg checkpoint"):
+        SegPredictor.from_checkpoint(None, bank, device="cpu", random_init_backbone=True)
+    model = ADClickConfig(in_channels=extractor.feature_dim, embed_dim=16, depth=2, num_heads=2, window_size=4,
+                          grid_size=extractor.grid_size, input_size=64, fine_channels=extractor.fine_channels,
+                          head_channels=8, drop_path=0.0)
+    click = tmp_path / "click.pt"
+    train_click(pool, ClickTrainConfig(iterations=1, batch_size=2, warmup=1, model=model), out=click,
+                meta={"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict()}, device="cpu",
+                progress=False, checkpoint_every=0)
+    with pytest.raises(CheckpointError, match="not a adclick_seg checkpoint"):
+        SegPredictor.from_checkpoint(click, bank, device="cpu", random_init_backbone=True)
+
+
+def test_seg_predictor_rejects_bank_of_other_backbone(nolang_ckpt):
+    with pytest.raises(CheckpointError, match="rebuild the bank"):
+        SegPredictor.from_checkpoint(nolang_ckpt, ReferenceBank(BackboneConfig(input_size=96)), device="cpu",
+                                     random_init_backbone=True)
