@@ -66,7 +66,7 @@ class _ResidualPredictor:
 
     @staticmethod
     def _load(path, kind: str, bank: ReferenceBank | None, device, backbone_weights, random_init_backbone,
-              residual_config: ResidualConfig | None):
+              residual_config: ResidualConfig | None, extractor: FeatureExtractor | None = None):
         ckpt = load_checkpoint(path, kind)
         dev = resolve_device(device)
         backbone = BackboneConfig.from_dict(ckpt["backbone"])
@@ -75,7 +75,8 @@ class _ResidualPredictor:
                 f"the reference bank was built with backbone {bank.backbone.to_dict()}, "
                 f"the checkpoint needs {backbone.to_dict()}: rebuild the bank"
             )
-        extractor = build_extractor(backbone, weights=backbone_weights, random_init=random_init_backbone, device=dev)
+        if extractor is None or extractor.config.fingerprint() != backbone.fingerprint():
+            extractor = build_extractor(backbone, weights=backbone_weights, random_init=random_init_backbone, device=dev)
         model = ADClick(ADClickConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["state_dict"], strict=True)
         rcfg = residual_config or ResidualConfig.from_dict(ckpt.get("residual_config", {}))
@@ -177,11 +178,13 @@ class SegPredictor(_ResidualPredictor):
         backbone_weights: str | os.PathLike | None = None,
         random_init_backbone: bool = False,
         residual_config: ResidualConfig | None = None,
+        extractor: FeatureExtractor | None = None,
     ) -> "SegPredictor":
+        """Load an ADClick-Seg checkpoint; ``extractor`` reuses an already loaded backbone if it fits."""
         if path is None:
             raise CheckpointError("no ADClick-Seg checkpoint given (train one first)")
         ckpt, model, extractor, rcfg, dev, info = cls._load(
-            path, "adclick_seg", bank, device, backbone_weights, random_init_backbone, residual_config)
+            path, "adclick_seg", bank, device, backbone_weights, random_init_backbone, residual_config, extractor)
         return cls(model, extractor, bank, rcfg, dev, info, prompt_features=ckpt.get("prompt_features") or {})
 
     @property

@@ -36,11 +36,12 @@ def split_folds(samples: Sequence[Sample], seed: int = 0, n_folds: int = 2) -> l
     """Defective samples -> n folds, each defect type split as evenly as possible."""
     rng = np.random.default_rng(seed)
     folds: list[list[Sample]] = [[] for _ in range(n_folds)]
+    slot = 0  # carried across types, so odd leftovers do not all land in fold 0
     for t in sorted({s.defect_type for s in samples}):
         group = [s for s in samples if s.defect_type == t]
-        order = rng.permutation(len(group))
-        for j, i in enumerate(order):
-            folds[j % n_folds].append(group[i])
+        for i in rng.permutation(len(group)):
+            folds[slot % n_folds].append(group[i])
+            slot += 1
     return folds
 
 
@@ -163,7 +164,8 @@ def evaluate_seg(
         for mode in modes:
             ckpt = checkpoint_for(mode, f)
             maps, scores = [], []
-            seg = None if ckpt is None else SegPredictor.from_checkpoint(ckpt, bank=bank, device=device)
+            seg = None if ckpt is None else SegPredictor.from_checkpoint(ckpt, bank=bank, device=device,
+                                                                        extractor=extractor)
             for s in held_out:
                 st = states[s.name]
                 if seg is None:

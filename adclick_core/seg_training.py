@@ -62,9 +62,9 @@ def item_label_kind(item: SegItem) -> str:
         return "mask"
     if item.click_prob is not None:
         return "clicks"
-    if item.boxes:
+    if len(item.boxes):
         return "boxes"
-    if item.tag is not None and item.tag.upper() in ("OK", "NG"):
+    if item.tag is not None and item.tag.strip().upper() in ("OK", "NG"):
         return "tag"
     raise ValueError("SegItem without any label (mask, click_prob, boxes or OK/NG tag)")
 
@@ -146,7 +146,7 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
         else:
             wl = tag_labels((s, s), item.tag)
             target, valid = wl.target, wl.valid
-            region = ~valid.astype(bool) if item.tag.upper() == "NG" else region
+            region = ~valid.astype(bool) if item.tag.strip().upper() == "NG" else region
             cl = []
         tgt.append(torch.from_numpy(np.asarray(target, dtype=np.float32)))
         val.append(torch.from_numpy(np.asarray(valid).astype(bool)))
