@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any
-
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 

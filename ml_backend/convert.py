@@ -17,7 +17,7 @@ import logging
 import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 from label_studio_sdk.converter.brush import mask2rle  # ~1.5 s import: paid at start, not per click
@@ -40,6 +40,7 @@ __all__ = [
     "decode_image",
     "image_size",
     "verdict_of",
+    "first_image_url",
     "OK_CHOICE_NAMES",
 ]
 
@@ -442,11 +443,3 @@ def first_image_url(task: dict, cfg: LabelConfig) -> str:
         )
     return url.strip()
 
-
-def dedupe(seq: Sequence[str]) -> list[str]:
-    seen, out = set(), []
-    for s in seq:
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out

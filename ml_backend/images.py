@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
@@ -292,7 +291,3 @@ def export_annotated_tasks(creds: Credentials, project_id: int | str, timeout: f
 
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def rmtree_quiet(path: str | os.PathLike) -> None:
-    shutil.rmtree(path, ignore_errors=True)

@@ -32,7 +32,7 @@ from .convert import (
     parse_label_config,
     verdict_of,
 )
-from .errors import BackendError, BadRequest, ServiceUnavailable
+from .errors import BadRequest, ServiceUnavailable
 from .images import Credentials, ImageLoader, utcnow
 from .references import ProjectReferences
 
