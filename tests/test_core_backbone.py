@@ -14,14 +14,6 @@ from adclick_core.backbone import BackboneConfig, build_extractor, load_image
 from adclick_core.errors import InputError, MissingWeightsError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two cores shared with other work: oversubscribed intra-op threads make tiny convs ~50x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def rand64():

@@ -13,13 +13,6 @@ from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.models.embeddings import residual_features
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny(**kw) -> ADClickConfig:
     base = dict(in_channels=8, embed_dim=16, depth=2, num_heads=2, window_size=4, grid_size=8, input_size=64,

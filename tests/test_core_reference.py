@@ -14,13 +14,6 @@ from adclick_core.errors import CheckpointError, EmptyBankError
 from adclick_core.reference import BANK_FORMAT_VERSION, ReferenceBank, image_fingerprint
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def extractor():

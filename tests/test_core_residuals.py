@@ -22,13 +22,6 @@ from adclick_core.residuals import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def texture(seed: int, size: int = 64) -> np.ndarray:
     rng = np.random.default_rng(seed)

@@ -29,13 +29,6 @@ RESIDUAL = ResidualConfig(k=3, radius=2.0)
 TYPES = ["crack", "scratch"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:
     rng = np.random.default_rng(seed)

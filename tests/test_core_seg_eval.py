@@ -30,13 +30,6 @@ RESIDUAL = ResidualConfig(k=3, radius=2.0)
 HW = (48, 64)  # non-square on purpose: maps must come back at the image size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def texture(seed: int, hw=HW) -> np.ndarray:
     rng = np.random.default_rng(seed)

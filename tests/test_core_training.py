@@ -20,13 +20,6 @@ from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_
 ITERATIONS = 40
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -65,9 +58,16 @@ def trained(setup, tmp_path_factory):
                            model=model_config(extractor))
     meta = {"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict(), "bank_fingerprint": bank.fingerprint}
     losses: list[float] = []
+    dices: list[float] = []
     bces: list[float] = []
     progress: list[tuple[float, str]] = []
     real_loss = training.normalized_focal_loss
+    real_dice = training.soft_dice_loss
+
+    def recording_dice(logits, target, *args, **kwargs):
+        loss = real_dice(logits, target, *args, **kwargs)
+        dices.append(loss.item())
+        return loss
 
     def recording_loss(logits, target, *args, **kwargs):
         loss = real_loss(logits, target, *args, **kwargs)
@@ -79,13 +79,15 @@ def trained(setup, tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(training, "normalized_focal_loss", recording_loss)
+    mp.setattr(training, "soft_dice_loss", recording_dice)
     try:
         model, summary = train_click(pool, cfg, out=out, meta=meta, device="cpu", progress=False,
                                      callback=lambda f, m: progress.append((f, m)), checkpoint_every=0)
     finally:
         mp.undo()
+    totals = [n + cfg.dice_weight * d for n, d in zip(losses, dices)]
     return {"model": model, "summary": summary, "path": out, "losses": losses, "bces": bces, "progress": progress,
-            "config": cfg}
+            "config": cfg, "totals": totals}
 
 
 # ---------------------------------------------------------------- the pool
@@ -142,8 +144,9 @@ def test_loss_decreases(trained):
 def test_summary_and_callback(trained):
     summary = trained["summary"]
     assert summary["iterations"] == ITERATIONS
-    assert summary["loss_first_50"] == pytest.approx(float(np.mean(trained["losses"][:50])), rel=1e-6)
-    assert summary["loss_last_50"] == pytest.approx(float(np.mean(trained["losses"][-50:])), rel=1e-6)
+    assert len(trained["totals"]) == ITERATIONS  # NFL + Dice, the loss the summary reports
+    assert summary["loss_first_50"] == pytest.approx(float(np.mean(trained["totals"][:50])), rel=1e-5)
+    assert summary["loss_last_50"] == pytest.approx(float(np.mean(trained["totals"][-50:])), rel=1e-5)
     fractions = [f for f, _ in trained["progress"]]
     assert fractions == sorted(fractions) and 0 < fractions[0] <= fractions[-1] <= 1
     assert len(fractions) == ITERATIONS // 10

@@ -235,7 +235,7 @@ def mtd_project(label_studio, backend_server, mtd_dir):
     ml = ls.api("POST", "/api/ml", json={"url": backend_server.url, "project": pid, "is_interactive": True,
                                          "title": "ADClick"})
     return {
-        "id": pid, "ml_id": ml["id"], "ml": ml, "by_url": by_url, "n_refs": len(refs),
+        "id": pid, "ml_id": ml["id"], "ml": ml, "by_url": by_url, "n_refs": len(refs), "refs": list(refs),
         "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],
         "missing_task": by_url[MISSING_URL],
         "any_task": by_url[local_url(defects[0][1], mtd_dir)],
