@@ -13,7 +13,9 @@ LABEL_STUDIO_URL          Label Studio base URL the backend can reach (http://ho
                           the hostname Label Studio sends to /setup.
 LABEL_STUDIO_API_KEY      API token (legacy token, or a personal access token) of a user who can see
                           the projects. Falls back to the token Label Studio sends to /setup.
-ADCLICK_MODEL_DIR         Where per-project data live (reference banks): <dir>/project-<id>-<ts>/bank.*
+ADCLICK_MODEL_DIR         Where per-project data live: <dir>/project-<id>-<ts>/ holds the reference bank
+                          (bank.*), the ADClick-Seg checkpoints (seg-<version>.pt, written atomically)
+                          and seg_current.json (the serving one; found again after a restart)
                           (default ~/.adclick/models).
 ADCLICK_CHECKPOINT        Click model checkpoint (default: the one shipped in adclick_core).
 ADCLICK_DEVICE            auto | cpu | cuda | cuda:N (default auto: CUDA when present).
@@ -27,6 +29,11 @@ ADCLICK_BANK_WAIT_S       How long a click waits for a project's first bank buil
                           Label Studio gives /predict 100 s).
 ADCLICK_BANK_REFRESH_S    Re-read OK-tagged tasks at most this often, in the background (default 600;
                           webhooks add new OK tags at once).
+ADCLICK_SEG_ITERATIONS    Iterations of an ADClick-Seg training (Start Training; default 600).
+ADCLICK_SEG_THRESHOLD     Pre-annotation: probability above which a pixel is in a defect type's mask,
+                          and image score at which the verdict is NG (default 0.5).
+ADCLICK_TRAIN_EVERY       Also start a training after every N new annotations (default 0 = only on
+                          Start Training). One training per project at a time.
 ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).
 ADCLICK_PRELOAD           1 (default) loads the click model at start in the background; 0 on first use.
 ADCLICK_LOG_LEVEL         DEBUG | INFO (default) | WARNING.

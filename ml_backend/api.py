@@ -178,8 +178,7 @@ def create_app(backend: Backend | None = None) -> Flask:
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():
-        from .model import SEG_NOT_IMPLEMENTED
-
-        return jsonify({"versions": backend.versions(), "seg_model": SEG_NOT_IMPLEMENTED})
+        return jsonify({"versions": backend.versions(),
+                        "training": {m.project_id: m.seg.status() for m in backend.models()}})
 
     return app

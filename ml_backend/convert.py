@@ -42,6 +42,11 @@ __all__ = [
     "verdict_of",
     "first_image_url",
     "OK_CHOICE_NAMES",
+    "TaskLabels",
+    "latest_annotation",
+    "task_labels",
+    "decode_brush",
+    "seg_items_of",
 ]
 
 #: Choice values that mean "defect-free" (case-insensitive) when the config has a Choices tag.
@@ -443,3 +448,127 @@ def first_image_url(task: dict, cfg: LabelConfig) -> str:
         )
     return url.strip()
 
+
+
+# ---------------------------------------------------------------- training data (ADClick-Seg)
+
+
+@dataclass
+class TaskLabels:
+    """The usable labels of one annotated task, before its image is downloaded.
+
+    ``masks``: defect type -> list of RLE brush items (decoded once the image size is known);
+    ``boxes``: defect type -> list of (x, y, w, h) in percent; ``tag``: "OK" / "NG" / None.
+    """
+
+    task: dict
+    masks: dict[str, list[dict]] = field(default_factory=dict)
+    boxes: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
+    tag: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return not self.masks and not self.boxes and self.tag is None
+
+
+def latest_annotation(task: dict) -> dict | None:
+    """The task's newest non-cancelled annotation (by update time, then id)."""
+    anns = [a for a in (task.get("annotations") or []) if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not anns:
+        return None
+    anns.sort(key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""), a.get("id") or 0))
+    return anns[-1]
+
+
+def _defect_label(labels: list, cfg: LabelConfig) -> str | None:
+    if not labels:
+        return None
+    return brush_label_for(str(labels[0]), cfg)
+
+
+def task_labels(task: dict, cfg: LabelConfig) -> tuple[TaskLabels | None, str]:
+    """Read the training labels of one exported task (its latest annotation): BrushLabels RLE masks
+    per defect label, RectangleLabels boxes per label, the Choices verdict (OK / NG).
+    Returns (labels, "") or (None, why the task is not usable)."""
+    if not isinstance(task, dict):
+        return None, "not a task object"
+    ann = latest_annotation(task)
+    if ann is None:
+        return None, "no finished (non-cancelled) annotation"
+    out = TaskLabels(task)
+    for r in ann.get("result") or []:
+        if not isinstance(r, dict):
+            continue
+        typ = str(r.get("type", "")).lower()
+        value = r.get("value") if isinstance(r.get("value"), dict) else {}
+        if typ == "brushlabels" and r.get("from_name") in (None, cfg.brush.name):
+            label = _defect_label(value.get("brushlabels") or [], cfg)
+            if value.get("format", "rle") != "rle" or not value.get("rle"):
+                logger.info("task %s: a brush region without RLE is ignored", task.get("id"))
+                continue
+            out.masks.setdefault(label or cfg.defect_types[0], []).append(r)
+        elif typ == "rectanglelabels" and cfg.rectangle is not None and r.get("from_name") in (None, cfg.rectangle.name):
+            try:
+                box = tuple(float(value[k]) for k in ("x", "y", "width", "height"))
+            except (KeyError, TypeError, ValueError):
+                logger.info("task %s: a rectangle without x/y/width/height is ignored", task.get("id"))
+                continue
+            if box[2] <= 0 or box[3] <= 0:
+                continue
+            label = _defect_label(value.get("rectanglelabels") or [], cfg)
+            out.boxes.setdefault(label or cfg.defect_types[0], []).append(box)  # type: ignore[arg-type]
+    out.tag = verdict_of(ann.get("result") or [], cfg)
+    if out.empty:
+        return None, "the latest annotation has no brush mask, rectangle or OK/NG verdict"
+    return out, ""
+
+
+def decode_brush(item: dict, width: int, height: int) -> np.ndarray:
+    """One brushlabels RLE result -> H x W bool mask at the image size (resized if Label Studio saw
+    another size)."""
+    from label_studio_sdk.converter.brush import decode_rle
+
+    value = item.get("value") or {}
+    ow, oh = item.get("original_width"), item.get("original_height")
+    ow = int(ow) if isinstance(ow, (int, float)) and ow else width
+    oh = int(oh) if isinstance(oh, (int, float)) and oh else height
+    flat = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)
+    if flat.size != ow * oh * 4:
+        raise ValueError(f"the RLE holds {flat.size} values, not {ow}x{oh}x4")
+    mask = flat.reshape(oh, ow, 4)[:, :, 3] > 127
+    if (ow, oh) != (width, height):
+        im = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)
+        mask = np.asarray(im) > 127
+    return mask
+
+
+def seg_items_of(labels: TaskLabels, image: np.ndarray) -> list:
+    """``TaskLabels`` + the decoded image -> ``SegItem``s (original pixels): one item per defect
+    type with its exact mask and/or boxes; an OK / NG verdict without regions -> one tag item.
+
+    A brush mask is used as an exact mask even when it was accepted from an ADClick suggestion:
+    Label Studio keeps no link between a brush region and the clicks that produced it.
+    """
+    from adclick_core.seg_training import SegItem
+
+    h, w = image.shape[:2]
+    items = []
+    for label in sorted(set(labels.masks) | set(labels.boxes)):
+        mask = None
+        if label in labels.masks:
+            mask = np.zeros((h, w), bool)
+            for r in labels.masks[label]:
+                mask |= decode_brush(r, w, h)
+        boxes = []
+        for x, y, bw, bh in labels.boxes.get(label, []):
+            x0, y0 = max(0.0, x * w / 100.0), max(0.0, y * h / 100.0)
+            x1, y1 = min(float(w), (x + bw) * w / 100.0), min(float(h), (y + bh) * h / 100.0)
+            if x1 > x0 and y1 > y0:
+                boxes.append((x0, y0, x1, y1))
+        if mask is None and not boxes:
+            continue
+        items.append(SegItem(image=image, defect_type=label, mask=mask, boxes=tuple(boxes),
+                             tag="NG" if labels.tag == "NG" else None))
+    if not items and labels.tag in ("OK", "NG"):
+        items.append(SegItem(image=image, defect_type=None, tag=labels.tag))
+    return items

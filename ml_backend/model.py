@@ -32,13 +32,14 @@ from .convert import (
     parse_label_config,
     verdict_of,
 )
-from .errors import BadRequest, ServiceUnavailable
+from .convert import NG_CHOICE_NAMES, OK_CHOICE_NAMES
+from .errors import BackendError, BadRequest, ServiceUnavailable
 from .images import Credentials, ImageLoader, utcnow
 from .references import ProjectReferences
+from .seg import SegJob, default_loader, default_trainer
 
 logger = logging.getLogger(__name__)
 
-SEG_NOT_IMPLEMENTED = "not implemented yet: Seg training arrives with issue 3"
 INTERACTIVE_HINT = (
     "Smart tools do nothing? In the project's Settings > Model, turn on 'Interactive preannotations' "
     "for this backend; on the labeling page switch on 'Auto-Annotation', pick the smart KeyPoint "
@@ -68,6 +69,9 @@ class Settings:
     max_references: int = 200
     bank_wait_s: float = 80.0
     bank_refresh_s: float = 600.0
+    seg_iterations: int = 600
+    seg_threshold: float = 0.5
+    train_every: int = 0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -83,6 +87,9 @@ class Settings:
             max_references=int(_env_float("ADCLICK_MAX_REFERENCES", 200)),
             bank_wait_s=_env_float("ADCLICK_BANK_WAIT_S", 80.0),
             bank_refresh_s=_env_float("ADCLICK_BANK_REFRESH_S", 600.0),
+            seg_iterations=max(1, int(_env_float("ADCLICK_SEG_ITERATIONS", 600))),
+            seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", 0.5),
+            train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
         )
 
 
@@ -138,10 +145,14 @@ class Backend:
         predictor_factory: Callable[[], Any] | None = None,
         bank_cls: Any = None,
         loader: ImageLoader | None = None,
+        seg_trainer: Callable | None = None,
+        seg_loader: Callable | None = None,
     ):
         self.settings = settings or Settings.from_env()
         self._predictor_factory = predictor_factory or self._default_predictor
         self._bank_cls = bank_cls
+        self.seg_trainer = seg_trainer or default_trainer  # (items, extractor, bank, iterations, rcfg, types, out, progress, device)
+        self.seg_loader = seg_loader or default_loader  # (path, bank, device, extractor) -> SegPredictor
         self.loader = loader or ImageLoader(self.settings.image_cache_dir, self.settings.image_cache_mb)
         self.cache = StateCache(int(self.settings.state_cache_mb * 1024 * 1024))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adclick-jobs")
@@ -152,7 +163,6 @@ class Backend:
         self._models_lock = threading.Lock()
         self.started = utcnow()
         self.click_tag = click_model_tag(self.settings.checkpoint)
-        self.training: dict = {"status": SEG_NOT_IMPLEMENTED, "last_request": None}
         self.stats = {"clicks": 0, "cold_clicks": 0, "errors_4xx": 0, "errors_5xx": 0}
 
     # ------------------------------------------------------------ shared model
@@ -235,8 +245,13 @@ class Backend:
                 "device": str(getattr(self._predictor, "device", self.settings.device)) if loaded else self.settings.device,
                 "error": self._predictor_error,
             },
-            "seg_model": {"status": SEG_NOT_IMPLEMENTED},
-            "training": dict(self.training),
+            "seg_model": {
+                "iterations": self.settings.seg_iterations,
+                "threshold": self.settings.seg_threshold,
+                "train_every": self.settings.train_every,
+                "projects": {m.project_id: m.seg.current.version for m in self.models() if m.seg.current},
+            },
+            "training": {m.project_id: m.seg.status() for m in self.models()},
             "state_cache": self.cache.stats(),
             "projects": {m.project_id: m.info() for m in self.models()},
             "stats": dict(self.stats),
@@ -273,6 +288,7 @@ class ADClickModel:
         )
         self._pred_for_bank: tuple[str, Any] | None = None
         self._lock = threading.Lock()
+        self.seg = SegJob(self)
 
     # ------------------------------------------------------------ state
     def update(self, label_config=None, hostname=None, access_token=None, uid=None) -> None:
@@ -309,7 +325,10 @@ class ADClickModel:
 
     @property
     def model_version(self) -> str:
-        return f"ADClick-{self.backend.click_tag}"
+        """The ADClick-Seg version once one is trained (Label Studio re-predicts tasks whose
+        prediction has another version), else the click model's tag."""
+        seg = self.seg.current
+        return seg.version if seg is not None else f"ADClick-{self.backend.click_tag}"
 
     def info(self) -> dict:
         return {
@@ -317,7 +336,8 @@ class ADClickModel:
             "model_version": self.model_version,
             "label_config": "ok" if self._cfg else (self._cfg_error or "not received"),
             "reference_bank": self.references.info(),
-            "seg_model": SEG_NOT_IMPLEMENTED,
+            "seg_model": self.seg.current.version if self.seg.current else None,
+            "training": self.seg.status(),
         }
 
     # ------------------------------------------------------------ the familiar API
@@ -342,20 +362,8 @@ class ADClickModel:
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
         if event == "START_TRAINING":
-            self.backend.training = {
-                "status": SEG_NOT_IMPLEMENTED,
-                "last_request": utcnow(),
-                "project": self.project_id,
-            }
-            logger.warning(
-                "project %s: Start Training received; ADClick-Seg training is %s. The click model "
-                "keeps serving; refreshing the reference bank from OK-tagged tasks instead.",
-                self.project_id, SEG_NOT_IMPLEMENTED,
-            )
-            if self._cfg is not None:
-                self.references.schedule_sync(self._cfg, self.credentials)
-            return {"status": "not_implemented", "message": f"ADClick-Seg training is {SEG_NOT_IMPLEMENTED}",
-                    "model_version": self.model_version}
+            self.config  # a project without a usable config cannot train: 4xx with the reason
+            return self.seg.start("Start Training")
         if event in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
             return self._on_annotation(data)
         if event in ("ANNOTATIONS_DELETED", "TASKS_DELETED"):
@@ -373,6 +381,11 @@ class ADClickModel:
         task = data.get("task") if isinstance(data.get("task"), dict) else {}
         verdict = verdict_of(ann.get("result") or [], cfg)
         tid = task.get("id")
+        every = self.backend.settings.train_every
+        if every > 0 and data.get("action") in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and not ann.get("was_cancelled"):
+            self.seg.annotations_since += 1
+            if self.seg.annotations_since >= every and not self.seg.running:
+                self.seg.start(f"{self.seg.annotations_since} new annotations, ADCLICK_TRAIN_EVERY={every}")
         if verdict == "OK" and isinstance(tid, int) and not ann.get("was_cancelled"):
             if self.references.bank is None:
                 self.references.schedule_sync(cfg, self.credentials)
@@ -387,11 +400,62 @@ class ADClickModel:
 
     # ------------------------------------------------------------ predictions
     def _preannotate(self, task: dict, cfg: LabelConfig) -> dict:
-        logger.info(
-            "project %s: task %s: no pre-annotation: no ADClick-Seg model for this project (%s)",
-            self.project_id, task.get("id") if isinstance(task, dict) else None, SEG_NOT_IMPLEMENTED,
+        tid = task.get("id") if isinstance(task, dict) else None
+        if self.seg.current is None:
+            logger.info(
+                "project %s: task %s: no pre-annotation: no ADClick-Seg model for this project yet "
+                "(press Start Training after annotating a few images)", self.project_id, tid,
+            )
+            return {"result": [], "score": 0.0, "model_version": self.model_version}
+        version = self.seg.current.version
+        try:
+            return self._seg_predict(task, cfg)
+        except BackendError as e:  # one bad task must not drop the whole batch
+            logger.warning("project %s: task %s: no pre-annotation: %s", self.project_id, tid, e.message)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("project %s: task %s: pre-annotation failed: %s", self.project_id, tid, e)
+        return {"result": [], "score": 0.0, "model_version": version}
+
+    def _seg_predict(self, task: dict, cfg: LabelConfig) -> dict:
+        t0 = time.perf_counter()
+        seg_version = self.seg.current.version
+        entry, bank, pred, data = self._image_state(task, cfg)
+        seg = self.seg.predictor(bank)
+        same_residuals = (
+            getattr(getattr(seg, "residual_config", None), "to_dict", lambda: None)()
+            == getattr(getattr(pred, "residual_config", None), "to_dict", lambda: None)()
         )
-        return {"result": [], "score": 0.0, "model_version": self.model_version}
+        known = list(getattr(seg, "defect_types", None) or cfg.defect_types)
+        types = [t for t in cfg.defect_types if t in known] or known
+        if same_residuals:
+            state = entry.state
+        else:  # a checkpoint trained with other residual settings: its own state (not cached)
+            state = seg.with_bank(bank).set_image(decode_image(data))
+        per_type = seg.predict_per_type(state, types)
+        thr = self.backend.settings.seg_threshold
+        result, seen = [], []
+        image_score = 0.0
+        for t, prob in per_type.items():
+            prob = np.asarray(prob, dtype=np.float32)
+            image_score = max(image_score, float(prob.max(initial=0.0)))
+            if any(prob is p for p in seen):  # a model without language gives one map for all types
+                continue
+            seen.append(prob)
+            mask = prob >= thr
+            if not mask.any():
+                continue
+            label = brush_label_for(t, cfg)
+            result.append(mask_to_result(mask, cfg, label, float(prob[mask].mean()), entry.width, entry.height,
+                                         region_id=uuid.uuid4().hex[:10]))
+        if cfg.choices is not None:
+            verdict = _choice_value(cfg, "NG" if image_score >= thr else "OK")
+            if verdict is not None:
+                result.append({"from_name": cfg.choices.name, "to_name": cfg.choices.to_name, "type": "choices",
+                               "score": image_score, "value": {"choices": [verdict]}})
+        logger.info("project %s task %s: ADClick-Seg %s: %d region(s), image score %.3f, %.0f ms",
+                    self.project_id, task.get("id"), seg_version, sum(r["type"] == "brushlabels" for r in result),
+                    image_score, (time.perf_counter() - t0) * 1e3)
+        return {"result": result, "score": image_score, "model_version": seg_version}
 
     def click_predictor(self, bank):
         base = self.backend.predictor()
@@ -403,15 +467,15 @@ class ADClickModel:
         self._pred_for_bank = (fp, pred)
         return pred
 
-    def _interactive(self, task: dict, context: dict, cfg: LabelConfig) -> dict:
+    def _image_state(self, task: dict, cfg: LabelConfig, with_timings: bool = False):
+        """Fetch the task image and get its cached residual state (computed once per image, bank and
+        click model). Returns (entry, bank, click predictor, image bytes)."""
         from adclick_core.errors import EmptyBankError, InputError
 
         t0 = time.perf_counter()
         if not isinstance(task, dict):
             raise BadRequest("each task must be an object")
         url = first_image_url(task, cfg)
-        # Validate the clicks' shape before any expensive work (sizes checked below).
-        context_clicks(context, cfg, None, None)
         creds = self.credentials
         data = self.backend.loader.fetch(url, creds, task_id=task.get("id"))
         digest = hashlib.sha1(data).hexdigest()
@@ -435,6 +499,20 @@ class ADClickModel:
             return StateEntry(state, image.shape[1], image.shape[0], estimate_nbytes(state))
 
         entry, cached = self.backend.cache.get_or_create(key, create)
+        t_state = time.perf_counter()
+        if with_timings:
+            return entry, bank, pred, cached, key, (t_fetch - t0, t_bank - t_fetch, t_state - t_bank)
+        return entry, bank, pred, data
+
+    def _interactive(self, task: dict, context: dict, cfg: LabelConfig) -> dict:
+        from adclick_core.errors import InputError
+
+        t0 = time.perf_counter()
+        if not isinstance(task, dict):
+            raise BadRequest("each task must be an object")
+        # Validate the clicks' shape before any expensive work (sizes checked below).
+        context_clicks(context, cfg, None, None)
+        entry, bank, pred, cached, key, (d_fetch, d_bank, d_state) = self._image_state(task, cfg, with_timings=True)
         t_state = time.perf_counter()
         cc = context_clicks(context, cfg, entry.width, entry.height)
         clicks = tuple(cc.clicks)
@@ -476,8 +554,17 @@ class ADClickModel:
             "predict %.0f ms, total %.0f ms, mask %d px",
             self.project_id, task.get("id"), len(clicks),
             "".join("+" if c.positive else "-" for c in clicks), cc.label,
-            "warm" if cached else "cold", (t_fetch - t0) * 1e3, (t_bank - t_fetch) * 1e3, (t_state - t_bank) * 1e3,
+            "warm" if cached else "cold", d_fetch * 1e3, d_bank * 1e3, d_state * 1e3,
             (t_end - t_state) * 1e3, (t_end - t0) * 1e3, int(mask.sum()),
         )
         return {"result": result, "score": score, "model_version": self.model_version}
 
+
+
+def _choice_value(cfg: LabelConfig, verdict: str) -> str | None:
+    """The config's Choice value for "OK" / "NG" (e.g. "OK", "Good", "NG", "Defective")."""
+    names = OK_CHOICE_NAMES if verdict == "OK" else NG_CHOICE_NAMES
+    for c in cfg.choices.labels if cfg.choices else ():
+        if c.strip().lower() in names:
+            return c
+    return None

@@ -1,0 +1,112 @@
+"""End to end: *Start Training* in a real Label Studio 1.23.2 trains ADClick-Seg in our backend
+(real models, ADCLICK_SEG_ITERATIONS=30 from the backend fixture), then batch pre-annotation
+answers masks stamped with the new model version.
+
+Runs after test_label_studio_clicks.py (same session project: 30 OK-tagged references, 2 images per
+defect type). One image per defect type gets a brush annotation made from its ground-truth mask
+(RLE, label = defect type), as an annotator's painted mask would be stored.
+
+A 30-iteration training cannot be expected to segment well, so only the mechanics are asserted
+(training done, a new version, one prediction per task with that version, decodable masks with the
+image size and valid labels, an OK/NG verdict); the pixel AP of the returned masks (mask x region
+score) vs the ground truth is printed.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import pytest
+from label_studio_sdk.converter.brush import decode_rle, mask2rle
+from PIL import Image
+
+from adclick_core.metrics import pixel_ap
+
+from .helpers import DEFECTS
+
+pytestmark = pytest.mark.e2e
+
+TRAIN_TIMEOUT_S = 240
+
+
+def brush_result(gt: np.ndarray, label: str) -> dict:
+    h, w = gt.shape
+    return {"from_name": "defect", "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": [int(v) for v in mask2rle(np.where(gt, 255, 0).astype(np.uint8))],
+                      "brushlabels": [label]}}
+
+
+def load_gt(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L")) > 127
+
+
+def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_project, backend_server):
+    ls = label_studio
+    pid, ml_id = mtd_project["id"], mtd_project["ml_id"]
+    defects = mtd_project["defects"]  # (type, task id, image path, gt path), 2 per type
+    train, held_out = [], []
+    for d in DEFECTS:
+        mine = [x for x in defects if x[0] == d]
+        train.append(mine[0])
+        held_out += mine[1:]
+    for d, tid, _, gt_path in train:
+        ls.api("POST", f"/api/tasks/{tid}/annotations/", json={"result": [brush_result(load_gt(gt_path), d)]})
+    v_before = backend_server.health()["projects"][str(pid)]["model_version"]
+
+    t0 = time.time()
+    ls.api("POST", f"/api/ml/{ml_id}/train", json={})
+    assert time.time() - t0 < 10, "Start Training must be answered at once"
+    # A second press while it runs is acknowledged, not queued.
+    ls.api("POST", f"/api/ml/{ml_id}/train", json={})
+
+    deadline = time.time() + TRAIN_TIMEOUT_S
+    tr, seen = {}, set()
+    while time.time() < deadline:
+        tr = backend_server.health()["training"].get(str(pid), {})
+        seen.add(tr.get("state"))
+        if tr.get("state") in ("done", "failed"):
+            break
+        time.sleep(1.0)
+    assert tr.get("state") == "done", f"training did not finish in {TRAIN_TIMEOUT_S} s: {tr}"
+    res = tr["last_result"]
+    version = res["version"]
+    assert version.startswith("ADClick-Seg-") and version != v_before
+    assert tr["model_version"] == version and tr["percent"] == 100.0
+    summary = res["summary"]
+    assert summary["label_kinds"].get("mask") == len(train), summary
+    assert summary["iterations"] == 30
+    print(f"\nADClick-Seg training: {res['seconds']} s, {summary}", file=sys.stderr)
+    log = backend_server.log.read_text()
+    assert "ADClick-Seg training 100%" in log, "progress is logged with percent"
+
+    ids = [tid for _, tid, _, _ in defects]
+    out = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                 json={"selectedItems": {"all": False, "included": ids}})
+    assert out is None or "error" not in str(out).lower(), out
+    assert ls.api("GET", f"/api/ml/{ml_id}")["model_version"] == version
+
+    scores, gts, verdicts = {}, {}, []
+    for d, tid, img_path, gt_path in defects:
+        preds = [p for p in ls.api("GET", f"/api/predictions/?task={tid}") if p["model_version"] == version]
+        assert len(preds) == 1, f"task {tid}: predictions {[p['model_version'] for p in preds]}"
+        gt = load_gt(gt_path)
+        h, w = gt.shape
+        score_map = np.zeros((h, w), np.float32)
+        for r in preds[0]["result"]:
+            if r["type"] == "choices":
+                assert r["from_name"] == "verdict" and r["value"]["choices"][0] in ("OK", "NG"), r
+                verdicts.append(r["value"]["choices"][0])
+                continue
+            assert r["type"] == "brushlabels" and r["from_name"] == "defect", r
+            assert (r["original_width"], r["original_height"]) == (w, h)
+            assert r["value"]["brushlabels"][0] in DEFECTS and 0.0 <= r["score"] <= 1.0
+            m = decode_rle(r["value"]["rle"]).reshape(h, w, 4)[:, :, 3] > 127
+            score_map = np.maximum(score_map, m * np.float32(r["score"]))
+        scores[tid], gts[tid] = score_map, gt
+    assert len(verdicts) == len(defects), "every prediction carries an OK/NG verdict"
+    ap_train = pixel_ap([scores[t] for _, t, _, _ in train], [gts[t] for _, t, _, _ in train])
+    ap_held = pixel_ap([scores[t] for _, t, _, _ in held_out], [gts[t] for _, t, _, _ in held_out])
+    print(f"pixel AP of the pre-annotated masks (mask x score) after {summary['iterations']} iterations: "
+          f"annotated images {ap_train:.3f}, held-out images {ap_held:.3f}; verdicts {verdicts}", file=sys.stderr)
