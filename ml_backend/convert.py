@@ -465,6 +465,9 @@ class TaskLabels:
     masks: dict[str, list[dict]] = field(default_factory=dict)
     boxes: dict[str, list[tuple[float, float, float, float]]] = field(default_factory=dict)
     tag: str | None = None
+    #: defect type -> the smart KeyPoints of that type, for labels whose brush regions are unedited
+    #: ADClick suggestions (``origin: "prediction"``): their masks came from these clicks.
+    clicks: dict[str, list[dict]] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -496,6 +499,7 @@ def task_labels(task: dict, cfg: LabelConfig) -> tuple[TaskLabels | None, str]:
     if ann is None:
         return None, "no finished (non-cancelled) annotation"
     out = TaskLabels(task)
+    points: dict[str, list[dict]] = {}
     for r in ann.get("result") or []:
         if not isinstance(r, dict):
             continue
@@ -507,6 +511,9 @@ def task_labels(task: dict, cfg: LabelConfig) -> tuple[TaskLabels | None, str]:
                 logger.info("task %s: a brush region without RLE is ignored", task.get("id"))
                 continue
             out.masks.setdefault(label or cfg.defect_types[0], []).append(r)
+        elif typ == "keypointlabels" and r.get("from_name") in (None, cfg.keypoint.name):
+            label = _defect_label(value.get("keypointlabels") or [], cfg)
+            points.setdefault(label or cfg.defect_types[0], []).append(r)
         elif typ == "rectanglelabels" and cfg.rectangle is not None and r.get("from_name") in (None, cfg.rectangle.name):
             try:
                 box = tuple(float(value[k]) for k in ("x", "y", "width", "height"))
@@ -518,6 +525,12 @@ def task_labels(task: dict, cfg: LabelConfig) -> tuple[TaskLabels | None, str]:
             label = _defect_label(value.get("rectanglelabels") or [], cfg)
             out.boxes.setdefault(label or cfg.defect_types[0], []).append(box)  # type: ignore[arg-type]
     out.tag = verdict_of(ann.get("result") or [], cfg)
+    # Label Studio marks each region's origin: "manual" (painted), "prediction" (an accepted
+    # suggestion, unedited), "prediction-changed" (edited after accepting). An unedited suggestion
+    # next to the smart clicks of the same label is an ADClick answer to those clicks.
+    for label, regions in out.masks.items():
+        if label in points and all(r.get("origin") == "prediction" for r in regions):
+            out.clicks[label] = points[label]
     if out.empty:
         return None, "the latest annotation has no brush mask, rectangle or OK/NG verdict"
     return out, ""
@@ -542,12 +555,14 @@ def decode_brush(item: dict, width: int, height: int) -> np.ndarray:
     return mask
 
 
-def seg_items_of(labels: TaskLabels, image: np.ndarray) -> list:
+def seg_items_of(labels: TaskLabels, image: np.ndarray, click_prob=None) -> list:
     """``TaskLabels`` + the decoded image -> ``SegItem``s (original pixels): one item per defect
     type with its exact mask and/or boxes; an OK / NG verdict without regions -> one tag item.
 
-    A brush mask is used as an exact mask even when it was accepted from an ADClick suggestion:
-    Label Studio keeps no link between a brush region and the clicks that produced it.
+    A brush mask is an exact mask, except an unedited ADClick suggestion with its clicks
+    (``labels.clicks``) when ``click_prob(image, clicks, defect_type) -> H x W probabilities`` is
+    given: that item carries ``click_prob`` + ``clicks`` (pixels) instead, so training treats the
+    uncertain band of the click answer as such.
     """
     from adclick_core.seg_training import SegItem
 
@@ -567,8 +582,28 @@ def seg_items_of(labels: TaskLabels, image: np.ndarray) -> list:
                 boxes.append((x0, y0, x1, y1))
         if mask is None and not boxes:
             continue
-        items.append(SegItem(image=image, defect_type=label, mask=mask, boxes=tuple(boxes),
-                             tag="NG" if labels.tag == "NG" else None))
+        tag = "NG" if labels.tag == "NG" else None
+        if mask is not None and click_prob is not None and label in labels.clicks:
+            try:
+                clicks = context_clicks({"result": labels.clicks[label]}, _any_cfg(labels.clicks[label]), w, h).clicks
+                prob = np.asarray(click_prob(image, clicks, label), dtype=np.float32)
+                if prob.shape != (h, w):
+                    raise ValueError(f"click map of shape {prob.shape} for a {h}x{w} image")
+                items.append(SegItem(image=image, defect_type=label, click_prob=prob, clicks=tuple(clicks),
+                                     boxes=tuple(boxes), tag=tag))
+                continue
+            except (BadRequest, ValueError) as e:
+                logger.warning("task %s: the clicks of %r cannot be replayed (%s): using the mask as exact",
+                               labels.task.get("id"), label, getattr(e, "message", e))
+        items.append(SegItem(image=image, defect_type=label, mask=mask, boxes=tuple(boxes), tag=tag))
     if not items and labels.tag in ("OK", "NG"):
         items.append(SegItem(image=image, defect_type=None, tag=labels.tag))
     return items
+
+
+def _any_cfg(points: list[dict]) -> LabelConfig:
+    """A minimal config for ``context_clicks`` over already selected KeyPoints."""
+    name = points[0].get("from_name") or "click"
+    labels = tuple({str(l) for p in points for l in ((p.get("value") or {}).get("keypointlabels") or ["defect"])})
+    tag = TagInfo(name, "image", labels or ("defect",), True)
+    return LabelConfig("image", "image", tag, tag)

@@ -152,7 +152,7 @@ class SegJob:
                 logger.exception("project %s: ADClick-Seg training failed (the previous model keeps serving)",
                                  self.m.project_id)
 
-    def _collect(self, cfg, creds) -> tuple[list, dict]:
+    def _collect(self, cfg, creds, click_prob=None) -> tuple[list, dict]:
         pid = self.m.project_id
         self._progress(0.0, "exporting annotations from Label Studio")
         tasks = export_annotated_tasks(creds, pid)
@@ -171,7 +171,7 @@ class SegJob:
             try:
                 data = self.m.backend.loader.fetch(first_image_url(labels.task, cfg), creds, task_id=tid)
                 image = decode_image(data)
-                items += seg_items_of(labels, image)
+                items += seg_items_of(labels, image, click_prob)
             except (BackendError, ValueError, KeyError) as e:
                 why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                 logger.warning("project %s: task %s not used for training: %s", pid, tid, why)
@@ -179,6 +179,24 @@ class SegJob:
             self._progress(0.0, f"reading annotated images {i + 1}/{len(usable)}")
         return items, {"exported_tasks": len(tasks), "used_tasks": len(usable) - skipped.get("image or mask unusable", 0),
                        "skipped": skipped}
+
+    @staticmethod
+    def _click_replay(pred):
+        """(image, clicks, defect type) -> the click model's answer after the last click, replayed
+        click by click with the previous answer as the interactive session did."""
+        last: list = [None, None]  # (image, state): one image's state serves all its labels
+
+        def replay(image, clicks, defect_type):
+            if last[0] is not image:
+                last[0], last[1] = image, pred.set_image(image)
+            prob = None
+            for k in range(1, len(clicks) + 1):
+                prob = pred.predict(last[1], list(clicks[:k]), prev_mask=prob, defect_type=defect_type)
+            if prob is None:
+                raise ValueError("no clicks")
+            return prob
+
+        return replay
 
     def _new_version(self) -> str:
         v = "ADClick-Seg-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -191,15 +209,15 @@ class SegJob:
     def _train(self) -> dict:
         m, backend = self.m, self.m.backend
         cfg, creds = m.config, m.credentials
-        items, collected = self._collect(cfg, creds)
-        if not items:
-            raise ValueError(
-                f"nothing to train on: {collected['exported_tasks']} annotated task(s) exported, none with a "
-                f"brush mask, rectangle or OK/NG verdict ({collected['skipped']})")
         self._progress(0.0, "waiting for the reference bank")
         bank = m.references.require_bank(cfg, creds, max(backend.settings.bank_wait_s, 300.0),
                                          backend.settings.bank_refresh_s)
         click = backend.predictor()
+        items, collected = self._collect(cfg, creds, self._click_replay(m.click_predictor(bank)))
+        if not items:
+            raise ValueError(
+                f"nothing to train on: {collected['exported_tasks']} annotated task(s) exported, none with a "
+                f"brush mask, rectangle or OK/NG verdict ({collected['skipped']})")
         version = self._new_version()
         m.dir.mkdir(parents=True, exist_ok=True)
         path = m.dir / f"seg-{version}.pt"

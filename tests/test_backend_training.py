@@ -341,3 +341,58 @@ def test_preannotation_answers_masks_and_a_verdict_with_the_new_version(tmp_path
     assert [x["type"] for x in res[1]["result"]] == ["choices"]
     assert res[1]["result"][0]["value"]["choices"] == ["OK"] and res[1]["score"] == pytest.approx(0.1)
     assert res[2]["result"] == []  # a missing image: empty, the batch survives
+
+
+# ---------------------------------------------------------------- masks that came from clicks
+
+
+def kp_item(x_px, y_px, label, positive=True):
+    item = {"from_name": "click", "to_name": "image", "type": "keypointlabels", "original_width": W,
+            "original_height": H, "value": {"x": (x_px + 0.5) / W * 100, "y": (y_px + 0.5) / H * 100,
+                                            "width": 0.5, "keypointlabels": [label]}}
+    if not positive:
+        item["is_positive"] = False
+    return item
+
+
+def test_an_unedited_click_suggestion_becomes_a_click_item():
+    r = rle_item(square(), "crack")
+    r["origin"] = "prediction"
+    labels, _ = task_labels(exported(1, [kp_item(36, 14, "crack"), kp_item(5, 5, "crack", False), r]), CFG)
+    assert set(labels.clicks) == {"crack"}
+    image = np.zeros((H, W, 3), np.uint8)
+    seen = []
+
+    def replay(img, clicks, label):
+        seen.append((clicks, label))
+        return np.full((H, W), 0.25, np.float32)
+
+    (item,) = seg_items_of(labels, image, replay)
+    assert item.mask is None and item.click_prob is not None and item.click_prob.shape == (H, W)
+    assert [(c.x, c.y, c.positive) for c in item.clicks] == [(36.0, 14.0, True), (5.0, 5.0, False)]
+    assert seen[0][1] == "crack"
+    # Without a replay function, or once edited / painted, the mask is exact.
+    assert seg_items_of(labels, image)[0].mask is not None
+    for origin in ("prediction-changed", "manual"):
+        r["origin"] = origin
+        labels, _ = task_labels(exported(1, [kp_item(36, 14, "crack"), r]), CFG)
+        assert labels.clicks == {}
+        assert seg_items_of(labels, image, replay)[0].mask is not None
+
+
+def test_click_suggestions_are_replayed_with_the_click_model_for_training(tmp_path, ls):
+    r = rle_item(square(), "crack")
+    r["origin"] = "prediction"
+    ls.exports["1"] = [exported(1, [kp_item(36, 14, "crack"), kp_item(38, 15, "crack"), r])]
+    trainer = Trainer()
+    trainer.gate.set()
+    backend = make(tmp_path, trainer)
+    client = create_app(backend).test_client()
+    start(client)
+    assert wait_state(client)["state"] == "done"
+    (item,) = trainer.calls[0]["items"]
+    assert item.mask is None and len(item.clicks) == 2
+    # The fake click model paints 0.9 discs around positive clicks.
+    assert item.click_prob[14, 36] == pytest.approx(0.9) and item.click_prob[40, 5] == 0.0
+    calls = backend.predictor().shared["calls"]
+    assert [len(c["clicks"]) for c in calls] == [1, 2] and calls[1]["prev_mask"]
