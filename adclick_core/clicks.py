@@ -7,10 +7,13 @@ helpers that change resolution say so.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "Click",

@@ -5,7 +5,6 @@ import copy
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

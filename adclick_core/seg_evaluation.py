@@ -6,15 +6,12 @@ defective images plus all good test images; both folds and their mean are report
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from scipy import ndimage
 from tqdm.auto import tqdm
 

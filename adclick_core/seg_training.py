@@ -16,7 +16,6 @@ multiple-instance term (the top-k pixels of the unknown region should be anomalo
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field

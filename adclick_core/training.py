@@ -158,7 +158,6 @@ def train_click(
         return config.lr * 0.5 * (1 + math.cos(math.pi * t))
 
     s = mcfg.input_size
-    scale = s / s  # clicks are sampled directly at model input resolution
     losses: list[float] = []
     t0 = time.time()
     bar = tqdm(range(config.iterations), desc="train-click", unit="it", disable=not progress)
