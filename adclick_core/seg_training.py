@@ -16,7 +16,6 @@ multiple-instance term (the top-k pixels of the unknown region should be anomalo
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, compute_residuals
-from .training import SyntheticPool, input_scale
+from .training import SyntheticPool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
 __all__ = ["SegItem", "SegTrainConfig", "train_seg", "SEG_KIND", "item_label_kind"]
 
@@ -220,17 +219,12 @@ def train_seg(
     else:
         scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
     model.residual_embed.input_scale.copy_(scale.to(device))
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
     s = mcfg.input_size
     losses: list[float] = []
 
     def lr_at(it: int) -> float:
-        if it < config.warmup:
-            return config.lr * (it + 1) / config.warmup
-        t = (it - config.warmup) / max(1, config.iterations - config.warmup)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine_lr(it, config.lr, config.warmup, config.iterations)
 
     def language_for(batch_types: list[str | None]) -> torch.Tensor | None:
         if prompts is None:

@@ -108,6 +108,22 @@ class ClickTrainConfig:
         return asdict(self)
 
 
+def warmup_cosine_lr(it: int, lr: float, warmup: int, iterations: int) -> float:
+    """Linear warm-up to ``lr``, then cosine decay to 0 at ``iterations`` (both training loops)."""
+    if it < warmup:
+        return lr * (it + 1) / warmup
+    t = (it - warmup) / max(1, iterations - warmup)
+    return lr * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def optimizer_and_ema(model: torch.nn.Module, lr: float, weight_decay: float, ema_decay: float):
+    """AdamW on the model and an EMA copy of it (weights and buffers) for the checkpoint."""
+    ema = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True
+    )
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), ema
+
+
 def input_scale(residual: torch.Tensor, anomalous: torch.Tensor, kind: str, max_samples: int = 256) -> torch.Tensor:
     """Per-channel mean of the network input on normal pixels (residual N x C x g x g,
     ``anomalous`` N x S x S bool at any resolution, True where a defect is or may be)."""
@@ -146,16 +162,10 @@ def train_click(
     model = ADClick(mcfg).to(device)
     model.residual_embed.input_scale.copy_(
         input_scale(pool.residual, torch.from_numpy(pool.masks), mcfg.residual_input).to(device))
-    ema = torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
 
     def lr_at(it: int) -> float:
-        if it < config.warmup:
-            return config.lr * (it + 1) / config.warmup
-        t = (it - config.warmup) / max(1, config.iterations - config.warmup)
-        return config.lr * 0.5 * (1 + math.cos(math.pi * t))
+        return warmup_cosine_lr(it, config.lr, config.warmup, config.iterations)
 
     s = mcfg.input_size
     losses: list[float] = []
