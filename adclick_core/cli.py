@@ -54,23 +54,6 @@ def _backbone_config(args):
                           feature_dim=args.feature_dim or feature_dim)
 
 
-def _bank_for(data: Path, extractor, bank_path: str | None, progress: bool = True):
-    """Load ``bank_path`` if it exists and fits the extractor, else build from data/train/good (and save)."""
-    from .data import MVTecFolder
-    from .reference import ReferenceBank
-
-    if bank_path and Path(bank_path).is_file():
-        bank = ReferenceBank.load(bank_path, device=extractor.mean.device)
-        if bank.backbone.fingerprint() == extractor.config.fingerprint():
-            return bank
-        log.warning("bank %s was built with another backbone; rebuilding", bank_path)
-    paths = MVTecFolder(data).train_good()
-    bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
-    if bank_path:
-        bank.save(bank_path)
-    return bank
-
-
 # ---------------------------------------------------------------------------- commands
 def cmd_build_bank(args) -> dict:
     from .backbone import build_extractor
@@ -101,7 +84,7 @@ def cmd_train_click(args) -> dict:
     t0 = time.time()
     data = Path(args.data)
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
-    bank = _bank_for(data, extractor, args.bank)
+    bank = MVTecFolder(data).reference_bank(extractor, args.bank)
     rcfg = _residual_config(args)
     normals = MVTecFolder(data).train_good()
     index = {n: i for i, n in enumerate(bank.names)}
@@ -161,7 +144,7 @@ def cmd_train_seg(args) -> dict:
     data = Path(args.data)
     folder = MVTecFolder(data)
     clicker = ClickPredictor.from_checkpoint(args.click_checkpoint, device=args.device)
-    bank = _bank_for(data, clicker.extractor, args.bank)
+    bank = folder.reference_bank(clicker.extractor, args.bank)
     clicker = clicker.with_bank(bank)
     samples = folder.test_samples(defective_only=True)
     if args.fold is not None:

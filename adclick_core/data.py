@@ -1,6 +1,7 @@
 """MVTec-style folder data sets: ``train/good``, ``test/<type>``, ``ground_truth/<type>/<name>_mask.png``."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from PIL import Image
 from .backbone import load_image
 
 __all__ = ["Sample", "MVTecFolder", "load_mask"]
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 
@@ -79,3 +82,19 @@ class MVTecFolder:
                     raise FileNotFoundError(f"no ground-truth mask {mask} for {p}")
                 out.append(Sample(p, dt, mask))
         return out
+
+    def reference_bank(self, extractor, cache: str | Path | None = None, progress: bool = True):
+        """The folder's ReferenceBank (train/good): loaded from ``cache`` if it exists and fits
+        the extractor's backbone, else built (and written to ``cache`` when given)."""
+        from .reference import ReferenceBank
+
+        if cache and Path(cache).is_file():
+            bank = ReferenceBank.load(cache, device=extractor.mean.device)
+            if bank.backbone.fingerprint() == extractor.config.fingerprint():
+                return bank
+            log.warning("bank %s was built with another backbone; rebuilding", cache)
+        paths = self.train_good()
+        bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
+        if cache:
+            bank.save(cache)
+        return bank

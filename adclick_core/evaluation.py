@@ -88,14 +88,12 @@ def evaluate_clicks(
     progress: bool = True,
 ) -> dict:
     """The ``eval-click`` command: metrics per method and click count (fractions in [0, 1])."""
-    from .cli import _bank_for  # one place that knows how to reuse / build a data set's bank
-
     t0 = time.time()
     folder = MVTecFolder(data)
     pred = ClickPredictor.from_checkpoint(checkpoint, device=device)
     for k, v in (residual_overrides or {}).items():
         setattr(pred.residual_config, k, v)
-    pred = pred.with_bank(_bank_for(Path(data), pred.extractor, bank_path, progress=progress))
+    pred = pred.with_bank(folder.reference_bank(pred.extractor, bank_path, progress=progress))
     samples = folder.test_samples(defective_only=True)[:limit]
     report_at = sorted(set(int(c) for c in clicks))
     probs: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))

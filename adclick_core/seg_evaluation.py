@@ -103,14 +103,12 @@ def evaluate_seg(
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    from .cli import _bank_for
-
     t0 = time.time()
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
     folder = MVTecFolder(data)
     clicker = ClickPredictor.from_checkpoint(click_checkpoint, device=device)
-    bank = _bank_for(Path(data), clicker.extractor, bank_path, progress=progress)
+    bank = folder.reference_bank(clicker.extractor, bank_path, progress=progress)
     clicker = clicker.with_bank(bank)
     extractor, rcfg = clicker.extractor, clicker.residual_config
     defect_types = folder.defect_types

@@ -16,7 +16,7 @@ from adclick_core.models.embeddings import residual_features
 
 def tiny(**kw) -> ADClickConfig:
     base = dict(in_channels=8, embed_dim=16, depth=2, num_heads=2, window_size=4, grid_size=8, input_size=64,
-                fine_channels=4, head_channels=8, drop_path=0.0)
+                fine_channels=4, head_channels=8, drop_path=0.0, prior=False)  # prior: test_core_prior.py
     base.update(kw)
     return ADClickConfig(**base)
 
