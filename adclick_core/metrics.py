@@ -15,7 +15,7 @@ from typing import Sequence, Union
 
 import numpy as np
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from .errors import InputError
 
@@ -228,6 +228,19 @@ def mean_iou_at(ious_per_image_per_click: Sequence[Sequence[float]], k: int) -> 
             raise InputError(f"image {i} has no IoU values")
         values.append(float(ious[min(k, len(ious)) - 1]))
     return float(np.mean(values)) if values else float("nan")
+
+
+def best_f1_threshold(scores: MapsLike, masks: MapsLike) -> tuple[float, float]:
+    """(threshold, F1) maximising pixel F1 of ``score >= threshold`` over the pooled pixels.
+
+    Ties keep the lowest such threshold; (0.5, 0.0) when there is no positive pixel."""
+    s, m = _pooled(scores, masks)
+    if not m.any():
+        return 0.5, 0.0
+    precision, recall, thresholds = precision_recall_curve(m, s)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
+    i = int(np.argmax(f1))
+    return float(thresholds[i]), float(f1[i])
 
 
 def segmentation_report(scores: MapsLike, masks: MapsLike) -> dict[str, float]:

@@ -19,7 +19,9 @@ from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, compute_residuals
 
-__all__ = ["ImageState", "ClickPredictor", "SegPredictor"]
+__all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "SEG_BLUR_SIGMA"]
+
+SEG_BLUR_SIGMA = 4.0  # px at the output size: ADClick-Seg maps are smoothed as in the papers' evaluation
 
 
 @dataclass
@@ -40,6 +42,17 @@ class ImageState:
 
 def _upsample(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+
+
+def smooth_probability(logits: torch.Tensor, hw: tuple[int, int], sigma: float = SEG_BLUR_SIGMA) -> torch.Tensor:
+    """B x 1 x h x w logits -> B x 1 x H x W probabilities, Gaussian-smoothed (sigma px at H x W)."""
+    prob = torch.sigmoid(_upsample(logits.float(), hw))
+    if sigma > 0:
+        from torchvision.transforms.functional import gaussian_blur
+
+        k = 2 * int(math.ceil(3 * sigma)) + 1
+        prob = gaussian_blur(prob, [k, k], [sigma, sigma])
+    return prob
 
 
 class _ResidualPredictor:
@@ -162,7 +175,8 @@ class ClickPredictor(_ResidualPredictor):
 class SegPredictor(_ResidualPredictor):
     """ADClick-Seg inference: zero clicks, once per defect type, pixel-wise max (Eq. 7)."""
 
-    def __init__(self, *args, prompt_features: dict[str, torch.Tensor] | None = None, blur_sigma: float = 4.0,
+    def __init__(self, *args, prompt_features: dict[str, torch.Tensor] | None = None,
+                 blur_sigma: float = SEG_BLUR_SIGMA,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.prompt_features = {k: v.to(self.device) for k, v in (prompt_features or {}).items()}
@@ -190,14 +204,14 @@ class SegPredictor(_ResidualPredictor):
     def defect_types(self) -> list[str]:
         return list(self.checkpoint_info.get("defect_types") or ["defect"])
 
-    def _smooth(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        prob = torch.sigmoid(_upsample(logits.float(), hw))
-        if self.blur_sigma > 0:
-            from torchvision.transforms.functional import gaussian_blur
+    @property
+    def threshold(self) -> float:
+        """Probability at which a pixel is called defective: calibrated on the training labels
+        when the checkpoint was written (``train_seg``), else 0.5."""
+        return float(self.checkpoint_info.get("threshold") or 0.5)
 
-            k = 2 * int(math.ceil(3 * self.blur_sigma)) + 1
-            prob = gaussian_blur(prob, [k, k], [self.blur_sigma, self.blur_sigma])
-        return prob[0, 0]
+    def _smooth(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        return smooth_probability(logits, hw, self.blur_sigma)[0, 0]
 
     @torch.no_grad()
     def predict_per_type(self, state: ImageState, defect_types: Sequence[str] | None = None) -> dict[str, np.ndarray]:

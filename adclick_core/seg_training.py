@@ -166,6 +166,64 @@ def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases
     return {t: encoder.defect_features(t, phrases=(phrases or {}).get(t), object_name=object_name) for t in defect_types}
 
 
+@torch.no_grad()
+def calibrate_threshold(
+    model: ADClick,
+    data: "_Prepared",
+    synthetic: SyntheticPool | None,
+    prompts: dict | None,
+    device: torch.device,
+    max_items: int = 64,
+    out_size: int = 64,
+) -> dict:
+    """The probability threshold with the best pixel F1 on labelled data, as inference computes
+    maps (zero clicks, Eq. 7 max over defect types, sigma-4 smoothing at the input size).
+
+    Uses the items whose defect pixels are known (masks, click pseudo labels); without them, the
+    synthetic pool. Returns ``{"threshold", "f1", "source", "images"}``."""
+    from .metrics import best_f1_threshold
+    from .predictor import smooth_probability
+
+    known = [i for i, k in enumerate(data.kind) if k in ("mask", "clicks")][:max_items]
+    if known:
+        residual = data.residual[known]
+        targets = [(data.target[i] > 0.5) & data.valid[i] for i in known]
+        valid = [data.valid[i] for i in known]
+        source = "labelled images"
+    elif synthetic is not None and len(synthetic):
+        idx = np.linspace(0, len(synthetic) - 1, min(max_items, len(synthetic))).astype(int)
+        residual = synthetic.residual[idx]
+        targets = [torch.from_numpy(synthetic.masks[i]) for i in idx]
+        valid = [torch.ones_like(t) for t in targets]
+        source = "synthetic anomalies"
+    else:
+        return {"threshold": 0.5, "f1": None, "source": "default", "images": 0}
+    s = model.config.input_size
+    maps = encode_clicks([[] for _ in range(len(residual))], None, s, model.config.click_radius).to(device)
+    langs = [prompts[t].mean.to(device) for t in sorted(prompts)] if prompts else [None]
+    prob = None
+    for start in range(0, len(residual), 8):
+        r = residual[start:start + 8].float().to(device)
+        m = maps[start:start + 8]
+        best = None
+        for lang in langs:
+            logits = model(r, m, None, None if lang is None else lang.expand(len(r), -1))
+            p = smooth_probability(logits, (s, s))
+            best = p if best is None else torch.maximum(best, p)
+        prob = best if prob is None else torch.cat([prob, best])
+    prob = F.adaptive_avg_pool2d(prob, out_size)[:, 0].cpu().numpy()
+    scores, masks = [], []
+    for i in range(len(targets)):
+        t = F.adaptive_max_pool2d(targets[i].float()[None, None], out_size)[0, 0].numpy() > 0.5
+        # A cell counts only if all its pixels are labelled (min-pool).
+        v = -F.adaptive_max_pool2d(-valid[i].float()[None, None], out_size)[0, 0].numpy() > 0.5
+        scores.append(prob[i][v])
+        masks.append(t[v])
+    thr, f1 = best_f1_threshold(scores, masks)
+    return {"threshold": round(float(np.clip(thr, 0.05, 0.95)), 4), "f1": round(f1, 4), "source": source,
+            "images": len(targets)}
+
+
 def train_seg(
     items: Sequence[SegItem],
     extractor: FeatureExtractor,
@@ -332,12 +390,15 @@ def train_seg(
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
     }
     model = ema.module.eval()
+    calibration = calibrate_threshold(model, data, synthetic, prompts, device)
+    summary["threshold"] = calibration
     if out is not None:
         save_checkpoint(
             out, SEG_KIND, model.state_dict(), model_config=mcfg.to_dict(),
             train_config={k: v for k, v in config.to_dict().items() if k != "model"},
             backbone=extractor.config.to_dict(), residual_config=rcfg.to_dict(),
             bank_fingerprint=bank.fingerprint, defect_types=types, object_name=object_name,
+            threshold=calibration["threshold"],
             # The averaged prompt of each type (Eq. 6) travels with the weights: inference needs no text encoder.
             prompt_features={t: prompts[t].mean.detach().float().cpu() for t in types} if prompts else {},
             train_summary=summary,

@@ -31,7 +31,8 @@ ADCLICK_BANK_REFRESH_S    Re-read OK-tagged tasks at most this often, in the bac
                           webhooks add new OK tags at once).
 ADCLICK_SEG_ITERATIONS    Iterations of an ADClick-Seg training (Start Training; default 600).
 ADCLICK_SEG_THRESHOLD     Pre-annotation: probability above which a pixel is in a defect type's mask,
-                          and image score at which the verdict is NG (default 0.5).
+                          and image score at which the verdict is NG (default: the threshold each
+                          trained model calibrated on its training labels, best pixel F1).
 ADCLICK_TRAIN_EVERY       Also start a training after every N new annotations (default 0 = only on
                           Start Training). One training per project at a time.
 ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).

@@ -47,7 +47,7 @@ INTERACTIVE_HINT = (
 )
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_float(name: str, default: float | None) -> float | None:
     v = os.environ.get(name)
     try:
         return float(v) if v not in (None, "") else default
@@ -70,7 +70,7 @@ class Settings:
     bank_wait_s: float = 80.0
     bank_refresh_s: float = 600.0
     seg_iterations: int = 600
-    seg_threshold: float = 0.5
+    seg_threshold: float | None = None  # None: the threshold calibrated at training (in the checkpoint)
     train_every: int = 0
 
     @classmethod
@@ -88,7 +88,7 @@ class Settings:
             bank_wait_s=_env_float("ADCLICK_BANK_WAIT_S", 80.0),
             bank_refresh_s=_env_float("ADCLICK_BANK_REFRESH_S", 600.0),
             seg_iterations=max(1, int(_env_float("ADCLICK_SEG_ITERATIONS", 600))),
-            seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", 0.5),
+            seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", None),
             train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
         )
 
@@ -247,7 +247,8 @@ class Backend:
             },
             "seg_model": {
                 "iterations": self.settings.seg_iterations,
-                "threshold": self.settings.seg_threshold,
+                "threshold": (self.settings.seg_threshold if self.settings.seg_threshold is not None
+                              else "calibrated per model"),
                 "train_every": self.settings.train_every,
                 "projects": {m.project_id: m.seg.current.version for m in self.models() if m.seg.current},
             },
@@ -433,6 +434,8 @@ class ADClickModel:
             state = seg.with_bank(bank).set_image(decode_image(data))
         per_type = seg.predict_per_type(state, types)
         thr = self.backend.settings.seg_threshold
+        if thr is None:
+            thr = float(getattr(seg, "threshold", 0.5))
         result, seen = [], []
         image_score = 0.0
         for t, prob in per_type.items():

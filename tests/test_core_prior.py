@@ -85,6 +85,8 @@ def test_untrained_token_model_ranks_cells_by_residual_magnitude():
     torch.manual_seed(0)
     model = ADClick(_tiny(prior=True, head="token")).eval()
     assert model.use_map_prior and not model.use_prior
+    torch.nn.init.zeros_(model.token_head.proj.weight)  # the learnt correction, switched off
+    torch.nn.init.zeros_(model.token_head.proj.bias)
     res = torch.randn(2, 8, 8, 8)
     res[0, :, 2:5, 2:5] *= 5
     maps = encode_clicks([[], []], None, 64, 5.0)

@@ -192,8 +192,14 @@ def test_train_seg_each_label_kind_with_language(kind, world, encoder, tmp_path)
     assert ckpt["residual_config"] == RESIDUAL.to_dict()
     assert ckpt["bank_fingerprint"] == bank.fingerprint
     assert ckpt["train_summary"]["label_kinds"] == {kind: len(items)}
+    # The pre-annotation threshold is calibrated on labelled pixels where defects are known,
+    # else on the synthetic pool, and travels with the weights.
+    cal = summary["threshold"]
+    assert cal["source"] == ("labelled images" if kind in ("mask", "clicks") else "synthetic anomalies")
+    assert 0.05 <= ckpt["threshold"] == cal["threshold"] <= 0.95 and cal["images"] > 0
 
     pred = load_predictor(out, bank)
+    assert pred.threshold == ckpt["threshold"]
     assert pred.defect_types == TYPES
     assert set(pred.prompt_features) == set(TYPES)
     for k, v in model.state_dict().items():

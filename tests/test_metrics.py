@@ -241,3 +241,14 @@ def test_segmentation_report_bundles_the_metrics():
     assert report["ap"] == pytest.approx(pixel_ap(scores, masks))
     assert report["aupro"] == pytest.approx(aupro(scores, masks))
     assert report["pixel_auroc"] == pytest.approx(pixel_auroc(scores, masks))
+
+
+def test_best_f1_threshold_by_hand():
+    from adclick_core.metrics import best_f1_threshold
+
+    scores = np.array([[0.1, 0.4], [0.35, 0.8]])
+    labels = np.array([[0, 0], [1, 1]], dtype=bool)
+    # >= 0.35: TP 2, FP 1 -> F1 0.8; >= 0.8: F1 2/3; >= 0.4: F1 0.5; >= 0.1: F1 2/3.
+    thr, f1 = best_f1_threshold([scores], [labels])
+    assert thr == pytest.approx(0.35) and f1 == pytest.approx(0.8)
+    assert best_f1_threshold([scores], [np.zeros((2, 2), bool)]) == (0.5, 0.0)

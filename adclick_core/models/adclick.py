@@ -83,14 +83,16 @@ class ADClick(nn.Module):
             if config.head == "refine" else None
         )
         if self.use_prior or self.use_map_prior:
-            # Output = a * prior logit + b + learnt correction; the correction starts at zero so an
-            # untrained model ranks pixels exactly as the training-free answer does. The map prior's
-            # a, b put a typical normal cell (mean scaled r^2 = 1) at logit -2, a 4x one at +1.
-            self.prior_scale = nn.Parameter(torch.full((1,), 1.0 if self.use_prior else 4.0))
-            self.prior_bias = nn.Parameter(torch.full((1,), 0.0 if self.use_prior else -5.0))
-            nn.init.zeros_(self.token_head.proj.weight)
-            nn.init.zeros_(self.token_head.proj.bias)
+            # Output = a * prior logit + b + learnt correction. The click model's correction starts
+            # at zero, so untrained it answers exactly the prior; the token head keeps its small
+            # random init (zero-init there learnt far slower on a toy set: AP +0.03 vs +0.25 in 70
+            # steps). The map prior's a, b put a typical normal cell (mean scaled r^2 = 1) at logit
+            # -1.3 and keep strong residuals (100x) below saturation, where float32 ties at 1.0.
+            self.prior_scale = nn.Parameter(torch.full((1,), 1.0))
+            self.prior_bias = nn.Parameter(torch.full((1,), 0.0 if self.use_prior else -2.0))
             if self.refine_head is not None:
+                nn.init.zeros_(self.token_head.proj.weight)
+                nn.init.zeros_(self.token_head.proj.bias)
                 last = self.refine_head.refine[-1]
                 nn.init.zeros_(last.weight)
                 nn.init.zeros_(last.bias)
