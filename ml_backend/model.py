@@ -418,6 +418,8 @@ class ADClickModel:
         return {"result": [], "score": 0.0, "model_version": version}
 
     def _seg_predict(self, task: dict, cfg: LabelConfig) -> dict:
+        from adclick_core.regions import defect_regions
+
         t0 = time.perf_counter()
         seg_version = self.seg.current.version
         entry, bank, pred, data = self._image_state(task, cfg)
@@ -444,12 +446,10 @@ class ADClickModel:
             if any(prob is p for p in seen):  # a model without language gives one map for all types
                 continue
             seen.append(prob)
-            mask = prob >= thr
-            if not mask.any():
-                continue
             label = brush_label_for(t, cfg)
-            result.append(mask_to_result(mask, cfg, label, float(prob[mask].mean()), entry.width, entry.height,
-                                         region_id=uuid.uuid4().hex[:10]))
+            for region in defect_regions(prob, thr):
+                result.append(mask_to_result(region.mask, cfg, label, region.score, entry.width, entry.height,
+                                             region_id=uuid.uuid4().hex[:10]))
         if cfg.choices is not None:
             verdict = _choice_value(cfg, "NG" if image_score >= thr else "OK")
             if verdict is not None:
