@@ -19,7 +19,8 @@ from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, compute_residuals
 
-__all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "SEG_BLUR_SIGMA"]
+__all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
+           "SEG_BLUR_SIGMA"]
 
 SEG_BLUR_SIGMA = 4.0  # px at the output size: ADClick-Seg maps are smoothed as in the papers' evaluation
 
@@ -53,6 +54,33 @@ def smooth_probability(logits: torch.Tensor, hw: tuple[int, int], sigma: float =
         k = 2 * int(math.ceil(3 * sigma)) + 1
         prob = gaussian_blur(prob, [k, k], [sigma, sigma])
     return prob
+
+
+@torch.no_grad()
+def seg_probabilities(
+    model: ADClick,
+    residual: torch.Tensor,
+    types: Sequence[str],
+    prompt_features: dict[str, torch.Tensor] | None = None,
+    hw: tuple[int, int] | None = None,
+    fine: torch.Tensor | None = None,
+    sigma: float = SEG_BLUR_SIGMA,
+) -> dict[str, torch.Tensor]:
+    """ADClick-Seg's answer (zero clicks) per defect type: B x 1 x H x W smoothed probabilities
+    (``hw`` default: the model input size). A model without language gives one map, shared by
+    every type (the same tensor object)."""
+    s = model.config.input_size
+    hw = hw or (s, s)
+    maps = encode_clicks([[] for _ in range(len(residual))], None, s, model.config.click_radius).to(residual.device)
+    if model.config.text_dim == 0:
+        prob = smooth_probability(model(residual, maps, fine), hw, sigma)
+        return {t: prob for t in types}
+    features = prompt_features or {}
+    for t in types:
+        if t not in features:
+            raise InputError(f"defect type {t!r} is unknown to this model (known: {sorted(features)})")
+    return {t: smooth_probability(model(residual, maps, fine, features[t].expand(len(residual), -1)), hw, sigma)
+            for t in types}
 
 
 class _ResidualPredictor:
@@ -210,25 +238,14 @@ class SegPredictor(_ResidualPredictor):
         when the checkpoint was written (``train_seg``), else 0.5."""
         return float(self.checkpoint_info.get("threshold") or 0.5)
 
-    def _smooth(self, logits: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        return smooth_probability(logits, hw, self.blur_sigma)[0, 0]
-
-    @torch.no_grad()
     def predict_per_type(self, state: ImageState, defect_types: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Anomaly probability per defect type, H x W float32 at the original size."""
+        """Anomaly probability per defect type, H x W float32 at the original size (one shared
+        array for every type when the model has no language branch)."""
         types = list(defect_types or self.defect_types)
-        s = self.model.config.input_size
-        maps = encode_clicks([[]], None, s, self.model.config.click_radius).to(self.device)
-        out: dict[str, np.ndarray] = {}
-        if self.model.config.text_dim == 0:  # no language branch: one map serves every type
-            prob = self._smooth(self.model(state.residual, maps, state.fine), state.original_hw).cpu().numpy()
-            return {t: prob for t in types}
-        for t in types:
-            if t not in self.prompt_features:
-                raise InputError(f"defect type {t!r} is unknown to this model (known: {sorted(self.prompt_features)})")
-            lang = self.prompt_features[t][None]
-            out[t] = self._smooth(self.model(state.residual, maps, state.fine, lang), state.original_hw).cpu().numpy()
-        return out
+        probs = seg_probabilities(self.model, state.residual, types, self.prompt_features, state.original_hw,
+                                  state.fine, self.blur_sigma)
+        arrays: dict[int, np.ndarray] = {}
+        return {t: arrays.setdefault(id(p), p[0, 0].cpu().numpy()) for t, p in probs.items()}
 
     def predict(
         self, image: "np.ndarray | str | os.PathLike | ImageState", defect_types: Sequence[str] | None = None

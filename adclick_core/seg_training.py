@@ -182,7 +182,7 @@ def calibrate_threshold(
     Uses the items whose defect pixels are known (masks, click pseudo labels); without them, the
     synthetic pool. Returns ``{"threshold", "f1", "source", "images"}``."""
     from .metrics import best_f1_threshold
-    from .predictor import smooth_probability
+    from .predictor import seg_probabilities
 
     known = [i for i, k in enumerate(data.kind) if k in ("mask", "clicks")][:max_items]
     if known:
@@ -198,19 +198,13 @@ def calibrate_threshold(
         source = "synthetic anomalies"
     else:
         return {"threshold": 0.5, "f1": None, "source": "default", "images": 0}
-    s = model.config.input_size
-    maps = encode_clicks([[] for _ in range(len(residual))], None, s, model.config.click_radius).to(device)
-    langs = [prompts[t].mean.to(device) for t in sorted(prompts)] if prompts else [None]
-    prob = None
+    features = {t: prompts[t].mean.to(device) for t in sorted(prompts)} if prompts else None
+    types = sorted(features) if features else ["defect"]
+    parts = []
     for start in range(0, len(residual), 8):
-        r = residual[start:start + 8].float().to(device)
-        m = maps[start:start + 8]
-        best = None
-        for lang in langs:
-            logits = model(r, m, None, None if lang is None else lang.expand(len(r), -1))
-            p = smooth_probability(logits, (s, s))
-            best = p if best is None else torch.maximum(best, p)
-        prob = best if prob is None else torch.cat([prob, best])
+        per_type = seg_probabilities(model, residual[start:start + 8].float().to(device), types, features)
+        parts.append(torch.stack(list(per_type.values())).amax(0))  # Eq. 7
+    prob = torch.cat(parts)
     prob = F.adaptive_avg_pool2d(prob, out_size)[:, 0].cpu().numpy()
     scores, masks = [], []
     for i in range(len(targets)):
