@@ -9,6 +9,8 @@ from click disks on the grid (differentiable w.r.t. nothing that is learnt, chea
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,15 +22,22 @@ PRIOR_CHANNELS = 4
 _FAR = 1e4  # distance (cells) used where a click kind is absent
 
 
+@functools.lru_cache(maxsize=8)
+def _cell_distances(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h*w) x (h*w) distances between cell centres: fixed for a grid, so computed once per
+    grid and device instead of on every click."""
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=device),
+                            torch.arange(w, dtype=torch.float32, device=device), indexing="ij")
+    cells = torch.stack([yy.flatten(), xx.flatten()], 1)
+    return torch.cdist(cells, cells)
+
+
 def click_distances(click_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """B x >=2 x S x S click maps -> B x 2 x h x w distance (in cells) from every cell centre to
     the nearest cell touched by a positive / negative disk (``_FAR`` where there is none)."""
     h, w = grid
     touched = F.adaptive_max_pool2d(click_maps[:, :2].float(), (h, w)) > 0  # B x 2 x h x w
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=click_maps.device),
-                            torch.arange(w, dtype=torch.float32, device=click_maps.device), indexing="ij")
-    cells = torch.stack([yy.flatten(), xx.flatten()], 1)  # (h*w) x 2
-    d = torch.cdist(cells, cells)  # (h*w) x (h*w), fixed for a grid
+    d = _cell_distances(h, w, click_maps.device)
     flat = touched.flatten(2)  # B x 2 x (h*w)
     big = torch.where(flat[:, :, None, :], d[None, None], torch.full_like(d, _FAR)[None, None])
     return big.amin(-1).view(-1, 2, h, w)
