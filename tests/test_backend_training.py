@@ -195,6 +195,17 @@ def start(client):
     return client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1, "label_config": CONFIG}})
 
 
+def trained(tmp_path):
+    """A backend whose first training (gate open) ran to "done": (backend, client, trainer)."""
+    trainer = Trainer()
+    trainer.gate.set()
+    backend = make(tmp_path, trainer)
+    client = create_app(backend).test_client()
+    start(client)
+    assert wait_state(client)["state"] == "done"
+    return backend, client, trainer
+
+
 def wait_state(client, states=("done", "failed"), timeout=10.0):
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -249,11 +260,7 @@ def test_training_runs_in_the_background_and_swaps_the_version_at_the_end(tmp_pa
 
 
 def test_all_label_kinds_reach_the_trainer(tmp_path, ls):
-    trainer = Trainer()
-    trainer.gate.set()
-    client = create_app(make(tmp_path, trainer)).test_client()
-    start(client)
-    assert wait_state(client)["state"] == "done"
+    _, client, trainer = trained(tmp_path)
     items = trainer.calls[0]["items"]
     by = {(it.defect_type, it.tag) for it in items}
     assert by == {("crack", "NG"), ("fray", None), (None, "OK")}, by
@@ -264,12 +271,7 @@ def test_all_label_kinds_reach_the_trainer(tmp_path, ls):
 
 
 def test_a_failing_training_keeps_the_old_model_and_reports_the_error(tmp_path, ls):
-    good = Trainer()
-    good.gate.set()
-    backend = make(tmp_path, good)
-    client = create_app(backend).test_client()
-    start(client)
-    assert wait_state(client)["state"] == "done"
+    backend, client, _ = trained(tmp_path)
     v1 = setup_version(client)
     bad = Trainer(fail="CUDA out of memory (simulated)")
     bad.gate.set()
@@ -384,12 +386,7 @@ def test_click_suggestions_are_replayed_with_the_click_model_for_training(tmp_pa
     r = rle_item(square(), "crack")
     r["origin"] = "prediction"
     ls.exports["1"] = [exported(1, [kp_item(36, 14, "crack"), kp_item(38, 15, "crack"), r])]
-    trainer = Trainer()
-    trainer.gate.set()
-    backend = make(tmp_path, trainer)
-    client = create_app(backend).test_client()
-    start(client)
-    assert wait_state(client)["state"] == "done"
+    backend, client, trainer = trained(tmp_path)
     (item,) = trainer.calls[0]["items"]
     assert item.mask is None and len(item.clicks) == 2
     # The fake click model paints 0.9 discs around positive clicks.

@@ -10,6 +10,7 @@ from adclick_core.baselines import residual_cut_probability
 from adclick_core.clicks import Click, encode_clicks
 from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.models.prior import click_distances, normalized_magnitude, residual_cut_prior
+from tests.test_core_models import tiny
 
 
 def test_click_distances_by_hand():
@@ -57,15 +58,9 @@ def test_prior_is_zero_without_positive_click():
     assert residual_cut_prior(res, maps)[0, 3].abs().max() == 0
 
 
-def _tiny(**kw) -> ADClickConfig:
-    base = dict(in_channels=8, embed_dim=16, depth=2, num_heads=2, window_size=4, grid_size=8, input_size=64,
-                fine_channels=4, head_channels=8, drop_path=0.0)
-    return ADClickConfig(**{**base, **kw})
-
-
 def test_untrained_prior_model_answers_the_prior():
     torch.manual_seed(0)
-    model = ADClick(_tiny(prior=True)).eval()
+    model = ADClick(tiny(prior=True)).eval()
     res = torch.randn(1, 8, 8, 8)
     res[:, :, 2:5, 2:5] *= 5
     maps = encode_clicks([[Click(24, 24, True)]], None, 64, 5.0)
@@ -83,7 +78,7 @@ def test_untrained_prior_model_answers_the_prior():
 
 def test_untrained_token_model_ranks_cells_by_residual_magnitude():
     torch.manual_seed(0)
-    model = ADClick(_tiny(prior=True, head="token")).eval()
+    model = ADClick(tiny(prior=True, head="token")).eval()
     assert model.use_map_prior and not model.use_prior
     torch.nn.init.zeros_(model.token_head.proj.weight)  # the learnt correction, switched off
     torch.nn.init.zeros_(model.token_head.proj.bias)
@@ -100,7 +95,7 @@ def test_untrained_token_model_ranks_cells_by_residual_magnitude():
 
 
 def test_old_checkpoints_load_without_the_prior():
-    cfg = _tiny().to_dict()
+    cfg = tiny().to_dict()
     cfg.pop("prior")
     assert ADClickConfig.from_dict(cfg).prior is False
-    assert ADClickConfig.from_dict(_tiny(prior=True).to_dict()).prior is True
+    assert ADClickConfig.from_dict(tiny(prior=True).to_dict()).prior is True
