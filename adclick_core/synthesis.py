@@ -1,7 +1,7 @@
 """Synthetic anomalies on defect-free images, so the models train with no real defect at all.
 
-Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves and small
-spots (blowhole-like). Sources: a shuffled tile grid of the image itself after intensity / blur
+Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves, small
+spots (blowhole-like) and large soft-edged low-contrast regions (uneven surface). Sources: a shuffled tile grid of the image itself after intensity / blur
 changes, a darkened or brightened copy, or another normal image. Blend (ALGORITHM.md):
 ``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with ``beta ~ U[0.5, 1]``.
 """
@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "AnomalySynthesizer"]
+__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "AnomalySynthesizer"]
 
 
 def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -96,6 +96,19 @@ def spot_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def uneven_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A large region (about 10-55 % of the image) from very low-frequency Perlin noise.
+
+    Real "uneven" defects are big, low-contrast and soft-edged; a click model that only ever saw
+    small synthetic blobs learns to stay small around the click and under-segments them."""
+    h, w = hw
+    size = 1 << int(np.ceil(np.log2(max(h, w))))
+    res = (1 << int(rng.integers(0, 2)), 1 << int(rng.integers(0, 2)))
+    noise = perlin_noise((size, size), res, rng)
+    noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="reflect")
+    return noise[:h, :w] > rng.uniform(-0.1, 0.35)
+
+
 def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
     h, w = image.shape[:2]
     th, tw = h // grid, w // grid
@@ -110,28 +123,38 @@ def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) 
 class AnomalySynthesizer:
     """Pastes one synthetic anomaly on a defect-free image (H x W x 3 uint8)."""
 
-    p_perlin: float = 0.4
-    p_crack: float = 0.3  # the rest: spots
+    p_perlin: float = 0.35
+    p_crack: float = 0.25
+    p_uneven: float = 0.2  # the rest: spots
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35
+    max_uneven_area_frac: float = 0.6
     max_tries: int = 20
 
-    def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
+    def draw(self, hw: tuple[int, int], rng: np.random.Generator,
+             foreground: np.ndarray | None = None) -> tuple[np.ndarray, str]:
+        """(mask, kind) with kind one of perlin, crack, uneven, spot."""
         area = hw[0] * hw[1]
-        m = np.zeros(hw, dtype=bool)
+        m, kind = np.zeros(hw, dtype=bool), "spot"
         for _ in range(self.max_tries):
             u = rng.random()
             if u < self.p_perlin:
-                m = perlin_mask(hw, rng)
+                m, kind = perlin_mask(hw, rng), "perlin"
             elif u < self.p_perlin + self.p_crack:
-                m = crack_mask(hw, rng)
+                m, kind = crack_mask(hw, rng), "crack"
+            elif u < self.p_perlin + self.p_crack + self.p_uneven:
+                m, kind = uneven_mask(hw, rng), "uneven"
             else:
-                m = spot_mask(hw, rng)
+                m, kind = spot_mask(hw, rng), "spot"
             if foreground is not None:
                 m &= foreground
-            if self.min_area_frac * area <= m.sum() <= self.max_area_frac * area:
-                return m
-        return m
+            top = self.max_uneven_area_frac if kind == "uneven" else self.max_area_frac
+            if self.min_area_frac * area <= m.sum() <= top * area:
+                return m, kind
+        return m, kind
+
+    def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
+        return self.draw(hw, rng, foreground)[0]
 
     def source(self, image: np.ndarray, rng: np.random.Generator, others: Sequence[np.ndarray] = ()) -> np.ndarray:
         img = image.astype(np.float32)
@@ -163,10 +186,19 @@ class AnomalySynthesizer:
         foreground: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Returns (anomalous image uint8, boolean mask)."""
-        mask = self.mask(image.shape[:2], rng, foreground)
-        src = self.source(image, rng, others)
-        beta = rng.uniform(0.5, 1.0)
-        m = mask.astype(np.float32)[..., None]
+        mask, kind = self.draw(image.shape[:2], rng, foreground)
         img = image.astype(np.float32)
+        m = mask.astype(np.float32)
+        if kind == "uneven":
+            # a mild brightness / texture change with a feathered border; the label stays the
+            # hard region, as annotators paint it
+            gain = rng.uniform(0.72, 0.9) if rng.random() < 0.7 else rng.uniform(1.1, 1.3)
+            src = np.clip(img * gain + rng.normal(0, rng.uniform(0, 6), size=img.shape), 0, 255)
+            m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 0.02 * max(image.shape[:2]) + 1.0))
+            beta = rng.uniform(0.75, 1.0)
+        else:
+            src = self.source(image, rng, others)
+            beta = rng.uniform(0.5, 1.0)
+        m = m[..., None]
         out = (1 - m) * img + m * (beta * src + (1 - beta) * img)
         return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask

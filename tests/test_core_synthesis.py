@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from adclick_core.synthesis import AnomalySynthesizer, crack_mask, perlin_mask, perlin_noise, spot_mask
+from adclick_core.synthesis import AnomalySynthesizer, crack_mask, perlin_mask, perlin_noise, spot_mask, uneven_mask
 
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:
@@ -55,11 +56,15 @@ def test_perlin_noise_rejects_bad_res():
 def test_masks_nonempty_within_area_bounds(hw):
     synth = AnomalySynthesizer()
     area = hw[0] * hw[1]
+    kinds = set()
     for seed in range(40):
-        m = synth.mask(hw, np.random.default_rng(seed))
+        m, kind = synth.draw(hw, np.random.default_rng(seed))
+        kinds.add(kind)
         assert m.shape == hw and m.dtype == bool
         assert m.any()
-        assert synth.min_area_frac * area <= m.sum() <= synth.max_area_frac * area
+        top = synth.max_uneven_area_frac if kind == "uneven" else synth.max_area_frac
+        assert synth.min_area_frac * area <= m.sum() <= top * area
+    assert kinds == {"perlin", "crack", "spot", "uneven"}
 
 
 def test_mask_respects_foreground():
@@ -91,7 +96,7 @@ def test_mask_kind_probabilities():
     rng = np.random.default_rng(5)
     rng.random()  # the kind draw
     np.testing.assert_array_equal(m, crack_mask((64, 64), rng))
-    only_spot = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0)
+    only_spot = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=0.0)
     m = only_spot.mask((64, 64), np.random.default_rng(6))
     rng = np.random.default_rng(6)
     rng.random()
@@ -105,7 +110,8 @@ def test_mask_kind_probabilities():
 def test_synthesizer_changes_inside_mask_only(seed):
     img = texture(seed, (48, 64))
     others = [texture(seed + 100, (48, 64)), texture(seed + 200, (32, 32))]
-    out, mask = AnomalySynthesizer()(img, np.random.default_rng(seed), others=others)
+    # hard-edged kinds only: uneven regions are feathered across their border on purpose
+    out, mask = AnomalySynthesizer(p_uneven=0.0)(img, np.random.default_rng(seed), others=others)
     assert out.shape == img.shape and out.dtype == np.uint8
     assert mask.shape == img.shape[:2] and mask.dtype == bool and mask.any()
     np.testing.assert_array_equal(out[~mask], img[~mask])  # exactly unchanged outside
@@ -136,3 +142,19 @@ def test_synthesizer_determinism():
     assert not (np.array_equal(a_mask, c_mask) and np.array_equal(a_img, c_img))
     # The input image is not modified in place.
     np.testing.assert_array_equal(img, texture(4))
+
+
+def test_uneven_regions_are_large_and_blended_softly():
+    hw = (64, 64)
+    areas = [uneven_mask(hw, np.random.default_rng(seed)).mean() for seed in range(30)]
+    assert np.median(areas) > 0.2  # far larger than spots and cracks
+    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0)
+    img = texture(0)
+    out, m = synth(img, np.random.default_rng(2))
+    assert synth.draw(hw, np.random.default_rng(2))[1] == "uneven"
+    diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
+    # a mild change inside (not the strong darkening of the other kinds), feathered across the border
+    assert 1.0 < diff[m].mean() < 45.0
+    assert diff[m].mean() > 3 * diff[~ndimage.binary_dilation(m, iterations=6)].mean()
+    border = ndimage.binary_dilation(m, iterations=2) & ~m
+    assert diff[border].mean() > diff[~ndimage.binary_dilation(m, iterations=6)].mean()
