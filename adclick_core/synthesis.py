@@ -1,9 +1,10 @@
 """Synthetic anomalies on defect-free images, so the models train with no real defect at all.
 
 Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves, small
-spots (blowhole-like) and large soft-edged low-contrast regions (uneven surface). Sources: a shuffled tile grid of the image itself after intensity / blur
-changes, a darkened or brightened copy, or another normal image. Blend (ALGORITHM.md):
-``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with ``beta ~ U[0.5, 1]``.
+spots (blowhole-like) and large low-contrast regions (uneven surface). Sources: a shuffled tile
+grid of the image itself after intensity / blur changes, a darkened or brightened copy, or another
+normal image. Blend (ALGORITHM.md): ``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with
+``beta ~ U[0.5, 1]``; uneven regions use a mild gain as S, a feathered M and ``beta ~ U[0.75, 1]``.
 """
 from __future__ import annotations
 
@@ -43,15 +44,20 @@ def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Ge
     return np.sqrt(2) * (top * (1 - uy) + bottom * uy)
 
 
-def perlin_mask(hw: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
-    """Blob mask from rotated Perlin noise with a random scale 2^U{0..5} per axis."""
+def _rotated_perlin(hw: tuple[int, int], max_log2_res: int, rng: np.random.Generator) -> np.ndarray:
+    """H x W Perlin noise with a random lattice 2^U{0..max_log2_res - 1} per axis, randomly rotated."""
     h, w = hw
     size = 1 << int(np.ceil(np.log2(max(h, w))))
-    ry = 1 << int(rng.integers(0, 6))
-    rx = 1 << int(rng.integers(0, 6))
+    ry = 1 << int(rng.integers(0, max_log2_res))
+    rx = 1 << int(rng.integers(0, max_log2_res))
     noise = perlin_noise((size, size), (min(ry, size), min(rx, size)), rng)
     noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="reflect")
-    return noise[:h, :w] > threshold
+    return noise[:h, :w]
+
+
+def perlin_mask(hw: tuple[int, int], rng: np.random.Generator, threshold: float = 0.5) -> np.ndarray:
+    """Blob mask from rotated Perlin noise with a random scale 2^U{0..5} per axis."""
+    return _rotated_perlin(hw, 6, rng) > threshold
 
 
 def crack_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -101,12 +107,8 @@ def uneven_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
     Real "uneven" defects are big, low-contrast and soft-edged; a click model that only ever saw
     small synthetic blobs learns to stay small around the click and under-segments them."""
-    h, w = hw
-    size = 1 << int(np.ceil(np.log2(max(h, w))))
-    res = (1 << int(rng.integers(0, 2)), 1 << int(rng.integers(0, 2)))
-    noise = perlin_noise((size, size), res, rng)
-    noise = ndimage.rotate(noise, float(rng.uniform(-90, 90)), reshape=False, order=1, mode="reflect")
-    return noise[:h, :w] > rng.uniform(-0.1, 0.35)
+    noise = _rotated_perlin(hw, 2, rng)
+    return noise > rng.uniform(-0.1, 0.35)
 
 
 def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:

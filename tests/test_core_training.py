@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import adclick_core.training as training
 from adclick_core.backbone import BackboneConfig, build_extractor
 from adclick_core.checkpoint import load_checkpoint, save_checkpoint
-from adclick_core.clicks import Click
+from adclick_core.clicks import Click, encode_clicks, next_eval_click
 from adclick_core.errors import CheckpointError, EmptyBankError, InputError, MissingWeightsError
 from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.predictor import ClickPredictor
@@ -135,8 +135,6 @@ def test_self_exclusion_matters(setup):
 def pool_bce(model, pool) -> float:
     """BCE on every pool sample with one click at the centre of its defect: a fixed measurement,
     unlike the per-iteration losses of random batches."""
-    from adclick_core.clicks import encode_clicks, next_eval_click
-
     model.eval()
     s = model.config.input_size
     total = 0.0
