@@ -244,8 +244,13 @@ class SegPredictor(_ResidualPredictor):
         types = list(defect_types or self.defect_types)
         probs = seg_probabilities(self.model, state.residual, types, self.prompt_features, state.original_hw,
                                   state.fine, self.blur_sigma)
-        arrays: dict[int, np.ndarray] = {}
-        return {t: arrays.setdefault(id(p), p[0, 0].cpu().numpy()) for t, p in probs.items()}
+        arrays: dict[int, np.ndarray] = {}  # tensor id -> array: a shared map is converted once
+        out: dict[str, np.ndarray] = {}
+        for t, p in probs.items():
+            if id(p) not in arrays:
+                arrays[id(p)] = p[0, 0].cpu().numpy()
+            out[t] = arrays[id(p)]
+        return out
 
     def predict(
         self, image: "np.ndarray | str | os.PathLike | ImageState", defect_types: Sequence[str] | None = None
