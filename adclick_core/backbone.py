@@ -184,13 +184,17 @@ class FeatureExtractor(nn.Module):
     def grid_size(self) -> int:
         return self.config.input_size // 8
 
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
+
     def train(self, mode: bool = True) -> "FeatureExtractor":
         return super().train(False)  # BatchNorm statistics stay frozen
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 RGB arrays of any size -> normalised B x 3 x S x S tensor on the module's device."""
         s = self.config.input_size
-        dev = self.mean.device
+        dev = self.device
         batch = []
         for img in images:
             t = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).to(dev).permute(2, 0, 1)[None].float() / 255.0

@@ -104,7 +104,7 @@ def cmd_train_click(args) -> dict:
                        "pool_seconds": round(t_pool, 1), "device": str(args.device),
                        "threads": torch.get_num_threads()},
     }
-    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.mean.device)
+    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device)
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
                     "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool)})
     return summary

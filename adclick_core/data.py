@@ -89,7 +89,7 @@ class MVTecFolder:
         from .reference import ReferenceBank
 
         if cache and Path(cache).is_file():
-            bank = ReferenceBank.load(cache, device=extractor.mean.device)
+            bank = ReferenceBank.load(cache, device=extractor.device)
             if bank.backbone.fingerprint() == extractor.config.fingerprint():
                 return bank
             log.warning("bank %s was built with another backbone; rebuilding", cache)

@@ -109,7 +109,9 @@ class ReferenceBank:
             return 0
         f = torch.cat(feats)
         d = torch.cat(descs)
-        dev = self.device
+        # A new bank lives where its extractor runs, so residuals against it run there too (a
+        # CPU bank behind a GPU extractor silently moved every residual computation to the CPU).
+        dev = self.device if self.features is not None else extractor.device
         self.features = f.to(dev) if self.features is None else torch.cat([self.features, f.to(dev)])
         self.descriptors = d.to(dev) if self.descriptors is None else torch.cat([self.descriptors, d.to(dev)])
         self.names += new_names
