@@ -22,30 +22,12 @@ from adclick_core.residuals import ResidualConfig, compute_residuals
 from adclick_core.seg_training import SegItem, SegTrainConfig, train_seg
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
 from adclick_core.models import ADClickConfig
+from tests.images import defective, texture
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 BACKBONE = BackboneConfig(input_size=64)
 RESIDUAL = ResidualConfig(k=3, radius=2.0)
-
-
-def texture(seed: int, hw=(64, 64)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
-    ph = rng.uniform(0, 2 * np.pi, 2)
-    v = 128 + 50 * np.sin(xx / 3 + ph[0]) * np.cos(yy / 4 + ph[1]) + rng.normal(0, 8, hw)
-    return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
-
-
-def defective(seed: int, hw=(64, 64)) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(1000 + seed)
-    img = texture(100 + seed, hw)
-    s = int(rng.integers(10, 18))
-    y, x = int(rng.integers(4, hw[0] - s - 4)), int(rng.integers(4, hw[1] - s - 4))
-    img[y : y + s, x : x + s] = 245
-    mask = np.zeros(hw, bool)
-    mask[y : y + s, x : x + s] = True
-    return img, mask
 
 
 def rel_err(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:

@@ -24,19 +24,16 @@ from adclick_core.residuals import ResidualConfig
 from adclick_core.seg_evaluation import SEG_MODES, _boxes, evaluate_seg, split_folds, weak_items
 from adclick_core.seg_training import item_label_kind
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from tests.images import defective
+from tests.images import texture as _texture
 
 BACKBONE = BackboneConfig(input_size=64)
 RESIDUAL = ResidualConfig(k=3, radius=2.0)
 HW = (48, 64)  # non-square on purpose: maps must come back at the image size
 
 
-
 def texture(seed: int, hw=HW) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
-    ph = rng.uniform(0, 2 * np.pi, 2)
-    v = 128 + 50 * np.sin(xx / 3 + ph[0]) * np.cos(yy / 4 + ph[1]) + rng.normal(0, 8, hw)
-    return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
+    return _texture(seed, hw)
 
 
 # ---------------------------------------------------------------- split_folds
@@ -106,14 +103,7 @@ def test_boxes_of_components():
 
 
 def _square(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(500 + seed)
-    img = texture(200 + seed)
-    s = int(rng.integers(8, 14))
-    y, x = int(rng.integers(3, HW[0] - s - 3)), int(rng.integers(3, HW[1] - s - 3))
-    img[y : y + s, x : x + s] = 245
-    m = np.zeros(HW, bool)
-    m[y : y + s, x : x + s] = True
-    return img, m
+    return defective(seed, HW, size_range=(8, 14), margin=3, square_seed=500, texture_seed=200)
 
 
 @pytest.fixture(scope="module")

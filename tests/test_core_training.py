@@ -16,17 +16,9 @@ from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from tests.images import texture
 
 ITERATIONS = 40
-
-
-
-def texture(seed: int, hw=(64, 64)) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0 : hw[0], 0 : hw[1]].astype(np.float32)
-    ph = rng.uniform(0, 2 * np.pi, 2)
-    v = 128 + 50 * np.sin(xx / 3 + ph[0]) * np.cos(yy / 4 + ph[1]) + rng.normal(0, 8, hw)
-    return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
 
 
 BACKBONE = BackboneConfig(input_size=64)
