@@ -12,6 +12,7 @@ from adclick_core.data import MVTecFolder
 from adclick_core.predictor import ClickPredictor
 from adclick_core.evaluation import simulate_clicks
 from adclick_core.baselines import residual_cut_probability
+from adclick_core.metrics import iou
 torch.set_num_threads(2)
 ckpt = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] != "shipped" else None
 per_type = int(sys.argv[2]) if len(sys.argv) > 2 else 6
@@ -34,9 +35,9 @@ for s in pick:
                     ("cut", lambda c, p: residual_cut_probability(amap, c))]:
         ious, kept = simulate_clicks(m, gt, 3, [3])
         p = kept[3].astype(np.float32)
-        best = max(((p > t) & gt).sum() / max(((p > t) | gt).sum(), 1) for t in np.linspace(0.02, 0.98, 49))
+        best = max(iou(p > t, gt) for t in np.linspace(0.02, 0.98, 49))
         out[name] = (round(ious[-1], 3), round(float(best), 3))
-        out[name + "_t"] = [round(float(((p > t) & gt).sum() / max(((p > t) | gt).sum(), 1)), 3) for t in (0.3, 0.4, 0.49, 0.6, 0.7, 0.8)]
+        out[name + "_t"] = [round(iou(p > t, gt), 3) for t in (0.3, 0.4, 0.49, 0.6, 0.7, 0.8)]
     rows.append(out); print(out, flush=True)
 for name in ("adclick", "cut"):
     a = np.array([r[name][0] for r in rows]); b = np.array([r[name][1] for r in rows])

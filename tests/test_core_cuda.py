@@ -107,7 +107,7 @@ def test_shipped_click_model_answers_the_same_on_both_devices():
 
 
 def test_click_training_on_the_gpu_writes_a_cpu_loadable_checkpoint(pair, tmp_path):
-    _, gpu, _, bank_gpu, normals = pair
+    _, gpu, bank_cpu, bank_gpu, normals = pair
     pool = build_synthetic_pool(gpu, bank_gpu, normals, RESIDUAL, per_image=2, seed=0, progress=False,
                                 bank_index=list(range(6)))
     cfg = ClickTrainConfig(iterations=20, batch_size=8, lr=3e-3, warmup=3, ema_decay=0.9, seed=0,
@@ -121,7 +121,9 @@ def test_click_training_on_the_gpu_writes_a_cpu_loadable_checkpoint(pair, tmp_pa
     assert next(model.parameters()).device.type == "cuda"
     assert summary["iterations"] == 20 and np.isfinite(summary["loss_last_50"])
     torch.manual_seed(0)
-    pred = ClickPredictor.from_checkpoint(out, bank_gpu.to("cpu"), device="cpu", random_init_backbone=True)
+    # bank_cpu, not bank_gpu.to("cpu"): ReferenceBank.to moves in place, like nn.Module.to, and
+    # the fixture's GPU bank must stay on the GPU for the other tests.
+    pred = ClickPredictor.from_checkpoint(out, bank_cpu, device="cpu", random_init_backbone=True)
     img, mask = defective(7)
     ys, xs = np.nonzero(mask)
     prob = pred.predict(pred.set_image(img), [Click(float(xs.mean()), float(ys.mean()), True)])
@@ -129,7 +131,7 @@ def test_click_training_on_the_gpu_writes_a_cpu_loadable_checkpoint(pair, tmp_pa
 
 
 def test_seg_training_and_prediction_on_the_gpu_match_the_cpu(pair, tmp_path):
-    _, gpu, _, bank_gpu, _ = pair
+    _, gpu, bank_cpu, bank_gpu, _ = pair
     items = []
     for i in range(4):
         img, mask = defective(20 + i)
@@ -145,7 +147,8 @@ def test_seg_training_and_prediction_on_the_gpu_match_the_cpu(pair, tmp_path):
     maps = {}
     for dev in ("cpu", "cuda"):
         torch.manual_seed(0)  # the random-init backbone the bank was built with
-        pred = SegPredictor.from_checkpoint(out, bank_gpu, device=dev, random_init_backbone=True)
+        bank = bank_cpu if dev == "cpu" else bank_gpu
+        pred = SegPredictor.from_checkpoint(out, bank, device=dev, random_init_backbone=True)
         maps[dev] = pred.predict(img)
     assert maps["cuda"][0].shape == (64, 64)
     assert np.abs(maps["cuda"][0] - maps["cpu"][0]).max() < 0.05

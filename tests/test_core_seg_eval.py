@@ -24,8 +24,7 @@ from adclick_core.residuals import ResidualConfig
 from adclick_core.seg_evaluation import SEG_MODES, _boxes, evaluate_seg, split_folds, weak_items
 from adclick_core.seg_training import item_label_kind
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
-from tests.images import defective
-from tests.images import texture as _texture
+from tests.images import defective, texture as _texture
 
 BACKBONE = BackboneConfig(input_size=64)
 RESIDUAL = ResidualConfig(k=3, radius=2.0)
