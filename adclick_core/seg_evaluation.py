@@ -15,6 +15,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from .box_prompts import box_prompted_item
 from .clicks import Click
 from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
@@ -59,7 +60,8 @@ def weak_items(mode: str, samples: Sequence[Sample], click_predictor: ClickPredi
         if mode == "masks":
             items.append(SegItem(image, s.defect_type, mask=gt))
         elif mode == "boxes":
-            items.append(SegItem(image, s.defect_type, boxes=_boxes(gt)))
+            item = SegItem(image, s.defect_type, boxes=_boxes(gt))
+            items.append(box_prompted_item(click_predictor, item) if click_predictor is not None else item)
         elif mode == "tags":
             items.append(SegItem(image, s.defect_type, tag="NG"))
         elif mode.startswith("clicks"):

@@ -180,6 +180,22 @@ class SegJob:
         return items, {"exported_tasks": len(tasks), "used_tasks": len(usable) - skipped.get("image or mask unusable", 0),
                        "skipped": skipped}
 
+    def _prompt_boxes(self, items: list, pred) -> list:
+        """Box-only items -> the click model's answer to the box (``adclick_core.box_prompts``), so a
+        rectangle trains like the clicks an annotator would have made inside it."""
+        from adclick_core.box_prompts import box_prompted_item
+        from adclick_core.seg_training import item_label_kind
+
+        n = sum(item_label_kind(it) == "boxes" for it in items)
+        out = []
+        for it in items:
+            if item_label_kind(it) == "boxes":
+                self._progress(0.0, f"prompting the click model with boxes: image {len(out) + 1}/{len(items)}")
+            out.append(box_prompted_item(pred, it))
+        if n:
+            logger.info("project %s: %d box-labelled item(s) turned into click pseudo labels", self.m.project_id, n)
+        return out
+
     @staticmethod
     def _click_replay(pred):
         """(image, clicks, defect type) -> the click model's answer after the last click, replayed
@@ -213,7 +229,9 @@ class SegJob:
         bank = m.references.require_bank(cfg, creds, max(backend.settings.bank_wait_s, 300.0),
                                          backend.settings.bank_refresh_s)
         click = backend.predictor()
-        items, collected = self._collect(cfg, creds, self._click_replay(m.click_predictor(bank)))
+        click_for_bank = m.click_predictor(bank)
+        items, collected = self._collect(cfg, creds, self._click_replay(click_for_bank))
+        items = self._prompt_boxes(items, click_for_bank)
         if not items:
             raise ValueError(
                 f"nothing to train on: {collected['exported_tasks']} annotated task(s) exported, none with a "

@@ -74,6 +74,7 @@ class FakeBank:
 class FakeState:
     def __init__(self, image: np.ndarray):
         self.image = image
+        self.original_hw = image.shape[:2]
         self.features = np.zeros((4,) + image.shape[:2], dtype=np.float32)  # "residuals"
 
 
@@ -102,6 +103,10 @@ class FakePredictor:
         with self.shared["lock"]:
             self.shared["set_image"] += 1
         return FakeState(image)
+
+    def anomaly_map(self, state: FakeState) -> np.ndarray:
+        """Brightness as the "residual" map."""
+        return state.image.astype(np.float32).mean(-1)
 
     def predict(self, state: FakeState, clicks: list[Click], prev_mask=None, defect_type=None) -> np.ndarray:
         h, w = state.image.shape[:2]
