@@ -187,10 +187,11 @@ class SegJob:
         from adclick_core.seg_training import item_label_kind
 
         n = sum(item_label_kind(it) == "boxes" for it in items)
-        out = []
+        out, done = [], 0
         for it in items:
             if item_label_kind(it) == "boxes":
-                self._progress(0.0, f"prompting the click model with boxes: image {len(out) + 1}/{len(items)}")
+                done += 1
+                self._progress(0.0, f"prompting the click model with the boxes of image {done}/{n}")
             out.append(box_prompted_item(pred, it))
         if n:
             logger.info("project %s: %d box-labelled item(s) turned into click pseudo labels", self.m.project_id, n)

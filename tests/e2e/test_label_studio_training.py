@@ -3,8 +3,9 @@
 answers masks stamped with the new model version.
 
 Runs after test_label_studio_clicks.py (same session project: 30 OK-tagged references, 2 images per
-defect type). One image per defect type gets a brush annotation made from its ground-truth mask
-(RLE, label = defect type), as an annotator's painted mask would be stored.
+defect type). One image per defect type is annotated from its ground truth: a brush mask (RLE,
+label = defect type) as an annotator's painted mask would be stored for the first three types, the
+rectangles around the mask's blobs for the other two (the backend prompts the click model with them).
 
 A 30-iteration training cannot be expected to segment well, so only the mechanics are asserted
 (training done, a new version, one prediction per task with that version, decodable masks with the
@@ -54,6 +55,22 @@ def training_free_maps(references, images) -> list[np.ndarray]:
     return [ndimage.gaussian_filter(pred.anomaly_map(pred.set_image(p)), 4.0) for p in images]
 
 
+def box_results(gt: np.ndarray, label: str) -> list[dict]:
+    """One RectangleLabels region (percent of the image) per 8-connected blob of the mask."""
+    from scipy import ndimage
+
+    h, w = gt.shape
+    blobs, _ = ndimage.label(gt, structure=np.ones((3, 3)))
+    out = []
+    for sl in ndimage.find_objects(blobs):
+        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
+        out.append({"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+                    "original_height": h, "image_rotation": 0,
+                    "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
+                              "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": [label]}})
+    return out
+
+
 def load_gt(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
 
@@ -67,8 +84,11 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
         mine = [x for x in defects if x[0] == d]
         train.append(mine[0])
         held_out += mine[1:]
-    for d, tid, _, gt_path in train:
-        ls.api("POST", f"/api/tasks/{tid}/annotations/", json={"result": [brush_result(load_gt(gt_path), d)]})
+    n_masks = 3
+    for i, (d, tid, _, gt_path) in enumerate(train):
+        gt = load_gt(gt_path)
+        result = [brush_result(gt, d)] if i < n_masks else box_results(gt, d)
+        ls.api("POST", f"/api/tasks/{tid}/annotations/", json={"result": result})
     v_before = backend_server.health()["projects"][str(pid)]["model_version"]
 
     t0 = time.time()
@@ -91,7 +111,8 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
     assert version.startswith("ADClick-Seg-") and version != v_before
     assert tr["model_version"] == version and tr["percent"] == 100.0
     summary = res["summary"]
-    assert summary["label_kinds"].get("mask") == len(train), summary
+    # Painted masks train as exact masks; rectangles as the click model's answer to them.
+    assert summary["label_kinds"] == {"mask": n_masks, "clicks": len(train) - n_masks}, summary
     assert summary["iterations"] == SEG_ITERATIONS
     print(f"\nADClick-Seg training: {res['seconds']} s, {summary}", file=sys.stderr)
     log = backend_server.log.read_text()
