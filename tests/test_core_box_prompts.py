@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.box_prompts import box_clicks_and_probability, box_fit, box_prompted_item, box_region
+from adclick_core.box_prompts import box_clicks_and_probability, box_prompted_item, box_region
 from adclick_core.clicks import Click
 from adclick_core.seg_training import SegItem, item_label_kind
 
@@ -40,42 +40,6 @@ def test_box_region_union_and_clipping():
     r = box_region(HW, [(10, 5, 20, 15), (75, 55, 90, 70)])
     assert r[5:15, 10:20].all() and r.sum() == 100 + 5 * 5
     assert not box_region(HW, [(30, 30, 30, 40)]).any()  # empty box
-
-
-def test_box_fit_is_the_answer_bounding_box_share_of_the_box():
-    a = np.zeros(HW, bool)
-    assert box_fit(a, (10, 10, 30, 30)) == 0.0
-    a[10:30, 10:30] = True
-    assert box_fit(a, (10, 10, 30, 30)) == 1.0
-    a[:] = False
-    a[10:20, 10:30] = True  # half the rows
-    assert box_fit(a, (10, 10, 30, 30)) == pytest.approx(0.5)
-    a[40:50, 60:70] = True  # outside the box: does not count
-    assert box_fit(a, (10, 10, 30, 30)) == pytest.approx(0.5)
-
-
-class TwoSpotPredictor(DiskPredictor):
-    """The hottest spot answers a tiny disk, the second one a disk that fills the box."""
-
-    def anomaly_map(self, state):
-        m = np.zeros(HW, np.float32)
-        m[20, 20], m[30, 32] = 1.0, 0.8
-        return m
-
-    def predict(self, state, clicks, prev_mask=None, defect_type=None):
-        yy, xx = np.mgrid[0:HW[0], 0:HW[1]]
-        out = np.zeros(HW, bool)
-        for c in clicks:
-            r = 2 if (c.x, c.y) == (20.0, 20.0) else 9
-            disk = (xx - c.x) ** 2 + (yy - c.y) ** 2 <= r ** 2
-            out = out | disk if c.positive else out & ~disk
-        return out.astype(np.float32)
-
-
-def test_the_candidate_whose_answer_fills_the_box_wins():
-    pred = TwoSpotPredictor()
-    _, clicks = box_clicks_and_probability(pred, pred.set_image(None), [(14.0, 14.0, 42.0, 40.0)], max_extra_positive=0)
-    assert clicks[0] == Click(32.0, 30.0, True)
 
 
 def test_positive_click_at_in_box_peak_and_answer_cut_to_box():
@@ -116,8 +80,7 @@ def test_box_prompted_item_only_changes_box_only_items():
     pred = DiskPredictor(spot=(30, 20), radius=5)
     img = np.zeros((*HW, 3), np.uint8)
     boxed = box_prompted_item(pred, SegItem(img, "crack", boxes=[(22.0, 12.0, 40.0, 30.0)]))
-    assert item_label_kind(boxed) == "clicks" and boxed.click_prob.shape == HW
-    assert boxed.clicks == ()  # the positive click is a guess: its disc must not be forced (Eq. 8)
+    assert item_label_kind(boxed) == "clicks" and boxed.click_prob.shape == HW and len(boxed.clicks) == 1
     assert boxed.boxes == [(22.0, 12.0, 40.0, 30.0)] and boxed.defect_type == "crack"
     masked = SegItem(img, "crack", mask=np.ones(HW, bool), boxes=[(0, 0, 5, 5)])
     tagged = SegItem(img, None, tag="NG")
