@@ -189,10 +189,17 @@ class SegJob:
         n = sum(item_label_kind(it) == "boxes" for it in items)
         out, done = [], 0
         for it in items:
-            if item_label_kind(it) == "boxes":
-                done += 1
-                self._progress(0.0, f"prompting the click model with the boxes of image {done}/{n}")
-            out.append(box_prompted_item(pred, it))
+            if item_label_kind(it) != "boxes":
+                out.append(it)
+                continue
+            done += 1
+            self._progress(0.0, f"prompting the click model with the boxes of image {done}/{n}")
+            try:
+                out.append(box_prompted_item(pred, it))
+            except ValueError as e:  # one odd image must not sink the job: it keeps its plain box labels
+                logger.warning("project %s: boxes of a %s image not prompted (%s): trained as plain boxes",
+                               self.m.project_id, it.defect_type, e)
+                out.append(it)
         if n:
             logger.info("project %s: %d box-labelled item(s) turned into click pseudo labels", self.m.project_id, n)
         return out

@@ -276,6 +276,19 @@ def test_all_label_kinds_reach_the_trainer(tmp_path, ls):
     assert not fray.click_prob[:, 26:].any() and not fray.click_prob[20:].any()
 
 
+def test_a_box_the_click_model_cannot_answer_trains_as_a_plain_box(tmp_path, ls, monkeypatch):
+    from adclick_core.errors import InputError
+
+    def refuse(self, state, clicks, prev_mask=None, defect_type=None):
+        raise InputError("simulated: no answer for these clicks")
+
+    monkeypatch.setattr(FakePredictor, "predict", refuse)
+    backend, client, trainer = trained(tmp_path)
+    fray = next(it for it in trainer.calls[0]["items"] if it.defect_type == "fray")
+    assert fray.click_prob is None and len(fray.boxes) == 1  # kept, as "normal outside, unknown inside"
+    assert client.get("/health").get_json()["training"]["1"]["state"] == "done"
+
+
 def test_a_failing_training_keeps_the_old_model_and_reports_the_error(tmp_path, ls):
     backend, client, _ = trained(tmp_path)
     v1 = setup_version(client)
