@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .clicks import Click
+from .labels import box_cover
 from .predictor import ClickPredictor, ImageState
 from .seg_training import SegItem
 
@@ -26,15 +27,9 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
 
 
 def box_region(hw: tuple[int, int], boxes: Sequence[Box]) -> np.ndarray:
-    """H x W bool: the union of the boxes (pixel (r, c) is inside if its centre is)."""
-    h, w = hw
-    region = np.zeros((h, w), dtype=bool)
-    for x0, y0, x1, y1 in boxes:
-        c0, r0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-        c1, r1 = min(w, int(np.ceil(x1))), min(h, int(np.ceil(y1)))
-        if c1 > c0 and r1 > r0:
-            region[r0:r1, c0:c1] = True
-    return region
+    """H x W bool: the union of the boxes; a box without area marks nothing (it holds no defect to
+    click on, where ``labels.box_cover`` keeps a degenerate box's pixel line as "unknown")."""
+    return box_cover(hw, [b for b in boxes if b[2] > b[0] and b[3] > b[1]])
 
 
 def _peak(values: np.ndarray, where: np.ndarray) -> Click | None:

@@ -16,6 +16,7 @@ from .clicks import Click
 from .errors import InputError
 
 __all__ = [
+    "box_cover",
     "click_disc_labels",
     "trivalued_labels",
     "pseudo_labels",
@@ -124,7 +125,7 @@ class WeakLabel:
     image_label: int | None
 
 
-def _box_cover(hw: tuple[int, int], boxes: Sequence[Box]) -> np.ndarray:
+def box_cover(hw: tuple[int, int], boxes: Sequence[Box]) -> np.ndarray:
     """Pixels touched by any box (x0, y0, x1, y1 in pixels, x = column); conservative: a pixel
     partly inside counts as inside."""
     h, w = hw
@@ -155,7 +156,7 @@ def box_labels(
     ``image_label`` is 1 when any box is given, 0 for an empty list (nothing marked: all normal).
     """
     h, w = int(hw[0]), int(hw[1])
-    cover = _box_cover((h, w), boxes)
+    cover = box_cover((h, w), boxes)
     if block is None:
         valid = (~cover).astype(np.float32)
     else:

@@ -24,7 +24,7 @@ from .predictor import ClickPredictor, ImageState, SegPredictor
 from .seg_training import SegItem, SegTrainConfig, train_seg
 from .training import build_synthetic_pool
 
-__all__ = ["SEG_MODES", "split_folds", "weak_items", "evaluate_seg"]
+__all__ = ["SEG_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 
 log = logging.getLogger(__name__)
 SEG_MODES = ("residual_map", "unsupervised", "clicks5", "boxes", "tags", "masks", "clicks5_no_language")
@@ -43,7 +43,7 @@ def split_folds(samples: Sequence[Sample], seed: int = 0, n_folds: int = 2) -> l
     return folds
 
 
-def _boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
+def mask_boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
     """Bounding boxes (x0, y0, x1, y1) of the 8-connected components: what an annotator would draw."""
     labels, _ = ndimage.label(mask, structure=np.ones((3, 3)))
     return [(float(sl[1].start), float(sl[0].start), float(sl[1].stop), float(sl[0].stop))
@@ -60,7 +60,7 @@ def weak_items(mode: str, samples: Sequence[Sample], click_predictor: ClickPredi
         if mode == "masks":
             items.append(SegItem(image, s.defect_type, mask=gt))
         elif mode == "boxes":
-            item = SegItem(image, s.defect_type, boxes=_boxes(gt))
+            item = SegItem(image, s.defect_type, boxes=mask_boxes(gt))
             items.append(box_prompted_item(click_predictor, item) if click_predictor is not None else item)
         elif mode == "tags":
             items.append(SegItem(image, s.defect_type, tag="NG"))

@@ -21,7 +21,7 @@ from adclick_core.predictor import ClickPredictor
 from adclick_core.prompts import TEXT_ENCODER_ENV
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.seg_evaluation import SEG_MODES, _boxes, evaluate_seg, split_folds, weak_items
+from adclick_core.seg_evaluation import SEG_MODES, evaluate_seg, mask_boxes, split_folds, weak_items
 from adclick_core.seg_training import item_label_kind
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import defective, texture as _texture
@@ -77,7 +77,7 @@ def test_split_folds_three_folds_and_empty():
 # ---------------------------------------------------------------- boxes from masks
 
 
-def test_boxes_of_components():
+def testmask_boxes_of_components():
     m = np.zeros((30, 40), bool)
     m[2:6, 3:9] = True  # component 1: rows 2-5, cols 3-8
     m[10:13, 30:35] = True  # component 2
@@ -85,12 +85,12 @@ def test_boxes_of_components():
     m[20, 20] = True  # a diagonal pair: one component under 8-connectivity
     m[21, 21] = True
     m[22, 22] = True
-    boxes = _boxes(m)
+    boxes = mask_boxes(m)
     assert sorted(boxes) == sorted([(3.0, 2.0, 9.0, 6.0), (30.0, 10.0, 36.0, 13.0), (20.0, 20.0, 23.0, 23.0)])
     assert all(isinstance(v, float) for b in boxes for v in b)
-    assert _boxes(np.zeros((5, 5), bool)) == []
+    assert mask_boxes(np.zeros((5, 5), bool)) == []
     full = np.ones((4, 6), bool)
-    assert _boxes(full) == [(0.0, 0.0, 6.0, 4.0)]
+    assert mask_boxes(full) == [(0.0, 0.0, 6.0, 4.0)]
     # Boxes as (x0, y0, x1, y1): every mask pixel lies inside its box.
     for x0, y0, x1, y1 in boxes:
         assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 30
@@ -129,7 +129,7 @@ def mvtec(tmp_path_factory) -> Path:
     return root
 
 
-def test_weak_items_masks_boxes_tags(mvtec):
+def test_weak_items_masksmask_boxes_tags(mvtec):
     samples = MVTecFolder(mvtec).test_samples(defective_only=True)
     assert len(samples) == 5
     masks = weak_items("masks", samples)
@@ -142,7 +142,7 @@ def test_weak_items_masks_boxes_tags(mvtec):
         assert a.defect_type == b.defect_type == c.defect_type == s.defect_type
         np.testing.assert_array_equal(a.mask, gt)
         np.testing.assert_array_equal(a.image, s.image())
-        assert b.mask is None and b.boxes == _boxes(gt)
+        assert b.mask is None and b.boxes == mask_boxes(gt)
         assert len(b.boxes) == (2 if s.defect_type == "crack" else 1)
         assert c.tag == "NG" and c.mask is None and not c.boxes
     with pytest.raises(ValueError, match="no labelled items"):

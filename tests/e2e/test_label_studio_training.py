@@ -57,18 +57,14 @@ def training_free_maps(references, images) -> list[np.ndarray]:
 
 def box_results(gt: np.ndarray, label: str) -> list[dict]:
     """One RectangleLabels region (percent of the image) per 8-connected blob of the mask."""
-    from scipy import ndimage
+    from adclick_core.seg_evaluation import mask_boxes
 
     h, w = gt.shape
-    blobs, _ = ndimage.label(gt, structure=np.ones((3, 3)))
-    out = []
-    for sl in ndimage.find_objects(blobs):
-        y0, y1, x0, x1 = sl[0].start, sl[0].stop, sl[1].start, sl[1].stop
-        out.append({"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": w,
-                    "original_height": h, "image_rotation": 0,
-                    "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
-                              "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": [label]}})
-    return out
+    return [{"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": w,
+             "original_height": h, "image_rotation": 0,
+             "value": {"x": 100 * x0 / w, "y": 100 * y0 / h, "width": 100 * (x1 - x0) / w,
+                       "height": 100 * (y1 - y0) / h, "rotation": 0, "rectanglelabels": [label]}}
+            for x0, y0, x1, y1 in mask_boxes(gt)]
 
 
 def load_gt(path) -> np.ndarray:
