@@ -29,7 +29,8 @@ try:  # a dependency of scikit-learn, so normally present
 except ImportError:  # pragma: no cover
     threadpool_limits = None
 
-__all__ = ["random_walker_probability", "residual_cut_probability"]
+__all__ = ["random_walker_probability", "residual_cut_probability", "gray_image", "click_disk",
+           "random_walker_foreground"]
 
 # Radius (px) of the disk forced to the click's label in the residual cut; the same radius
 # as the click maps the model sees (ALGORITHM.md, "Click encoding and simulation").
@@ -44,7 +45,7 @@ def _check_clicks(clicks: Sequence[Click], hw: tuple[int, int]) -> None:
             raise InputError(f"click ({c.x:.1f}, {c.y:.1f}) lies outside the {w}x{h} image")
 
 
-def _to_gray(image: np.ndarray) -> np.ndarray:
+def gray_image(image: np.ndarray) -> np.ndarray:
     """Grayscale float64 in [0, 1] (integer images by their dtype range)."""
     img = np.asarray(image)
     if img.ndim == 3 and img.shape[-1] == 1:
@@ -63,13 +64,29 @@ def _to_gray(image: np.ndarray) -> np.ndarray:
     return np.nan_to_num(gray)
 
 
-def _disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
+def click_disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
+    """Pixels within ``radius`` of (x, y), always including the pixel the click falls in."""
     yy = np.arange(hw[0], dtype=np.float64)[:, None]
     xx = np.arange(hw[1], dtype=np.float64)[None, :]
     disk = (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
-    # A click always seeds at least the pixel it falls in, whatever the radius.
     disk[min(max(int(round(y)), 0), hw[0] - 1), min(max(int(round(x)), 0), hw[1] - 1)] = True
     return disk
+
+
+def random_walker_foreground(gray: np.ndarray, labels: np.ndarray, beta: float) -> np.ndarray:
+    """Grady's random walker on a grayscale image: probability of label 1 against label 2 for
+    every pixel (``labels``: 0 unknown, 1 foreground seed, 2 background seed; both must occur)."""
+    if (labels > 0).all():
+        return (labels == 1).astype(np.float64)
+    # The solver's vectors are small (~20k entries): multithreaded BLAS only adds
+    # synchronisation, and on a busy machine made one call ~10x slower than one thread.
+    one_thread = threadpool_limits(limits=1, user_api="blas") if threadpool_limits else nullcontext()
+    with warnings.catch_warnings(), one_thread:
+        # Isolated unlabelled pixels and cg tolerance notices are harmless here.
+        warnings.simplefilter("ignore")
+        # 'cg_j' (Jacobi-preconditioned conjugate gradient) needs no pyamg.
+        full = random_walker(gray, labels, beta=beta, mode="cg_j", return_full_prob=True)
+    return full[0]
 
 
 def random_walker_probability(
@@ -95,7 +112,7 @@ def random_walker_probability(
     if not any(c.positive for c in clicks):
         return np.zeros((h, w), dtype=np.float32)
 
-    gray = _to_gray(image)
+    gray = gray_image(image)
     scale = min(1.0, max_side / max(h, w))
     sh, sw = max(2, int(round(h * scale))), max(2, int(round(w * scale)))
     if (sh, sw) != (h, w):
@@ -107,26 +124,13 @@ def random_walker_probability(
     # Painted in click order so a later click overrides an earlier one where disks overlap,
     # as it does for the model; positive disks also take precedence over border seeds.
     for c in small_clicks:
-        labels[_disk((sh, sw), c.x, c.y, seed_radius)] = 1 if c.positive else 2
+        labels[click_disk((sh, sw), c.x, c.y, seed_radius)] = 1 if c.positive else 2
     if not (labels == 1).any():
         # Every positive disk was overwritten by a later negative one.
         return np.zeros((h, w), dtype=np.float32)
     if not (labels == 2).any():
         return np.ones((h, w), dtype=np.float32)
-    if (labels > 0).all():
-        prob = (labels == 1).astype(np.float64)
-    else:
-        # The solver's vectors are small (~20k entries): multithreaded BLAS only adds
-        # synchronisation, and on a busy machine made one call ~10x slower than one thread.
-        one_thread = (
-            threadpool_limits(limits=1, user_api="blas") if threadpool_limits else nullcontext()
-        )
-        with warnings.catch_warnings(), one_thread:
-            # Isolated unlabelled pixels and cg tolerance notices are harmless here.
-            warnings.simplefilter("ignore")
-            # 'cg_j' (Jacobi-preconditioned conjugate gradient) needs no pyamg.
-            full = random_walker(gray, labels, beta=beta, mode="cg_j", return_full_prob=True)
-        prob = full[0]
+    prob = random_walker_foreground(gray, labels, beta)
     if (sh, sw) != (h, w):
         prob = resize(prob, (h, w), order=1, anti_aliasing=False)
     return np.clip(prob, 0.0, 1.0).astype(np.float32)
@@ -179,7 +183,7 @@ def residual_cut_probability(
     prob = norm * near_pos * keep_neg
 
     for c in clicks:
-        disk = _disk((h, w), c.x, c.y, _FORCED_DISK_RADIUS)
+        disk = click_disk((h, w), c.x, c.y, _FORCED_DISK_RADIUS)
         if c.positive:
             prob[disk] = np.maximum(prob[disk], 0.99)
         else:

@@ -25,7 +25,8 @@ __all__ = ["evaluate_clicks", "simulate_clicks", "METHODS", "THRESHOLD"]
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.49
-METHODS = ("adclick", "random_walker", "residual_map")
+# "adclick_raw": the click model without boundary refinement (refinement.py), for the ablation
+METHODS = ("adclick", "adclick_raw", "random_walker", "residual_map")
 
 # (clicks so far, previous probability or None) -> probability map at image size
 ClickMethod = Callable[[list[Click], "np.ndarray | None"], np.ndarray]
@@ -64,6 +65,9 @@ def _methods_for(pred: ClickPredictor, state: ImageState, image: np.ndarray, nam
     out: dict[str, ClickMethod] = {}
     if "adclick" in names:
         out["adclick"] = lambda clicks, prev: pred.predict(state, clicks, prev_mask=prev)
+    if "adclick_raw" in names:
+        raw = pred.with_refinement(None)
+        out["adclick_raw"] = lambda clicks, prev: raw.predict(state, clicks, prev_mask=prev)
     if "random_walker" in names:
         out["random_walker"] = lambda clicks, prev: random_walker_probability(image, clicks)
     if "residual_map" in names:

@@ -12,11 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from .backbone import BackboneConfig, FeatureExtractor, build_extractor, load_image, resolve_device
+from .baselines import gray_image
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_clicks, scale_clicks
 from .errors import CheckpointError, InputError
 from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
+from .refinement import RefineConfig, refine_answer
 from .residuals import ResidualConfig, compute_residuals
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
@@ -35,10 +37,12 @@ class ImageState:
     distance: torch.Tensor  # g x g training-free anomaly map
     image_key: str
     bank_fingerprint: str
+    gray: np.ndarray | None = None  # H x W uint8 at the original size, for boundary refinement
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.residual, self.fine, self.distance))
+        extra = self.gray.nbytes if self.gray is not None else 0
+        return extra + sum(t.numel() * t.element_size() for t in (self.residual, self.fine, self.distance))
 
 
 def _upsample(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -143,6 +147,7 @@ class _ResidualPredictor:
             distance=res.distance[0],
             image_key=image_fingerprint(arr),
             bank_fingerprint=self.bank.fingerprint,
+            gray=np.round(gray_image(arr) * 255.0).astype(np.uint8),
         )
 
     def anomaly_map(self, state: ImageState) -> np.ndarray:
@@ -151,7 +156,19 @@ class _ResidualPredictor:
 
 
 class ClickPredictor(_ResidualPredictor):
-    """ADClick inference: residual state per image, then clicks -> probability map at image size."""
+    """ADClick inference: residual state per image, then clicks -> probability map at image size.
+
+    Small answers get their edges refined on the full-resolution image (``refinement.py``);
+    ``with_refinement(None)`` gives the model's raw answer.
+    """
+
+    refinement: RefineConfig | None = RefineConfig()
+
+    def with_refinement(self, config: RefineConfig | None) -> "ClickPredictor":
+        """A predictor sharing these weights whose answers are refined with ``config`` (None: raw)."""
+        other = copy.copy(self)
+        other.refinement = config
+        return other
 
     @classmethod
     def from_checkpoint(
@@ -196,8 +213,10 @@ class ClickPredictor(_ResidualPredictor):
             prev = _upsample(torch.from_numpy(pm)[None, None], (s, s))
         maps = encode_clicks([scale_clicks(clicks, (h, w), (s, s))], prev, s, self.model.config.click_radius)
         logits = self.model(state.residual, maps.to(self.device), state.fine)
-        prob = torch.sigmoid(_upsample(logits, (h, w)))[0, 0]
-        return prob.float().cpu().numpy()
+        prob = torch.sigmoid(_upsample(logits, (h, w)))[0, 0].float().cpu().numpy()
+        if self.refinement is not None and state.gray is not None:
+            prob = refine_answer(prob, state.gray, clicks, self.refinement)
+        return prob
 
 
 class SegPredictor(_ResidualPredictor):

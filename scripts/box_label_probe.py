@@ -4,7 +4,9 @@ On every other image of eval-seg's fold 0 (MTD: 49 images): pooled pixel AP and 
 of the box-prompted answer (boxes = the ground truth's blobs) and of the 5-click answer, per-type
 IoU, and how often the box prompts' positive clicks land within 2 px of the defect.
 
-    PYTHONPATH=. .venv/bin/python scripts/box_label_probe.py [DATA] [BANK]
+    PYTHONPATH=. .venv/bin/python scripts/box_label_probe.py [DATA] [BANK] [--raw]
+
+``--raw``: the click model's answers without boundary refinement (refinement.py).
 """
 import sys
 
@@ -18,11 +20,14 @@ from adclick_core.predictor import ClickPredictor
 from adclick_core.seg_evaluation import mask_boxes, split_folds, weak_items
 
 torch.set_num_threads(2)
-data = sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mtd"
-bank = sys.argv[2] if len(sys.argv) > 2 else "runs/mtd_bank.safetensors"
+args = [a for a in sys.argv[1:] if a != "--raw"]
+data = args[0] if len(args) > 0 else "../shared/data/mtd"
+bank = args[1] if len(args) > 1 else "runs/mtd_bank.safetensors"
 folder = MVTecFolder(data)
 cp = ClickPredictor.from_checkpoint(None, device="cpu")
 cp = cp.with_bank(folder.reference_bank(cp.extractor, bank, progress=False))
+if "--raw" in sys.argv:
+    cp = cp.with_refinement(None)
 fold = split_folds(folder.test_samples(defective_only=True), seed=0)[0][::2]
 ious = {"box": [], "clicks5": []}
 probs = {"box": [], "clicks5": []}

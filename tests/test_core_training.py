@@ -14,6 +14,7 @@ from adclick_core.errors import CheckpointError, EmptyBankError, InputError, Mis
 from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
+from adclick_core.refinement import RefineConfig
 from adclick_core.residuals import ResidualConfig
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import texture
@@ -250,6 +251,13 @@ def test_predict_at_original_size(predictor):
                                predictor.predict(state, [], prev_mask=binary), rtol=1e-5, atol=1e-6)
     # Clicks on the image border are inside.
     assert predictor.predict(state, [Click(0, 0), Click(70, 50, False)]).shape == (50, 70)
+    # The grayscale copy for boundary refinement; the raw answer is the model's alone.
+    assert state.gray.shape == (50, 70) and state.gray.dtype == np.uint8 and state.gray[15, 35] > 200
+    raw = predictor.with_refinement(None)
+    assert raw.refinement is None and predictor.refinement is not None and raw.model is predictor.model
+    np.testing.assert_array_equal(
+        raw.predict(state, [Click(37, 17, True)]),
+        predictor.with_refinement(RefineConfig(max_area_frac=0.0)).predict(state, [Click(37, 17, True)]))
     # The same image gives the same state.
     again = predictor.set_image(image)
     assert again.image_key == state.image_key

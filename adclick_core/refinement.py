@@ -1,0 +1,102 @@
+"""Full-resolution boundary refinement of a click answer.
+
+The click model answers at stride 4 of a 256 px input, so on a 400 px image one output cell is
+~6 px: a 10 px blowhole or a 3 px crack comes back as a blob several times its size (measured on
+MTD: 6-17x the true area after the first click). Where the answer is small, the image itself
+knows better where the defect ends. As DenseCRF / CascadePSP do for semantic masks, we keep the
+model's decision of *which* region and let the image decide *where its edge is*: a random walker
+on the original-resolution grayscale crop around the answer, seeded with foreground at the
+positive clicks and the answer's confident core, background where the answer is clearly off and
+at the negative clicks. Large answers (soft-edged regions such as MTD's *uneven*) are returned
+unchanged: there the edge is not an intensity edge and the walker measurably hurts.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from skimage.transform import resize
+
+from .baselines import click_disk, random_walker_foreground
+from .clicks import Click
+
+__all__ = ["RefineConfig", "refine_answer"]
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Defaults chosen on 20 MTD test images with 30 references and checked on 44 others
+    (IoU >= 0.5 after 3 clicks: 18 -> 25 of 44; README, "Boundary refinement")."""
+
+    max_area_frac: float = 0.02  # refine only answers (> 0.5) covering less than this of the image
+    low: float = 0.2  # answer below this: background seed
+    high: float = 0.95  # answer above this: foreground seed
+    beta: float = 300.0  # random-walker edge sensitivity (scikit-image scales it by the crop's contrast)
+    margin: float = 0.5  # crop = answer's box grown by this fraction of its size (+ 6 px) per side
+    max_side: int = 192  # larger crops are solved on a copy of at most this side
+    seed_radius: float = 1.5  # click seeds, px of the solved crop
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _crop_box(region: np.ndarray, clicks: Sequence[Click], margin: float) -> tuple[int, int, int, int]:
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    py = [c.y for c in clicks if c.positive]
+    px = [c.x for c in clicks if c.positive]
+    y0, y1 = min(*py, ys.min(initial=h)), max(*py, ys.max(initial=-1))
+    x0, x1 = min(*px, xs.min(initial=w)), max(*px, xs.max(initial=-1))
+    my, mx = margin * (y1 - y0) + 6, margin * (x1 - x0) + 6
+    return (int(max(0, y0 - my)), int(min(h, y1 + my + 1)), int(max(0, x0 - mx)), int(min(w, x1 + mx + 1)))
+
+
+def refine_answer(
+    prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click], config: RefineConfig = RefineConfig()
+) -> np.ndarray:
+    """The answer ``prob`` (H x W in [0, 1]) with its edges moved onto the image's (``gray``,
+    H x W, uint8 or float in [0, 1]). Returns ``prob`` itself when nothing is refined: no positive
+    click, an answer larger than ``max_area_frac``, or seeds of only one kind."""
+    h, w = prob.shape
+    if gray.shape != (h, w):
+        raise ValueError(f"gray image {gray.shape} and answer {prob.shape} differ in size")
+    positives = [c for c in clicks if c.positive]
+    if not positives or (prob > 0.5).mean() > config.max_area_frac:
+        return prob
+    y0, y1, x0, x1 = _crop_box(prob > config.low, positives, config.margin)
+    g = gray[y0:y1, x0:x1].astype(np.float64)
+    if gray.dtype == np.uint8:
+        g /= 255.0
+    p = prob[y0:y1, x0:x1]
+    ch, cw = p.shape
+    scale = min(1.0, config.max_side / max(ch, cw))
+    sh, sw = max(2, round(ch * scale)), max(2, round(cw * scale))
+    if scale < 1.0:
+        g = resize(g, (sh, sw), order=1, anti_aliasing=True)
+        p = resize(p, (sh, sw), order=1)
+    labels = np.zeros((sh, sw), np.int32)
+    labels[p < config.low] = 2
+    # Crop edges inside the image are background (the answer was grown past them); edges on the
+    # image border are not: breaks and frays sit on the tile's edge.
+    if y0 > 0:
+        labels[0, :] = 2
+    if y1 < h:
+        labels[-1, :] = 2
+    if x0 > 0:
+        labels[:, 0] = 2
+    if x1 < w:
+        labels[:, -1] = 2
+    labels[p > config.high] = 1
+    for c in clicks:  # in click order: a later click overrides an earlier one, as for the model
+        cx, cy = (c.x - x0) * scale, (c.y - y0) * scale
+        if 0 <= cx < sw and 0 <= cy < sh:
+            labels[click_disk((sh, sw), cx, cy, config.seed_radius)] = 1 if c.positive else 2
+    if not (labels == 1).any() or not (labels == 2).any():
+        return prob
+    fg = random_walker_foreground(g, labels, config.beta)
+    if scale < 1.0:
+        fg = resize(fg, (ch, cw), order=1)
+    out = prob.copy()
+    out[y0:y1, x0:x1] = np.clip(fg, 0.0, 1.0)
+    return out.astype(np.float32, copy=False)

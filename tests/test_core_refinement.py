@@ -1,0 +1,72 @@
+"""Boundary refinement of click answers (adclick_core/refinement.py) on hand-made images."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adclick_core.clicks import Click
+from adclick_core.metrics import iou
+from adclick_core.refinement import RefineConfig, refine_answer
+
+H, W = 160, 200  # a 6 px spot's 3x blob covers ~1.3 % (below max_area_frac)
+
+
+def _disc(cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[:H, :W]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _scene(cy=60, cx=80, r=6, seed=0):
+    """A dark spot on a bright, slightly noisy tile, and a coarse answer 3x its radius."""
+    rng = np.random.default_rng(seed)
+    gray = np.clip(200 + rng.normal(0, 4, (H, W)), 0, 255)
+    spot = _disc(cy, cx, r)
+    gray[spot] = 60
+    yy, xx = np.mgrid[:H, :W]
+    blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (1.6 * r) ** 2))  # > 0.5 out to ~1.9 r
+    return gray.astype(np.uint8), spot, blob.astype(np.float32)
+
+
+def test_a_coarse_blob_shrinks_onto_the_dark_spot():
+    gray, spot, blob = _scene()
+    assert iou(blob > 0.5, spot) < 0.35  # the over-segmented answer the click model gives
+    out = refine_answer(blob, gray, [Click(80, 60, True)])
+    assert out.shape == blob.shape and out.dtype == np.float32
+    assert iou(out > 0.5, spot) > 0.8
+    yy, xx = np.mgrid[:H, :W]
+    far = (np.abs(yy - 60) > 45) | (np.abs(xx - 80) > 45)
+    np.testing.assert_array_equal(out[far], blob[far])  # outside the crop nothing moves
+
+
+def test_a_defect_on_the_image_border_is_kept():
+    gray, spot, blob = _scene(cy=3, cx=80, r=7)
+    out = refine_answer(blob, gray, [Click(80, 2, True)])
+    assert iou(out > 0.5, spot) > 0.7
+
+
+def test_a_negative_click_inside_the_answer_removes_its_side():
+    gray, spot, blob = _scene()
+    gray[_disc(60, 94, 5)] = 60  # a second dark spot the user does not want
+    yy, xx = np.mgrid[:H, :W]
+    # As the model answers a negative click: low around it, the first spot's blob kept.
+    away = 1 - np.exp(-((yy - 60) ** 2 + (xx - 94) ** 2) / (2 * 6.0**2))
+    answer = (np.maximum(blob, np.roll(blob, 14, axis=1)) * away).astype(np.float32)
+    out = refine_answer(answer, gray, [Click(80, 60, True), Click(94, 60, False)])
+    assert (out[_disc(60, 94, 5)] < 0.5).all()
+    assert iou(out > 0.5, spot) > 0.6
+
+
+def test_large_answers_and_answers_without_positive_clicks_are_returned_as_they_are():
+    gray, _, blob = _scene()
+    big = np.zeros((H, W), np.float32)
+    big[20:100, 20:140] = 0.9  # 50 % of the image: a soft-edged region, not an intensity edge
+    assert refine_answer(big, gray, [Click(80, 60, True)]) is big
+    assert refine_answer(blob, gray, [Click(80, 60, False)]) is blob
+    tight = RefineConfig(max_area_frac=1e-4)
+    assert refine_answer(blob, gray, [Click(80, 60, True)], tight) is blob
+
+
+def test_mismatched_sizes_are_an_error():
+    gray, _, blob = _scene()
+    with pytest.raises(ValueError, match="differ in size"):
+        refine_answer(blob, gray[:, :-1], [Click(80, 60, True)])
