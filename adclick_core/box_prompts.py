@@ -60,7 +60,12 @@ def box_clicks_and_probability(
     first one (at most ``max_extra_positive``); then, while the answer has more than
     ``leak_fraction`` of its area outside the boxes, a negative click at the most confident leaked
     pixel (at most ``max_negative``).
+
+    The click model's raw answers are used, not the boundary-refined ones: the box already bounds
+    the defect, and refinement made these labels worse (scripts/box_label_probe.py, 49 images:
+    pixel AP 0.841 raw vs 0.669 refined, mean IoU 0.475 vs 0.419).
     """
+    predictor = predictor.with_refinement(None)
     h, w = state.original_hw
     amap = ndimage.gaussian_filter(predictor.anomaly_map(state), smooth_sigma)
     inside = box_region((h, w), boxes)

@@ -95,6 +95,9 @@ class FakePredictor:
     def with_bank(self, bank):
         return FakePredictor(bank, self.radius, self.shared)
 
+    def with_refinement(self, config):
+        return self  # the fake's disks have no boundary to refine
+
     def set_image(self, image: np.ndarray) -> FakeState:
         if self.bank is None or len(self.bank) == 0:
             raise EmptyBankError("the reference bank holds no defect-free image yet")

@@ -16,7 +16,11 @@ class DiskPredictor:
     ``radius`` around each positive click minus a disk of ``radius`` around each negative one."""
 
     def __init__(self, spot=(30, 20), radius=12.0):
-        self.spot, self.radius, self.calls = spot, radius, []
+        self.spot, self.radius, self.calls, self.refinement = spot, radius, [], "default"
+
+    def with_refinement(self, config):
+        self.refinement = config  # box prompts must ask for the raw answers
+        return self
 
     def anomaly_map(self, state):
         m = np.zeros(HW, np.float32)
@@ -51,6 +55,7 @@ def test_positive_click_at_in_box_peak_and_answer_cut_to_box():
     assert prob.shape == HW and prob.dtype == np.float32
     assert prob[20, 30] == 1.0 and not prob[~box_region(HW, [(22, 12, 40, 30)])].any()
     assert pred.calls[0][1] == "crack"  # the defect type reaches the click model (its prompt)
+    assert pred.refinement is None  # raw answers: the box bounds the defect already
 
 
 def test_peak_outside_the_box_is_not_used():
