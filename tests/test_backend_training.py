@@ -230,7 +230,9 @@ def test_training_runs_in_the_background_and_swaps_the_version_at_the_end(tmp_pa
     r = start(client)
     assert time.time() - t0 < 1.0 and r.get_json()["status"] == "training started"
     tr = wait_state(client, ("running",))
-    while not trainer.calls:
+    deadline = time.time() + 10.0
+    while not trainer.calls:  # bounded: a job that dies before training must fail the test, not hang it
+        assert time.time() < deadline, client.get("/health").get_json()["training"]["1"]
         time.sleep(0.01)
     # While it runs: the old version keeps serving, a second request is answered at once.
     assert setup_version(client) == v0
