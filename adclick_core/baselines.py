@@ -30,7 +30,7 @@ except ImportError:  # pragma: no cover
     threadpool_limits = None
 
 __all__ = ["random_walker_probability", "residual_cut_probability", "gray_image", "click_disk",
-           "random_walker_foreground"]
+           "paint_click_seeds", "solver_shape", "random_walker_foreground"]
 
 # Radius (px) of the disk forced to the click's label in the residual cut; the same radius
 # as the click maps the model sees (ALGORITHM.md, "Click encoding and simulation").
@@ -73,6 +73,23 @@ def click_disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.nda
     return disk
 
 
+def paint_click_seeds(labels: np.ndarray, clicks: Sequence[Click], radius: float) -> None:
+    """Paint each click's disk into ``labels`` (1 positive, 2 negative), in click order so a later
+    click overrides an earlier one where disks overlap, as it does for the model. ``clicks`` are in
+    the label grid's pixels; clicks off the grid are left out."""
+    h, w = labels.shape
+    for c in clicks:
+        if -0.5 <= c.x < w and -0.5 <= c.y < h:
+            labels[click_disk((h, w), c.x, c.y, radius)] = 1 if c.positive else 2
+
+
+def solver_shape(hw: tuple[int, int], max_side: int) -> tuple[float, tuple[int, int]]:
+    """(scale, shape) of the copy the random walker is solved on: longer side at most ``max_side``."""
+    h, w = hw
+    scale = min(1.0, max_side / max(h, w))
+    return scale, (max(2, int(round(h * scale))), max(2, int(round(w * scale))))
+
+
 def random_walker_foreground(gray: np.ndarray, labels: np.ndarray, beta: float) -> np.ndarray:
     """Grady's random walker on a grayscale image: probability of label 1 against label 2 for
     every pixel (``labels``: 0 unknown, 1 foreground seed, 2 background seed; both must occur)."""
@@ -113,18 +130,14 @@ def random_walker_probability(
         return np.zeros((h, w), dtype=np.float32)
 
     gray = gray_image(image)
-    scale = min(1.0, max_side / max(h, w))
-    sh, sw = max(2, int(round(h * scale))), max(2, int(round(w * scale)))
+    scale, (sh, sw) = solver_shape((h, w), max_side)
     if (sh, sw) != (h, w):
         gray = resize(gray, (sh, sw), order=1, anti_aliasing=True)
     small_clicks = scale_clicks(clicks, (h, w), (sh, sw))
 
     labels = np.zeros((sh, sw), dtype=np.int32)
     labels[0, :] = labels[-1, :] = labels[:, 0] = labels[:, -1] = 2
-    # Painted in click order so a later click overrides an earlier one where disks overlap,
-    # as it does for the model; positive disks also take precedence over border seeds.
-    for c in small_clicks:
-        labels[click_disk((sh, sw), c.x, c.y, seed_radius)] = 1 if c.positive else 2
+    paint_click_seeds(labels, small_clicks, seed_radius)  # positive disks override border seeds
     if not (labels == 1).any():
         # Every positive disk was overwritten by a later negative one.
         return np.zeros((h, w), dtype=np.float32)

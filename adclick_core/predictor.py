@@ -37,7 +37,7 @@ class ImageState:
     distance: torch.Tensor  # g x g training-free anomaly map
     image_key: str
     bank_fingerprint: str
-    gray: np.ndarray | None = None  # H x W uint8 at the original size, for boundary refinement
+    gray: np.ndarray | None = None  # H x W uint8, original size: boundary refinement (click states only)
 
     @property
     def nbytes(self) -> int:
@@ -147,7 +147,6 @@ class _ResidualPredictor:
             distance=res.distance[0],
             image_key=image_fingerprint(arr),
             bank_fingerprint=self.bank.fingerprint,
-            gray=np.round(gray_image(arr) * 255.0).astype(np.uint8),
         )
 
     def anomaly_map(self, state: ImageState) -> np.ndarray:
@@ -163,6 +162,14 @@ class ClickPredictor(_ResidualPredictor):
     """
 
     refinement: RefineConfig | None = RefineConfig()
+
+    def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
+        """The residual state plus the grayscale copy that boundary refinement reads (Seg states
+        go without it)."""
+        arr = load_image(image)
+        state = super().set_image(arr)
+        state.gray = np.round(gray_image(arr) * 255.0).astype(np.uint8)
+        return state
 
     def with_refinement(self, config: RefineConfig | None) -> "ClickPredictor":
         """A predictor sharing these weights whose answers are refined with ``config`` (None: raw)."""

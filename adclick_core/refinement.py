@@ -12,13 +12,13 @@ unchanged: there the edge is not an intensity edge and the walker measurably hur
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 from skimage.transform import resize
 
-from .baselines import click_disk, random_walker_foreground
+from .baselines import paint_click_seeds, random_walker_foreground, solver_shape
 from .clicks import Click
 
 __all__ = ["RefineConfig", "refine_answer"]
@@ -37,15 +37,12 @@ class RefineConfig:
     max_side: int = 192  # larger crops are solved on a copy of at most this side
     seed_radius: float = 1.5  # click seeds, px of the solved crop
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-def _crop_box(region: np.ndarray, clicks: Sequence[Click], margin: float) -> tuple[int, int, int, int]:
+def _crop_box(region: np.ndarray, positives: Sequence[Click], margin: float) -> tuple[int, int, int, int]:
     h, w = region.shape
     ys, xs = np.nonzero(region)
-    py = [c.y for c in clicks if c.positive]
-    px = [c.x for c in clicks if c.positive]
+    py = [c.y for c in positives]
+    px = [c.x for c in positives]
     y0, y1 = min(*py, ys.min(initial=h)), max(*py, ys.max(initial=-1))
     x0, x1 = min(*px, xs.min(initial=w)), max(*px, xs.max(initial=-1))
     my, mx = margin * (y1 - y0) + 6, margin * (x1 - x0) + 6
@@ -70,8 +67,7 @@ def refine_answer(
         g /= 255.0
     p = prob[y0:y1, x0:x1]
     ch, cw = p.shape
-    scale = min(1.0, config.max_side / max(ch, cw))
-    sh, sw = max(2, round(ch * scale)), max(2, round(cw * scale))
+    scale, (sh, sw) = solver_shape((ch, cw), config.max_side)
     if scale < 1.0:
         g = resize(g, (sh, sw), order=1, anti_aliasing=True)
         p = resize(p, (sh, sw), order=1)
@@ -88,10 +84,8 @@ def refine_answer(
     if x1 < w:
         labels[:, -1] = 2
     labels[p > config.high] = 1
-    for c in clicks:  # in click order: a later click overrides an earlier one, as for the model
-        cx, cy = (c.x - x0) * scale, (c.y - y0) * scale
-        if 0 <= cx < sw and 0 <= cy < sh:
-            labels[click_disk((sh, sw), cx, cy, config.seed_radius)] = 1 if c.positive else 2
+    in_crop = [Click((c.x - x0) * scale, (c.y - y0) * scale, c.positive) for c in clicks]
+    paint_click_seeds(labels, in_crop, config.seed_radius)
     if not (labels == 1).any() or not (labels == 2).any():
         return prob
     fg = random_walker_foreground(g, labels, config.beta)
