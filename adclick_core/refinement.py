@@ -27,7 +27,7 @@ __all__ = ["RefineConfig", "refine_answer"]
 @dataclass(frozen=True)
 class RefineConfig:
     """Defaults chosen on 64 MTD test images with 30 references (IoU >= 0.5 after 3 clicks: 26 of
-    64 raw, 40 refined; README, "Boundary refinement")."""
+    64 raw, 39 refined; scripts/refine_probe.py)."""
 
     max_area_frac: float = 0.03  # refine only answers (> 0.5) covering less than this of the image
     low: float = 0.2  # answer below this: background seed

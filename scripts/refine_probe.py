@@ -1,0 +1,44 @@
+"""Boundary refinement settings compared on the click protocol: IoU after 3 clicks per image.
+
+The images: the 10 of the end-to-end test (``pick_defects``), 10 more (offset 7) and 44 others
+(10 per type at offset 3, minus those already used); references as in the end-to-end test (30
+train/good images). Prints, per setting, how many reach IoU >= 0.5 and the mean IoU.
+
+    PYTHONPATH=. .venv/bin/python scripts/refine_probe.py [DATA]
+"""
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from adclick_core.evaluation import simulate_clicks
+from adclick_core.predictor import ClickPredictor
+from adclick_core.reference import ReferenceBank
+from adclick_core.refinement import RefineConfig
+from tests.e2e.helpers import N_REFERENCES, pick_defects
+
+torch.set_num_threads(2)
+mtd = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mtd").resolve()
+core = ClickPredictor.from_checkpoint(None, device="cpu")
+goods = sorted((mtd / "train" / "good").glob("*.jpg"))
+refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
+core = core.with_bank(ReferenceBank.build(core.extractor, refs, progress=False))
+settings = {"raw": None, "gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0),
+            "shipped": RefineConfig()}
+first = pick_defects(mtd) + pick_defects(mtd, offset=7)
+seen = {img for _, img, _ in first}
+images = first + [t for t in pick_defects(mtd, per_type=10, offset=3) if t[1] not in seen]
+ious = {k: [] for k in settings}
+for d, img, gt_path in images:
+    gt = np.asarray(Image.open(gt_path).convert("L")) > 127
+    state = core.set_image(str(img))
+    for name, cfg in settings.items():
+        pred = core.with_refinement(cfg)
+        per_click, _ = simulate_clicks(lambda c, p: pred.predict(state, c, prev_mask=p), gt, 3, [3])
+        ious[name].append(per_click[-1])
+for name, v in ious.items():
+    a = np.array(v)
+    print(f"{name}: {len(a)} images, IoU >= 0.5 after 3 clicks on {(a >= 0.5).sum()}, mean IoU {a.mean():.3f}"
+          f" (e2e 10: {(a[:10] >= 0.5).sum()}, next 10: {(a[10:20] >= 0.5).sum()}, other {len(a) - 20}: {(a[20:] >= 0.5).sum()})")
