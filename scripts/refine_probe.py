@@ -25,7 +25,10 @@ core = ClickPredictor.from_checkpoint(None, device="cpu")
 goods = sorted((mtd / "train" / "good").glob("*.jpg"))
 refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
 core = core.with_bank(ReferenceBank.build(core.extractor, refs, progress=False))
-settings = {"raw": None, "gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0),
+settings = {"raw": None,
+            "walker only, gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0, relative_threshold=None),
+            "walker only": RefineConfig(relative_threshold=None),
+            "walker + anchored cut 0.3": RefineConfig(relative_threshold=0.3),
             "shipped": RefineConfig()}
 first = pick_defects(mtd) + pick_defects(mtd, offset=7)
 seen = {img for _, img, _ in first}

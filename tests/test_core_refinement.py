@@ -56,13 +56,13 @@ def test_a_negative_click_inside_the_answer_removes_its_side():
     assert iou(out > 0.5, spot) > 0.6
 
 
-def test_large_answers_and_answers_without_positive_clicks_are_returned_as_they_are():
+def test_answers_without_positive_clicks_or_anchoring_are_returned_as_they_are():
     gray, _, blob = _scene()
     big = np.zeros((H, W), np.float32)
     big[20:100, 20:140] = 0.9  # 50 % of the image: a soft-edged region, not an intensity edge
-    assert refine_answer(big, gray, [Click(80, 60, True)]) is big
+    assert refine_answer(big, gray, [Click(80, 60, True)], RefineConfig(relative_threshold=None)) is big
     assert refine_answer(blob, gray, [Click(80, 60, False)]) is blob
-    tight = RefineConfig(max_area_frac=1e-4)
+    tight = RefineConfig(max_area_frac=1e-4, relative_threshold=None)
     assert refine_answer(blob, gray, [Click(80, 60, True)], tight) is blob
 
 
@@ -70,3 +70,36 @@ def test_mismatched_sizes_are_an_error():
     gray, _, blob = _scene()
     with pytest.raises(ValueError, match="differ in size"):
         refine_answer(blob, gray[:, :-1], [Click(80, 60, True)])
+
+
+def _soft_region():
+    """A large region the model is sure of at its centre and lukewarm (0.3) over the rest."""
+    region = np.zeros((H, W), bool)
+    region[20:120, 30:170] = True  # 44 % of the image
+    answer = np.where(region, 0.3, 0.02).astype(np.float32)
+    answer[60:80, 90:110] = 0.9  # where the user clicked: 1.25 % alone, 44 % with the rest
+    answer[20:40, 30:60] = 0.6  # so the raw answer (> 0.5) is large enough to skip the walker
+    return region, answer
+
+
+def test_a_large_lukewarm_answer_is_cut_relative_to_the_clicks():
+    region, answer = _soft_region()
+    gray = np.full((H, W), 128, np.uint8)
+    assert iou(answer > 0.5, region) < 0.15
+    out = refine_answer(answer, gray, [Click(100, 70, True)])
+    # cut = 0.4 x 0.9 = 0.36: the whole 0.3-region stays out, so with a 0.7 anchor it comes in.
+    assert iou(out > 0.5, region) < 0.15
+    out = refine_answer(answer, gray, [Click(100, 70, True)], RefineConfig(relative_threshold=0.3))
+    assert iou(out > 0.5, region) == 1.0
+    assert out.dtype == np.float32 and out.shape == answer.shape
+    # the order of the pixels is kept (a monotone rescale)
+    flat = np.argsort(answer.ravel(), kind="stable")
+    assert (np.diff(out.ravel()[flat]) >= -1e-6).all()
+
+
+def test_the_anchored_cut_never_drops_below_its_floor():
+    region, answer = _soft_region()
+    gray = np.full((H, W), 128, np.uint8)
+    # a positive click where the model says 0.02: the cut stays at min_threshold, not 0.008
+    out = refine_answer(answer, gray, [Click(5, 5, True)])
+    assert ((out > 0.5) == (answer > 0.05)).all()
