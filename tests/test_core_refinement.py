@@ -103,3 +103,33 @@ def test_the_anchored_cut_never_drops_below_its_floor():
     # a positive click where the model says 0.02: the cut stays at min_threshold, not 0.008
     out = refine_answer(answer, gray, [Click(5, 5, True)])
     assert ((out > 0.5) == (answer > 0.05)).all()
+
+
+def _thin_crack(seed=0):
+    """A faint 2 px dark vertical line, 90 px long, and a lukewarm (0.7) answer band around it."""
+    rng = np.random.default_rng(seed)
+    gray = np.clip(150 + rng.normal(0, 6, (H, W)), 0, 255)
+    crack = np.zeros((H, W), bool)
+    crack[30:120, 99:101] = True
+    gray[crack] -= 20
+    answer = np.full((H, W), 0.02, np.float32)
+    answer[28:122, 95:105] = 0.7  # 2.9 % of the image: below the walker's gate
+    return gray.astype(np.uint8), crack, answer
+
+
+def test_clicks_on_one_thin_crack_are_joined_along_it():
+    gray, crack, answer = _thin_crack()
+    clicks = [Click(100, 32, True), Click(100, 117, True)]
+    alone = refine_answer(answer, gray, clicks, RefineConfig(trace_between_clicks=False))
+    traced = refine_answer(answer, gray, clicks)
+    # The walker alone keeps the ends and loses the middle; traced, the whole line is in.
+    assert (alone[60:90, 99:101] > 0.5).mean() < 0.5 and iou(alone > 0.5, crack) < 0.3
+    assert (traced[crack] > 0.5).mean() > 0.9
+    assert iou(traced > 0.5, crack) > 0.7
+
+
+def test_clicks_in_separate_regions_are_not_joined():
+    gray, crack, answer = _thin_crack()
+    answer[70:80, 95:105] = 0.02  # the answer splits the line in two
+    traced = refine_answer(answer, gray, [Click(100, 32, True), Click(100, 117, True)])
+    assert (traced[72:78, 99:101] < 0.5).all()
