@@ -25,11 +25,12 @@ core = ClickPredictor.from_checkpoint(None, device="cpu")
 goods = sorted((mtd / "train" / "good").glob("*.jpg"))
 refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
 core = core.with_bank(ReferenceBank.build(core.extractor, refs, progress=False))
+only_walker = dict(relative_threshold=None, trace_between_clicks=False)
 settings = {"raw": None,
-            "walker only, gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0, relative_threshold=None),
-            "walker only": RefineConfig(relative_threshold=None),
-            "walker + anchored cut 0.3": RefineConfig(relative_threshold=0.3),
-            "shipped": RefineConfig()}
+            "walker only, gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0, **only_walker),
+            "walker only (session 6)": RefineConfig(**only_walker),
+            "walker + anchored cut": RefineConfig(trace_between_clicks=False),
+            "shipped (+ traced clicks)": RefineConfig()}
 first = pick_defects(mtd) + pick_defects(mtd, offset=7)
 seen = {img for _, img, _ in first}
 images = first + [t for t in pick_defects(mtd, per_type=10, offset=3) if t[1] not in seen]
