@@ -90,11 +90,10 @@ def _trace_between_clicks(
     user's clicks on one region say the pixels between them belong together; the path of highest
     contrast to the background (``g``'s distance from its median where p < 0.5, cheaper the
     stronger) follows the crack itself. The path may not leave the region (cost 1e3 outside)."""
-    h, w = labels.shape
-    pts = [(int(round(c.y)), int(round(c.x))) for c in positives]
-    pts = [(min(h - 1, max(0, y)), min(w - 1, max(0, x))) for y, x in pts]
-    if len(pts) < 2:
+    if len(positives) < 2:
         return
+    h, w = labels.shape
+    pts = [(min(h - 1, max(0, int(round(c.y)))), min(w - 1, max(0, int(round(c.x))))) for c in positives]
     regions, _ = ndimage.label(p > low)
     outside = g[p < 0.5]
     if outside.size < 2:
@@ -103,9 +102,9 @@ def _trace_between_clicks(
     contrast = np.abs(g - float(np.median(outside))) / spread
     cost = np.where(regions > 0, 1.0 / (1.0 + contrast), 1e3)
     for i in range(1, len(pts)):
-        ri = regions[pts[i]]
-        mates = [j for j in range(i) if ri > 0 and regions[pts[j]] == ri]
-        if not mates:
+        region = regions[pts[i]]
+        mates = [j for j in range(i) if regions[pts[j]] == region]
+        if region == 0 or not mates:
             continue
         j = min(mates, key=lambda j: (pts[j][0] - pts[i][0]) ** 2 + (pts[j][1] - pts[i][1]) ** 2)
         path, _ = route_through_array(cost, pts[j], pts[i], fully_connected=True, geometric=True)

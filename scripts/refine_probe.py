@@ -17,14 +17,12 @@ from adclick_core.evaluation import simulate_clicks
 from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.refinement import RefineConfig
-from tests.e2e.helpers import N_REFERENCES, pick_defects
+from tests.e2e.helpers import pick_defects, pick_references
 
 torch.set_num_threads(2)
 mtd = Path(sys.argv[1] if len(sys.argv) > 1 else "../shared/data/mtd").resolve()
 core = ClickPredictor.from_checkpoint(None, device="cpu")
-goods = sorted((mtd / "train" / "good").glob("*.jpg"))
-refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
-core = core.with_bank(ReferenceBank.build(core.extractor, refs, progress=False))
+core = core.with_bank(ReferenceBank.build(core.extractor, pick_references(mtd), progress=False))
 only_walker = dict(relative_threshold=None, trace_between_clicks=False)
 settings = {"raw": None,
             "walker only, gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0, **only_walker),

@@ -9,7 +9,6 @@ import sys, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
-from scipy import ndimage
 from adclick_core.predictor import ClickPredictor, SegPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.seg_training import SegItem, SegTrainConfig, train_seg
@@ -18,19 +17,16 @@ from adclick_core.box_prompts import box_prompted_item
 from adclick_core.training import build_synthetic_pool
 from adclick_core.regions import defect_regions
 from adclick_core.metrics import pixel_ap
-from tests.e2e.helpers import N_REFERENCES, pick_defects, DEFECTS
+from tests.e2e.helpers import DEFECTS, pick_defects, pick_references, split_first_per_type, training_free_maps
 torch.set_num_threads(2)
 iters = int(sys.argv[1]); use_pool = sys.argv[2] == "pool"; extra = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 mtd = Path("../shared/data/mtd").resolve()
 clicker = ClickPredictor.from_checkpoint(None, device="cpu")
-goods = sorted((mtd / "train" / "good").glob("*.jpg"))
-refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
+refs = pick_references(mtd)
 bank = ReferenceBank.build(clicker.extractor, refs, progress=False)
 clicker = clicker.with_bank(bank)
 defects = pick_defects(mtd)
-train, held = [], []
-for d in DEFECTS:
-    mine = [x for x in defects if x[0] == d]; train.append(mine[0]); held += mine[1:]
+train, held = split_first_per_type(defects)
 if extra:
     seen = {x[1] for x in defects}
     train += [x for x in pick_defects(mtd, per_type=extra, offset=5) if x[1] not in seen]
@@ -53,16 +49,16 @@ _, summary = train_seg(items, clicker.extractor, bank, SegTrainConfig(iterations
                        synthetic=pool, defect_types=DEFECTS, out=out, progress=False)
 seg = SegPredictor.from_checkpoint(out, bank=bank, device="cpu", extractor=clicker.extractor)
 thr = float(seg.threshold)
-scores, cont, free, gts = [], [], [], []
+scores, cont, gts = [], [], []
 for d, img, g in held:
     st = seg.set_image(str(img))
     per = seg.predict_per_type(st, DEFECTS)
     sm = np.zeros(st.original_hw, np.float32); mx = np.zeros(st.original_hw, np.float32)
-    for t_, prob in per.items():
+    for prob in per.values():
         mx = np.maximum(mx, prob)
         for r in defect_regions(prob, thr):
             sm = np.maximum(sm, r.mask * np.float32(r.score))
     scores.append(sm); cont.append(mx); gts.append(gt(g))
-    cs = clicker.set_image(str(img)); free.append(ndimage.gaussian_filter(clicker.anomaly_map(cs), 4.0))
+free = training_free_maps(refs, [img for _, img, _ in held])
 print(f"iters {iters} pool {use_pool} extra {extra} items {summary.get('label_kinds')} train {time.time()-t:.0f}s thr {thr:.3f}: "
       f"held-out AP masks {pixel_ap(scores, gts):.3f}, continuous {pixel_ap(cont, gts):.3f}, map {pixel_ap(free, gts):.3f}", flush=True)

@@ -219,14 +219,13 @@ def mtd_project(label_studio, backend_server, mtd_dir):
     """A project with label_config/interactive_weak.xml, a Local Storage on the MTD folder,
     N_REFERENCES train/good images with an OK verdict (the references), 2 images per defect type
     and one task whose file does not exist; our backend connected as interactive."""
-    from .helpers import CONFIG, MISSING_URL, N_REFERENCES, import_tasks, local_url, pick_defects, verdict_result
+    from .helpers import CONFIG, MISSING_URL, import_tasks, local_url, pick_defects, pick_references, verdict_result
 
     ls = label_studio
     pid = ls.api("POST", "/api/projects", json={"title": "ADClick e2e", "label_config": CONFIG})["id"]
     ls.api("POST", "/api/storages/localfiles", json={
         "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
-    goods = sorted((mtd_dir / "train" / "good").glob("*.jpg"))
-    refs = goods[:: max(1, len(goods) // N_REFERENCES)][:N_REFERENCES]
+    refs = pick_references(mtd_dir)
     defects = pick_defects(mtd_dir)
     tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
              for g in refs]

@@ -21,6 +21,36 @@ def verdict_result(value: str = "OK") -> list[dict]:
     return [{"from_name": "verdict", "to_name": "image", "type": "choices", "value": {"choices": [value]}}]
 
 
+def pick_references(mtd: Path, n: int = N_REFERENCES) -> list[Path]:
+    """``n`` train/good images spread over the sorted file list (deterministic): the references."""
+    goods = sorted((mtd / "train" / "good").glob("*.jpg"))
+    return goods[:: max(1, len(goods) // n)][:n]
+
+
+def split_first_per_type(defects: list[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """(the first image of each defect type, the rest): annotated vs held out in the training test.
+    ``defects``: tuples whose first item is the defect type."""
+    train, held_out = [], []
+    for d in DEFECTS:
+        mine = [x for x in defects if x[0] == d]
+        train.append(mine[0])
+        held_out += mine[1:]
+    return train, held_out
+
+
+def training_free_maps(references: list[Path], images: list[Path]) -> list:
+    """The residual anomaly map ||r|| (sigma-4 smoothed, as eval-seg scores it) of each image
+    against a bank of ``references``, computed with the core directly."""
+    from scipy import ndimage
+
+    from adclick_core.predictor import ClickPredictor
+    from adclick_core.reference import ReferenceBank
+
+    pred = ClickPredictor.from_checkpoint(device="cpu")
+    pred = pred.with_bank(ReferenceBank.build(pred.extractor, list(references), progress=False))
+    return [ndimage.gaussian_filter(pred.anomaly_map(pred.set_image(p)), 4.0) for p in images]
+
+
 def pick_defects(mtd: Path, per_type: int = PER_TYPE, offset: int = 0) -> list[tuple[str, Path, Path]]:
     """``per_type`` images of each defect type, spread over the sorted file list (deterministic)."""
     out = []

@@ -25,7 +25,7 @@ from PIL import Image
 
 from adclick_core.metrics import pixel_ap
 
-from .helpers import DEFECTS
+from .helpers import DEFECTS, split_first_per_type, training_free_maps
 
 pytestmark = pytest.mark.e2e
 
@@ -40,19 +40,6 @@ def brush_result(gt: np.ndarray, label: str) -> dict:
             "original_height": h, "image_rotation": 0,
             "value": {"format": "rle", "rle": [int(v) for v in mask2rle(np.where(gt, 255, 0).astype(np.uint8))],
                       "brushlabels": [label]}}
-
-
-def training_free_maps(references, images) -> list[np.ndarray]:
-    """The residual anomaly map ||r|| (sigma-4 smoothed, as eval-seg scores it) of each image
-    against a bank of the project's reference images, computed with the core directly."""
-    from scipy import ndimage
-
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.reference import ReferenceBank
-
-    pred = ClickPredictor.from_checkpoint(device="cpu")
-    pred = pred.with_bank(ReferenceBank.build(pred.extractor, list(references), progress=False))
-    return [ndimage.gaussian_filter(pred.anomaly_map(pred.set_image(p)), 4.0) for p in images]
 
 
 def box_results(gt: np.ndarray, label: str) -> list[dict]:
@@ -75,11 +62,7 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
     ls = label_studio
     pid, ml_id = mtd_project["id"], mtd_project["ml_id"]
     defects = mtd_project["defects"]  # (type, task id, image path, gt path), 2 per type
-    train, held_out = [], []
-    for d in DEFECTS:
-        mine = [x for x in defects if x[0] == d]
-        train.append(mine[0])
-        held_out += mine[1:]
+    train, held_out = split_first_per_type(defects)
     n_masks = 3
     for i, (d, tid, _, gt_path) in enumerate(train):
         gt = load_gt(gt_path)
