@@ -239,5 +239,5 @@ def mtd_project(label_studio, backend_server, mtd_dir):
         "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],
         "missing_task": by_url[MISSING_URL],
         "any_task": by_url[local_url(defects[0][1], mtd_dir)],
-        "goods_unused": [g for g in goods if g not in refs],
+        "goods_unused": [g for g in sorted((mtd_dir / "train" / "good").glob("*.jpg")) if g not in refs],
     }
