@@ -27,7 +27,9 @@ only_walker = dict(relative_threshold=None, trace_between_clicks=False)
 settings = {"raw": None,
             "walker only, gate 2 %, beta 300": RefineConfig(max_area_frac=0.02, beta=300.0, **only_walker),
             "walker only (session 6)": RefineConfig(**only_walker),
-            "walker + anchored cut": RefineConfig(trace_between_clicks=False),
+            "walker + anchored cut 0.3": RefineConfig(relative_threshold=0.3, trace_between_clicks=False),
+            "walker + anchored cut 0.5": RefineConfig(relative_threshold=0.5, trace_between_clicks=False),
+            "walker + anchored cut (0.4)": RefineConfig(trace_between_clicks=False),
             "shipped (+ traced clicks)": RefineConfig()}
 first = pick_defects(mtd) + pick_defects(mtd, offset=7)
 seen = {img for _, img, _ in first}
