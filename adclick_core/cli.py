@@ -133,6 +133,24 @@ def cmd_bench(args) -> dict:
                         n_images=args.images, clicks_per_image=args.clicks_per_image, bank_images=args.bank_images)
 
 
+def config_overrides(cls, pairs: list[str]) -> dict:
+    """``["lr=1e-4", ...]`` -> {field: value} typed like the dataclass default (numbers and bools)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        default = getattr(cls, key, None) if sep else None
+        if not isinstance(default, (bool, int, float, str)):
+            raise SystemExit(f"--set {pair!r}: expected FIELD=VALUE with FIELD a number/bool field of {cls.__name__}")
+        if isinstance(default, bool):
+            out[key] = value.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                out[key] = type(default)(value)
+            except ValueError:
+                raise SystemExit(f"--set {pair!r}: {key} takes a {type(default).__name__}") from None
+    return out
+
+
 def cmd_train_seg(args) -> dict:
     from .data import MVTecFolder
     from .predictor import ClickPredictor
@@ -159,11 +177,12 @@ def cmd_train_seg(args) -> dict:
     index = {n: i for i, n in enumerate(bank.names)}
     pool = build_synthetic_pool(clicker.extractor, bank, normals, clicker.residual_config, per_image=1, seed=args.seed,
                                 bank_index=[index.get(p.name, -1) for p in normals])
-    cfg = SegTrainConfig(seed=args.seed, language=not args.no_language)
+    cfg = SegTrainConfig(seed=args.seed, language=not args.no_language, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations
     _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
-                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device)
+                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device,
+                           init_from=clicker.model.state_dict() if args.warm_start else None)
     summary.update({"checkpoint": str(args.out), "mode": mode, "fold": args.fold,
                     "total_seconds": round(time.time() - t0, 1)})
     return summary
@@ -233,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clicks", type=int, default=5, help="simulated clicks per image for --mode clicks")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--no-language", action="store_true", help="ablation: no prompt features")
+    p.add_argument("--warm-start", action="store_true",
+                   help="start the trunk from the click model's weights instead of a random init")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a SegTrainConfig field (repeatable), e.g. --set lr=2e-4")
     p.add_argument("--click-checkpoint", default=None, help="ADClick checkpoint for pseudo labels (default: shipped)")
     p.add_argument("--bank", default=None)
     p.add_argument("--seed", type=int, default=0)

@@ -1,11 +1,12 @@
 """The end-to-end Start Training case in the core: 3 painted masks + 2 box-prompted images + 30 OK
 tags (30 references, the 5 held-out e2e images). Prints the held-out pixel AP of the regions
 pre-annotation returns (mask x region score), of the Seg model's continuous map and of the
-training-free map.
+training-free map, on the 5 e2e held-out images and on a wider held-out set (``--wide`` more per type).
 
-    PYTHONPATH=. .venv/bin/python scripts/seg_fewshot_probe.py ITERATIONS pool|nopool [EXTRA_PER_TYPE]
+    PYTHONPATH=. .venv/bin/python scripts/seg_fewshot_probe.py --iterations 300 [--pool] [--extra 2]
+        [--wide 4]
 """
-import sys, time
+import argparse, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
@@ -17,9 +18,20 @@ from adclick_core.box_prompts import box_prompted_item
 from adclick_core.training import build_synthetic_pool
 from adclick_core.regions import defect_regions
 from adclick_core.metrics import pixel_ap
+from adclick_core.cli import config_overrides
 from tests.e2e.helpers import DEFECTS, pick_defects, pick_references, split_first_per_type, training_free_maps
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--iterations", type=int, default=300)
+ap.add_argument("--pool", action="store_true", help="+ a synthetic pool from the references")
+ap.add_argument("--extra", type=int, default=0, help="more painted masks per type (offset 5)")
+ap.add_argument("--wide", type=int, default=4, help="held-out images per type for the wide set (offset 10)")
+ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SegTrainConfig field override")
+ap.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
+ap.add_argument("--warm", action="store_true", help="warm-start the trunk from the click model")
+ap.add_argument("--goods", type=int, default=0, help="test/good images to score too (threshold study)")
+args = ap.parse_args()
 torch.set_num_threads(2)
-iters = int(sys.argv[1]); use_pool = sys.argv[2] == "pool"; extra = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 mtd = Path("../shared/data/mtd").resolve()
 clicker = ClickPredictor.from_checkpoint(None, device="cpu")
 refs = pick_references(mtd)
@@ -27,9 +39,12 @@ bank = ReferenceBank.build(clicker.extractor, refs, progress=False)
 clicker = clicker.with_bank(bank)
 defects = pick_defects(mtd)
 train, held = split_first_per_type(defects)
-if extra:
-    seen = {x[1] for x in defects}
-    train += [x for x in pick_defects(mtd, per_type=extra, offset=5) if x[1] not in seen]
+used = {str(x[1]) for x in defects}
+if args.extra:
+    extra = [x for x in pick_defects(mtd, per_type=args.extra, offset=5) if str(x[1]) not in used]
+    train += extra
+    used |= {str(x[1]) for x in extra}
+wide = held + [x for x in pick_defects(mtd, per_type=args.wide, offset=10) if str(x[1]) not in used] if args.wide else held
 gt = lambda p: np.asarray(Image.open(p).convert("L")) > 127
 items = []
 for i, (d, img, g) in enumerate(train):
@@ -40,25 +55,59 @@ for i, (d, img, g) in enumerate(train):
         items.append(box_prompted_item(clicker.with_refinement(None), SegItem(str(img), d, boxes=mask_boxes(m))))
 items += [SegItem(str(p), None, tag="OK") for p in refs]
 pool = None
-if use_pool:
+if args.pool:
     pool = build_synthetic_pool(clicker.extractor, bank, refs, clicker.residual_config, per_image=2, seed=0,
                                 bank_index=list(range(len(refs))), progress=False)
 t = time.time()
-out = f"/tmp/seg_fewshot_{iters}_{sys.argv[2]}_{extra}.pt"
-_, summary = train_seg(items, clicker.extractor, bank, SegTrainConfig(iterations=iters), residual_config=clicker.residual_config,
-                       synthetic=pool, defect_types=DEFECTS, out=out, progress=False)
+overrides = config_overrides(SegTrainConfig, args.set)
+tag = "_".join(f"{k}{v}" for k, v in overrides.items()) + ("_warm" if args.warm else "")
+out = args.checkpoint or f"/tmp/seg_fewshot_{args.iterations}_{args.pool}_{args.extra}_{tag}.pt"
+if args.checkpoint:
+    from adclick_core.checkpoint import load_checkpoint
+    summary = load_checkpoint(out, "adclick_seg")["train_summary"]
+else:
+    _, summary = train_seg(items, clicker.extractor, bank, SegTrainConfig(iterations=args.iterations, **overrides),
+                           residual_config=clicker.residual_config, synthetic=pool, defect_types=DEFECTS, out=out,
+                           progress=False, init_from=clicker.model.state_dict() if args.warm else None)
 seg = SegPredictor.from_checkpoint(out, bank=bank, device="cpu", extractor=clicker.extractor)
 thr = float(seg.threshold)
-scores, cont, gts = [], [], []
-for d, img, g in held:
-    st = seg.set_image(str(img))
-    per = seg.predict_per_type(st, DEFECTS)
-    sm = np.zeros(st.original_hw, np.float32); mx = np.zeros(st.original_hw, np.float32)
-    for prob in per.values():
-        mx = np.maximum(mx, prob)
-        for r in defect_regions(prob, thr):
+goods = [p for p in sorted((mtd / "test" / "good").glob("*.jpg"))][: args.goods]
+
+
+def per_type_maps(path):
+    return list(seg.predict_per_type(seg.set_image(str(path)), DEFECTS).values())
+
+
+def region_scores(per, threshold):
+    sm = np.zeros(per[0].shape, np.float32)
+    for prob in per:
+        for r in defect_regions(prob, threshold):
             sm = np.maximum(sm, r.mask * np.float32(r.score))
-    scores.append(sm); cont.append(mx); gts.append(gt(g))
-free = training_free_maps(refs, [img for _, img, _ in held])
-print(f"iters {iters} pool {use_pool} extra {extra} items {summary.get('label_kinds')} train {time.time()-t:.0f}s thr {thr:.3f}: "
-      f"held-out AP masks {pixel_ap(scores, gts):.3f}, continuous {pixel_ap(cont, gts):.3f}, map {pixel_ap(free, gts):.3f}", flush=True)
+    return sm
+
+
+wide_maps = [per_type_maps(img) for _, img, _ in wide]
+good_maps = [per_type_maps(p) for p in goods]
+cont = [np.max(per, 0) for per in wide_maps]
+gts = [gt(g) for _, _, g in wide]
+peaks = [float(c.max()) for c in cont]
+scores = [region_scores(per, thr) for per in wide_maps]
+free = training_free_maps(refs, [img for _, img, _ in wide])
+n = len(held)
+print(f"iters {args.iterations} pool {args.pool} extra {args.extra} set {overrides} items {summary.get('label_kinds')} "
+      f"train {time.time()-t:.0f}s threshold {summary['threshold']}\n"
+      f"  e2e held-out ({n}): masks {pixel_ap(scores[:n], gts[:n]):.3f}, continuous {pixel_ap(cont[:n], gts[:n]):.3f}, "
+      f"map {pixel_ap(free[:n], gts[:n]):.3f}; peaks {np.round(peaks[:n], 3).tolist()}\n"
+      f"  wide held-out ({len(wide)}): masks {pixel_ap(scores, gts):.3f}, continuous {pixel_ap(cont, gts):.3f}, "
+      f"map {pixel_ap(free, gts):.3f}; median peak {np.median(peaks):.3f}", flush=True)
+if goods:
+    good_peaks = [float(np.max(per)) for per in good_maps]
+    print(f"  good test images ({len(goods)}): peaks median {np.median(good_peaks):.4f} max {np.max(good_peaks):.4f}; "
+          f"defect peaks {np.round(sorted(peaks), 4).tolist()}")
+    zeros = [np.zeros_like(gts[0][..., :1].squeeze(-1), dtype=bool)]
+    for q in sorted({thr, float(np.max(good_peaks)), float(np.median(good_peaks)), 0.001, 0.003, 0.01, 0.03, 0.1}):
+        sc = [region_scores(per, q) for per in wide_maps]
+        gsc = [region_scores(per, q) for per in good_maps]
+        ggt = [np.zeros(g[0].shape, bool) for g in good_maps]
+        print(f"    threshold {q:.4f}: regions AP e2e {pixel_ap(sc[:n], gts[:n]):.3f}, wide {pixel_ap(sc, gts):.3f}, "
+              f"wide + goods {pixel_ap(sc + gsc, gts + ggt):.3f}; goods with a region {sum(bool(x.any()) for x in gsc)}")

@@ -129,3 +129,16 @@ def test_build_bank_empty_folder_is_a_clear_error(tmp_path, capsys):
     assert "error:" in captured.err and "no images found" in captured.err
     assert captured.out == ""
     assert not (tmp_path / "b.safetensors").exists()
+
+
+def test_config_overrides_are_typed_like_the_defaults():
+    from adclick_core.cli import config_overrides
+    from adclick_core.seg_training import SegTrainConfig
+
+    out = config_overrides(SegTrainConfig, ["lr=2e-4", "iterations=50", "language=off", "paste_probability=0.5"])
+    assert out == {"lr": 2e-4, "iterations": 50, "language": False, "paste_probability": 0.5}
+    assert type(out["iterations"]) is int
+    SegTrainConfig(**out)  # accepted by the config
+    for bad in (["no_such_field=1"], ["lr"], ["model=x"], ["iterations=many"]):
+        with pytest.raises(SystemExit, match="--set"):
+            config_overrides(SegTrainConfig, bad)

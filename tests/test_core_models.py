@@ -232,3 +232,41 @@ def test_nfl_batch_mean_of_images():
     both = normalized_focal_loss(logits, target).item()
     each = [normalized_focal_loss(logits[i : i + 1], target[i : i + 1]).item() for i in range(2)]
     assert both == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+# ---------------------------------------------------------------- warm start (Seg from the click model)
+
+
+def test_load_trunk_from_click_model_copies_trunk_not_heads():
+    torch.manual_seed(0)
+    click = ADClick(tiny(prior=True))  # refine head, guidance with the prior's 4 extra columns
+    for p in click.parameters():
+        p.data.normal_()
+    click.residual_embed.input_scale.fill_(3.0)
+    seg = ADClick(tiny(head="token", prior=True, fine_channels=0))
+    head_before = {k: v.clone() for k, v in seg.state_dict().items() if k.startswith(("token_head.", "prior_"))}
+    loaded = seg.load_trunk_from(click.state_dict())
+    own, src = seg.state_dict(), click.state_dict()
+    assert "residual_embed.input_scale" in loaded and torch.equal(own["residual_embed.input_scale"],
+                                                                   torch.full((8,), 3.0))
+    trunk = [k for k in own if k.startswith(("trunk.", "residual_embed.", "click_embed."))]
+    assert trunk and set(trunk) <= set(loaded)
+    for k in trunk:
+        assert torch.equal(own[k], src[k]), k
+    # The guidance embedding shares its first 3 inputs (click similarity +/-, magnitude).
+    assert own["guidance_embed.weight"].shape == (16, 3) and src["guidance_embed.weight"].shape == (16, 7)
+    assert torch.equal(own["guidance_embed.weight"], src["guidance_embed.weight"][:, :3])
+    assert torch.equal(own["guidance_embed.bias"], src["guidance_embed.bias"])
+    for k, v in head_before.items():  # heads and the map prior's scale / bias keep their own init
+        assert k not in loaded and torch.equal(own[k], v), k
+
+
+def test_load_trunk_from_refuses_another_shape():
+    torch.manual_seed(0)
+    other = ADClick(tiny(embed_dim=24, num_heads=2))
+    seg = ADClick(tiny(head="token", fine_channels=0))
+    before = {k: v.clone() for k, v in seg.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot warm-start"):
+        seg.load_trunk_from(other.state_dict())
+    for k, v in seg.state_dict().items():  # nothing half-copied
+        assert torch.equal(v, before[k]), k

@@ -175,7 +175,9 @@ def test_train_seg_each_label_kind_with_language(kind, world, encoder, tmp_path)
     # The pre-annotation threshold is calibrated on labelled pixels where defects are known,
     # else on the synthetic pool, and travels with the weights.
     cal = summary["threshold"]
-    assert cal["source"] == ("labelled images" if kind in ("mask", "clicks") else "synthetic anomalies")
+    # Two labelled images are too few to hold any out: calibrated on the training images.
+    assert cal["source"] == ("the training images (too few labelled images to hold any out)"
+                             if kind in ("mask", "clicks") else "synthetic anomalies")
     assert 0.05 <= ckpt["threshold"] == cal["threshold"] <= 0.95 and cal["images"] > 0
 
     pred = load_predictor(out, bank)
@@ -244,6 +246,41 @@ def test_train_seg_reads_image_paths_and_non_square_images(world, tmp_path):
     assert summary["synthetic_pool"] == 0
 
 
+def test_threshold_is_calibrated_on_labelled_images_held_out_of_training(world, tmp_path):
+    extractor, bank, _, pool = world
+    items = [SegItem(img, "crack", mask=m) for img, m in (defective(70 + i) for i in range(10))]
+    cfg = tiny_config(iterations=10, language=False, calibration_min_images=8, calibration_holdout=0.2,
+                      calibration_at=0.5)
+    _, summary = train_seg(items, extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, progress=False)
+    cal = summary["threshold"]
+    assert cal["source"] == "labelled images held out of training until iteration 5", cal
+    assert cal["images"] == 2 and 0.05 <= cal["threshold"] <= 0.95
+    # Below the minimum, the training images are all there is.
+    _, summary = train_seg(items[:7], extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, progress=False)
+    assert summary["threshold"]["source"].startswith("the training images") and summary["threshold"]["images"] == 7
+
+
+def test_paste_defect_moves_the_defect_cells_and_their_mask():
+    from adclick_core.seg_training import paste_defect
+
+    g, size = 8, 64
+    background = torch.zeros(3, g, g)
+    source = torch.zeros(3, g, g)
+    source[:, 2:4, 5:7] = 5.0  # the defect's residual cells ...
+    source[:, 6, 0] = 9.0  # ... and a hot normal cell that must not travel with it
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    mask[18:30, 42:54] = True  # 12 x 12 px inside cells (2..3, 5..6) at stride 8
+    for seed in range(6):
+        out, pasted = paste_defect(background, source, mask, np.random.default_rng(seed))
+        assert int(pasted.sum()) == int(mask.sum())  # rot90 / flip / shift keep the area
+        assert out.eq(9.0).sum() == 0 and int(out[0].eq(5.0).sum()) == 4
+        cells = torch.nn.functional.adaptive_max_pool2d(pasted[None, None].float(), g)[0, 0] > 0
+        assert torch.equal(cells, out[0] == 5.0)  # the mask lies exactly under the pasted cells
+    assert torch.equal(background, torch.zeros(3, g, g))  # the input is not modified
+    out, pasted = paste_defect(background, source, torch.zeros_like(mask), np.random.default_rng(0))
+    assert not pasted.any() and torch.equal(out, background)
+
+
 # ---------------------------------------------------------------- it learns
 
 
@@ -253,8 +290,9 @@ def test_training_raises_pixel_ap_on_toy_set(world, tmp_path):
     items = [SegItem(img, "square", mask=m) for img, m in data]
 
     def ap_after(iterations: int) -> float:
+        # All 8 images train from the start (no calibration hold-out): this test is about learning.
         cfg = SegTrainConfig(iterations=iterations, batch_size=8, lr=3e-3, warmup=5, ema_decay=0.9, seed=0,
-                             language=False, model=tiny_model())
+                             language=False, model=tiny_model(), calibration_holdout=0.0)
         out = tmp_path / f"toy{iterations}.pt"
         _, summary = train_seg(items, extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, out=out,
                                progress=False)
