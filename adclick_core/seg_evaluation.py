@@ -104,7 +104,10 @@ def evaluate_seg(
     bank_path: str | None = None,
     device: str = "auto",
     progress: bool = True,
+    only_folds: Sequence[int] | None = None,
 ) -> dict:
+    """Train what is missing and score every mode on every fold (``only_folds``: these folds only;
+    the mean is then over them)."""
     t0 = time.time()
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -149,13 +152,15 @@ def evaluate_seg(
     # Residual states of every evaluation image once; all models share them.
     states: dict[str, ImageState] = {}
     gts: dict[str, np.ndarray] = {}
-    for s in tqdm([*goods, *folds[0], *folds[1]], desc="eval residuals", unit="img", disable=not progress):
+    needed = [*goods, *(s for f, fold in enumerate(folds) if only_folds is None or 1 - f in only_folds for s in fold)]
+    for s in tqdm(needed, desc="eval residuals", unit="img", disable=not progress):
         img = s.image()
         states[s.name] = clicker.set_image(img)
         gts[s.name] = s.mask(img.shape[:2])
 
     per_fold: list[dict] = []
-    for f in range(len(folds)):
+    fold_ids = list(range(len(folds))) if only_folds is None else sorted(set(only_folds))
+    for f in fold_ids:
         held_out = [*folds[1 - f], *goods] if len(folds) == 2 else [*goods]
         row: dict[str, dict] = {}
         for mode in modes:
@@ -181,6 +186,7 @@ def evaluate_seg(
     return {
         "data": str(data),
         "folds": per_fold,
+        "fold_ids": fold_ids,
         "methods": mean,
         "split": {"seed": seed, "fold_sizes": [len(fd) for fd in folds], "good_test_images": len(goods),
                   "evaluated_on": "the other fold's defective images + all good test images"},

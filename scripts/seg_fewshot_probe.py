@@ -1,10 +1,16 @@
-"""The end-to-end Start Training case in the core: 3 painted masks + 2 box-prompted images + 30 OK
-tags (30 references, the 5 held-out e2e images). Prints the held-out pixel AP of the regions
-pre-annotation returns (mask x region score), of the Seg model's continuous map and of the
-training-free map, on the 5 e2e held-out images and on a wider held-out set (``--wide`` more per type).
+"""The end-to-end Start Training case in the core, with 30 OK tags (the 30 references).
 
-    PYTHONPATH=. .venv/bin/python scripts/seg_fewshot_probe.py --iterations 300 [--pool] [--extra 2]
-        [--wide 4]
+Without ``--annotated``: session 7's case, 3 painted masks + 2 box-prompted images (the first e2e
+image of each type), held out: the other 5 e2e images. With ``--annotated N``: the Start Training
+test's case, N images per type besides the 10 e2e images (``tests/e2e/helpers.pick_annotated``: the
+first of each type as rectangles -> box prompts, the rest painted masks), held out: the 10 e2e images.
+
+Prints the held-out pixel AP of the regions pre-annotation returns (mask x region score), of the
+Seg model's continuous map and of the training-free map, on the e2e held-out images and on a wider
+held-out set (``--wide`` more per type); ``--goods K`` adds a threshold study on K test/good images.
+
+    PYTHONPATH=. .venv/bin/python scripts/seg_fewshot_probe.py --iterations 300 [--annotated 4]
+        [--pool] [--warm] [--set FIELD=VALUE] [--wide 4] [--goods 20] [--checkpoint CKPT]
 """
 import argparse, time
 from pathlib import Path
@@ -19,12 +25,13 @@ from adclick_core.training import build_synthetic_pool
 from adclick_core.regions import defect_regions
 from adclick_core.metrics import pixel_ap
 from adclick_core.cli import config_overrides
-from tests.e2e.helpers import DEFECTS, pick_defects, pick_references, split_first_per_type, training_free_maps
+from tests.e2e.helpers import (DEFECTS, pick_annotated, pick_defects, pick_references, split_first_per_type,
+                               training_free_maps)
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--iterations", type=int, default=300)
 ap.add_argument("--pool", action="store_true", help="+ a synthetic pool from the references")
-ap.add_argument("--extra", type=int, default=0, help="more painted masks per type (offset 5)")
+ap.add_argument("--annotated", type=int, default=0, help="annotated images per type (the Start Training test's case)")
 ap.add_argument("--wide", type=int, default=4, help="held-out images per type for the wide set (offset 10)")
 ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SegTrainConfig field override")
 ap.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
@@ -38,18 +45,20 @@ refs = pick_references(mtd)
 bank = ReferenceBank.build(clicker.extractor, refs, progress=False)
 clicker = clicker.with_bank(bank)
 defects = pick_defects(mtd)
-train, held = split_first_per_type(defects)
-used = {str(x[1]) for x in defects}
-if args.extra:
-    extra = [x for x in pick_defects(mtd, per_type=args.extra, offset=5) if str(x[1]) not in used]
-    train += extra
-    used |= {str(x[1]) for x in extra}
+if args.annotated:
+    annotated = pick_annotated(mtd, args.annotated, [img for _, img, _ in defects])
+    train, held = [(d, img, g) for d, img, g, _ in annotated], defects
+    as_boxes = [rect for *_, rect in annotated]
+else:
+    train, held = split_first_per_type(defects)
+    as_boxes = [i in (3, 4) for i in range(len(train))]
+used = {str(x[1]) for x in defects + train}
 wide = held + [x for x in pick_defects(mtd, per_type=args.wide, offset=10) if str(x[1]) not in used] if args.wide else held
 gt = lambda p: np.asarray(Image.open(p).convert("L")) > 127
 items = []
-for i, (d, img, g) in enumerate(train):
+for (d, img, g), rect in zip(train, as_boxes):
     m = gt(g)
-    if i < 3 or i >= 5:
+    if not rect:
         items.append(SegItem(str(img), d, mask=m))
     else:
         items.append(box_prompted_item(clicker.with_refinement(None), SegItem(str(img), d, boxes=mask_boxes(m))))
@@ -61,7 +70,7 @@ if args.pool:
 t = time.time()
 overrides = config_overrides(SegTrainConfig, args.set)
 tag = "_".join(f"{k}{v}" for k, v in overrides.items()) + ("_warm" if args.warm else "")
-out = args.checkpoint or f"/tmp/seg_fewshot_{args.iterations}_{args.pool}_{args.extra}_{tag}.pt"
+out = args.checkpoint or f"/tmp/seg_fewshot_{args.iterations}_{args.pool}_{args.annotated}_{tag}.pt"
 if args.checkpoint:
     from adclick_core.checkpoint import load_checkpoint
     summary = load_checkpoint(out, "adclick_seg")["train_summary"]
@@ -94,7 +103,7 @@ peaks = [float(c.max()) for c in cont]
 scores = [region_scores(per, thr) for per in wide_maps]
 free = training_free_maps(refs, [img for _, img, _ in wide])
 n = len(held)
-print(f"iters {args.iterations} pool {args.pool} extra {args.extra} set {overrides} items {summary.get('label_kinds')} "
+print(f"iters {args.iterations} pool {args.pool} annotated {args.annotated} set {overrides} items {summary.get('label_kinds')} "
       f"train {time.time()-t:.0f}s threshold {summary['threshold']}\n"
       f"  e2e held-out ({n}): masks {pixel_ap(scores[:n], gts[:n]):.3f}, continuous {pixel_ap(cont[:n], gts[:n]):.3f}, "
       f"map {pixel_ap(free[:n], gts[:n]):.3f}; peaks {np.round(peaks[:n], 3).tolist()}\n"

@@ -259,6 +259,13 @@ def test_evaluate_seg_end_to_end(mvtec, click_setup, tiny_bert_dir, tmp_path, mo
     assert again["training_seconds"] == {}
     for mode in ("residual_map", "masks"):
         assert again["methods"][mode] == result["methods"][mode]
+    # One fold alone scores exactly as in the two-fold run, and the mean is over it only.
+    one = evaluate_seg(mvtec, runs, modes=("residual_map", "masks"), seed=0, train_missing=False,
+                       click_checkpoint=str(click_path), bank_path=str(tmp_path / "bank.pt"), device="cpu",
+                       progress=False, only_folds=[1])
+    assert one["fold_ids"] == [1] and len(one["folds"]) == 1
+    assert one["folds"][0] == {m: result["folds"][1][m] for m in ("residual_map", "masks")}
+    assert one["methods"]["masks"] == one["folds"][0]["masks"]
     with pytest.raises(MissingWeightsError):
         evaluate_seg(mvtec, tmp_path / "empty_runs", modes=("masks",), train_missing=False,
                      click_checkpoint=str(click_path), bank_path=str(tmp_path / "bank.pt"), device="cpu",
@@ -269,8 +276,9 @@ def test_cli_seg_commands_wiring(capsys):
     from adclick_core.cli import build_parser, cmd_eval_seg, cmd_train_seg
 
     parser = build_parser()
-    for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint"]),
-                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out"])):
+    for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint", "--folds"]),
+                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--warm-start",
+                                      "--set"])):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([cmd, "--help"])
         assert exc.value.code == 0

@@ -62,6 +62,20 @@ def pick_defects(mtd: Path, per_type: int = PER_TYPE, offset: int = 0) -> list[t
     return out
 
 
+def pick_annotated(mtd: Path, per_type: int, exclude: list[Path]) -> list[tuple[str, Path, Path, bool]]:
+    """The images the Start Training test annotates: ``per_type`` per defect type (offset 5 in
+    the sorted file list), none of ``exclude``. Each as (type, image, mask, as rectangles): the first
+    image of each type is annotated with rectangles, the others with painted masks."""
+    skip = {str(p) for p in exclude}
+    out, seen = [], set()
+    for d, img, gt in pick_defects(mtd, per_type=per_type, offset=5):
+        if str(img) in skip or str(img) in {str(x[1]) for x in out}:
+            continue
+        out.append((d, img, gt, d not in seen))
+        seen.add(d)
+    return out
+
+
 def keypoint(x: float, y: float, w: int, h: int, label: str, positive: bool = True) -> dict:
     """What the browser sends for a click on pixel (x, y): percent of the image, pixel centre.
     A positive click carries no ``is_positive`` (as when restored from a draft)."""
