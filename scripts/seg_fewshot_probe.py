@@ -16,6 +16,11 @@ import argparse, time
 from pathlib import Path
 import numpy as np, torch
 from PIL import Image
+from scipy import ndimage
+from adclick_core.backbone import load_image
+from adclick_core.baselines import gray_image
+from adclick_core.clicks import Click
+from adclick_core.refinement import refine_answer
 from adclick_core.predictor import ClickPredictor, SegPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.seg_training import SegItem, SegTrainConfig, train_seg
@@ -87,6 +92,34 @@ def per_type_maps(path):
     return list(seg.predict_per_type(seg.set_image(str(path)), DEFECTS).values())
 
 
+def gray_of(path):
+    return np.round(gray_image(load_image(str(path))) * 255).astype(np.uint8)
+
+
+def relative_scores(per, gate, rel):
+    """Regions where p >= rel x the map's own peak, for maps whose peak passes ``gate``."""
+    sm = np.zeros(per[0].shape, np.float32)
+    for prob in per:
+        peak = float(prob.max())
+        if peak >= gate:
+            for r in defect_regions(prob, rel * peak):
+                sm = np.maximum(sm, r.mask * np.float32(r.score))
+    return sm
+
+
+def refined_scores(per, gray, threshold):
+    """Each region's edge moved onto the image's (refinement.py), its peak taken as the click."""
+    sm = np.zeros(per[0].shape, np.float32)
+    for prob in per:
+        for r in defect_regions(prob, threshold):
+            near = ndimage.binary_dilation(r.mask, iterations=8)
+            y, x = np.unravel_index(int(np.argmax(np.where(r.mask, prob, 0.0))), prob.shape)
+            answer = np.clip(prob / max(float(prob[y, x]), 1e-6), 0, 1).astype(np.float32) * near
+            kept = (refine_answer(answer, gray, [Click(float(x), float(y), True)]) >= 0.5) & near
+            sm = np.maximum(sm, kept * np.float32(r.score))
+    return sm
+
+
 def region_scores(per, threshold):
     sm = np.zeros(per[0].shape, np.float32)
     for prob in per:
@@ -110,13 +143,26 @@ print(f"iters {args.iterations} pool {args.pool} annotated {args.annotated} set 
       f"  wide held-out ({len(wide)}): masks {pixel_ap(scores, gts):.3f}, continuous {pixel_ap(cont, gts):.3f}, "
       f"map {pixel_ap(free, gts):.3f}; median peak {np.median(peaks):.3f}", flush=True)
 if goods:
+    # Threshold study: region AP for other cuts of the same maps, on the held-out defect images and
+    # with K good test images added (false regions there count against it).
     good_peaks = [float(np.max(per)) for per in good_maps]
     print(f"  good test images ({len(goods)}): peaks median {np.median(good_peaks):.4f} max {np.max(good_peaks):.4f}; "
           f"defect peaks {np.round(sorted(peaks), 4).tolist()}")
-    zeros = [np.zeros_like(gts[0][..., :1].squeeze(-1), dtype=bool)]
-    for q in sorted({thr, float(np.max(good_peaks)), float(np.median(good_peaks)), 0.001, 0.003, 0.01, 0.03, 0.1}):
-        sc = [region_scores(per, q) for per in wide_maps]
-        gsc = [region_scores(per, q) for per in good_maps]
-        ggt = [np.zeros(g[0].shape, bool) for g in good_maps]
-        print(f"    threshold {q:.4f}: regions AP e2e {pixel_ap(sc[:n], gts[:n]):.3f}, wide {pixel_ap(sc, gts):.3f}, "
+    ggt = [np.zeros(per[0].shape, bool) for per in good_maps]
+    grays = [gray_of(img) for _, img, _ in wide]
+    good_grays = [gray_of(p) for p in goods]
+
+    def study(label, score_fn):
+        sc = [score_fn(per, gy) for per, gy in zip(wide_maps, grays)]
+        gsc = [score_fn(per, gy) for per, gy in zip(good_maps, good_grays)]
+        print(f"    {label}: regions AP e2e {pixel_ap(sc[:n], gts[:n]):.3f}, wide {pixel_ap(sc, gts):.3f}, "
               f"wide + goods {pixel_ap(sc + gsc, gts + ggt):.3f}; goods with a region {sum(bool(x.any()) for x in gsc)}")
+
+    for q in sorted({thr, float(np.max(good_peaks)), float(np.median(good_peaks)), 0.001, 0.003, 0.01, 0.03, 0.1}):
+        study(f"threshold {q:.4f}", lambda per, _g, q=q: region_scores(per, q))
+    for gate in sorted({thr, float(np.median(good_peaks))}):
+        for rel in (0.3, 0.5, 0.7):
+            study(f"gate {gate:.4f}, cut {rel} x the map's peak", lambda per, _g, gate=gate, rel=rel:
+                  relative_scores(per, gate, rel))
+    for q in sorted({thr, 0.003, 0.01, 0.03}):
+        study(f"threshold {q:.4f}, edges refined", lambda per, gy, q=q: refined_scores(per, gy, q))

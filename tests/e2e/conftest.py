@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from .helpers import SEG_ITERATIONS
+
 REPO = Path(__file__).resolve().parents[2]
 MTD = REPO.parent / "shared" / "data" / "mtd"
 LS_VERSION = "1.23.2"
@@ -162,7 +164,7 @@ def run_backend(label_studio: LabelStudio, workdir: Path, **extra_env):
         "LABEL_STUDIO_API_KEY": label_studio.token,
         "ADCLICK_MODEL_DIR": str(workdir / "models"),
         "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"),
-        "ADCLICK_SEG_ITERATIONS": os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "30"),  # Start Training in CI: a tiny training, seconds on CPU
+        "ADCLICK_SEG_ITERATIONS": str(SEG_ITERATIONS),  # Start Training in CI: a short training (helpers.py)
         "PYTHONUNBUFFERED": "1",
     })
     env.update({k: str(v) for k, v in extra_env.items()})

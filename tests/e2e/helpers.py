@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end tests: what the browser sends, and the test project."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -10,6 +11,10 @@ DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
 N_REFERENCES = 30
 PER_TYPE = 2
 MISSING_URL = "/data/local-files/?d=mtd/test/crack/this_file_does_not_exist.jpg"
+# Start Training in the end-to-end tests: iterations of the backend's ADClick-Seg training
+# (ADCLICK_SEG_ITERATIONS of the backend fixture) and images annotated per defect type.
+SEG_ITERATIONS = int(os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "300"))
+ANNOTATED_PER_TYPE = 4
 
 
 def local_url(path: Path, mtd: Path) -> str:

@@ -1,20 +1,21 @@
 """End to end: *Start Training* in a real Label Studio 1.23.2 trains ADClick-Seg in our backend
-(real models, ADCLICK_SEG_ITERATIONS=30 from the backend fixture), then batch pre-annotation
-answers masks stamped with the new model version.
+(real models, ``helpers.SEG_ITERATIONS`` iterations), then batch pre-annotation answers masks
+stamped with the new model version that beat the training-free map on images nobody annotated.
 
-Runs after test_label_studio_clicks.py (same session project: 30 OK-tagged references, 2 images per
-defect type). One image per defect type is annotated from its ground truth: a brush mask (RLE,
-label = defect type) as an annotator's painted mask would be stored for the first three types, the
-rectangles around the mask's blobs for the other two (the backend prompts the click model with them).
+Runs after test_label_studio_clicks.py (same session project: 30 OK-tagged references, the 10 e2e
+defect images, 2 per type, which nobody annotates: they are the held-out set). The test imports
+``ANNOTATED_PER_TYPE`` more images per defect type and annotates them from their ground truth, as
+an annotator would submit them: the first of each type with rectangles around the mask's blobs
+(the backend prompts the click model with them), the others with a painted brush mask (RLE).
 
-A 30-iteration training cannot be expected to segment well, so only the mechanics are asserted
-(training done, a new version, one prediction per task with that version, decodable masks with the
-image size and valid labels, an OK/NG verdict); the pixel AP of the returned masks (mask x region
-score) vs the ground truth is printed.
+Asserted: the training finishes with a new version, every task gets one prediction with that
+version (decodable masks of the image size, valid labels, an OK/NG verdict), and on the annotated
+images the returned masks (mask x region score) beat the training-free residual map by 0.1 pixel
+AP. Printed: the same comparison on the 10 held-out images (the issue's floor, not met reliably:
+README, "Through a real Label Studio").
 """
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -25,13 +26,13 @@ from PIL import Image
 
 from adclick_core.metrics import pixel_ap
 
-from .helpers import DEFECTS, split_first_per_type, training_free_maps
+from .helpers import (ANNOTATED_PER_TYPE, DEFECTS, SEG_ITERATIONS, import_tasks, local_url, pick_annotated,
+                      training_free_maps)
 
 pytestmark = pytest.mark.e2e
 
-SEG_ITERATIONS = int(os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "30"))
-# 1 s per iteration (measured ~0.55 s on 2 busy cores) plus 2 min for export and residuals
-TRAIN_TIMEOUT_S = max(240, 120 + SEG_ITERATIONS)
+# 1 s per iteration (measured ~0.45 s on 2 idle cores) plus 3 min for export, box prompts and residuals
+TRAIN_TIMEOUT_S = max(300, 180 + SEG_ITERATIONS)
 
 
 def brush_result(gt: np.ndarray, label: str) -> dict:
@@ -58,16 +59,21 @@ def load_gt(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) > 127
 
 
-def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_project, backend_server):
+def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_project, backend_server, mtd_dir):
     ls = label_studio
     pid, ml_id = mtd_project["id"], mtd_project["ml_id"]
-    defects = mtd_project["defects"]  # (type, task id, image path, gt path), 2 per type
-    train, held_out = split_first_per_type(defects)
-    n_masks = 3
-    for i, (d, tid, _, gt_path) in enumerate(train):
+    held_out = mtd_project["defects"]  # (type, task id, image path, gt path), 2 per type, never annotated
+    annotated = pick_annotated(mtd_dir, ANNOTATED_PER_TYPE, [img for _, _, img, _ in held_out])
+    by_url = import_tasks(ls, pid, [{"data": {"image": local_url(img, mtd_dir), "defect": d}}
+                                    for d, img, _, _ in annotated])
+    train = [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt, _ in annotated]
+    as_boxes = [rect for *_, rect in annotated]
+    for (d, tid, _, gt_path), rect in zip(train, as_boxes):
         gt = load_gt(gt_path)
-        result = [brush_result(gt, d)] if i < n_masks else box_results(gt, d)
-        ls.api("POST", f"/api/tasks/{tid}/annotations/", json={"result": result})
+        ls.api("POST", f"/api/tasks/{tid}/annotations/", json={"result": box_results(gt, d) if rect else
+                                                                [brush_result(gt, d)]})
+    n_boxes = sum(as_boxes)
+    assert n_boxes == len(DEFECTS) and len(train) >= 3 * len(DEFECTS), [(d, r) for d, *_, r in annotated]
     v_before = backend_server.health()["projects"][str(pid)]["model_version"]
 
     t0 = time.time()
@@ -93,12 +99,13 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
     # Painted masks train as exact masks; rectangles as the click model's answer to them.
     # (The OK-tagged references train as "tag" items.)
     kinds = summary["label_kinds"]
-    assert (kinds.get("mask"), kinds.get("clicks")) == (n_masks, len(train) - n_masks), summary
+    assert (kinds.get("mask"), kinds.get("clicks")) == (len(train) - n_boxes, n_boxes), summary
     assert summary["iterations"] == SEG_ITERATIONS
     print(f"\nADClick-Seg training: {res['seconds']} s, {summary}", file=sys.stderr)
     log = backend_server.log.read_text()
     assert "ADClick-Seg training 100%" in log, "progress is logged with percent"
 
+    defects = train + held_out
     ids = [tid for _, tid, _, _ in defects]
     out = ls.api("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
                  json={"selectedItems": {"all": False, "included": ids}})
@@ -126,9 +133,14 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
     assert len(verdicts) == len(defects), "every prediction carries an OK/NG verdict"
     ap_train = pixel_ap([scores[t] for _, t, _, _ in train], [gts[t] for _, t, _, _ in train])
     ap_held = pixel_ap([scores[t] for _, t, _, _ in held_out], [gts[t] for _, t, _, _ in held_out])
-    free = training_free_maps(mtd_project["refs"], [p for _, _, p, _ in held_out])
-    ap_free = pixel_ap(free, [gts[t] for _, t, _, _ in held_out])
+    free = training_free_maps(mtd_project["refs"], [p for _, _, p, _ in defects])  # train, then held out
+    free_train = pixel_ap(free[: len(train)], [gts[t] for _, t, _, _ in train])
+    free_held = pixel_ap(free[len(train):], [gts[t] for _, t, _, _ in held_out])
     print(f"pixel AP of the pre-annotated masks (mask x score) after {summary['iterations']} iterations: "
-          f"annotated images {ap_train:.3f}, held-out images {ap_held:.3f} (training-free residual map on the "
-          f"held-out images: {ap_free:.3f}); threshold {summary.get('threshold')}; verdicts {verdicts}",
+          f"annotated images {ap_train:.3f} (training-free map {free_train:.3f}), held-out images {ap_held:.3f} "
+          f"(training-free map {free_held:.3f}); threshold {summary.get('threshold')}; verdicts {verdicts}",
           file=sys.stderr)
+    # What the project taught the model comes back through Label Studio: on the images it was taught
+    # with, its masks beat the training-free map (README: on the held-out images they do not
+    # reliably yet, the issue's floor, so that figure is printed, not asserted).
+    assert ap_train > free_train + 0.1, (ap_train, free_train)
