@@ -181,8 +181,7 @@ def cmd_train_seg(args) -> dict:
     if args.iterations:
         cfg.iterations = args.iterations
     _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
-                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device,
-                           init_from=clicker.model.state_dict() if args.warm_start else None)
+                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device)
     summary.update({"checkpoint": str(args.out), "mode": mode, "fold": args.fold,
                     "total_seconds": round(time.time() - t0, 1)})
     return summary
@@ -253,8 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clicks", type=int, default=5, help="simulated clicks per image for --mode clicks")
     p.add_argument("--iterations", type=int, default=None)
     p.add_argument("--no-language", action="store_true", help="ablation: no prompt features")
-    p.add_argument("--warm-start", action="store_true",
-                   help="start the trunk from the click model's weights instead of a random init")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SegTrainConfig field (repeatable), e.g. --set lr=2e-4")
     p.add_argument("--click-checkpoint", default=None, help="ADClick checkpoint for pseudo labels (default: shipped)")

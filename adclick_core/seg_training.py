@@ -85,7 +85,6 @@ class SegTrainConfig:
     mil_top_fraction: float = 0.02
     sharpen_t: float = 0.5
     dice_weight: float = 1.0  # + soft Dice over labelled pixels (see losses.soft_dice_loss)
-    paste_probability: float = 0.0  # an OK image drawn becomes a copy-paste composite with this probability
     # The pre-annotation threshold is calibrated on labelled images the model has not trained on
     # yet: this share of the images with known defect pixels sits out the first
     # ``calibration_at`` of training, is calibrated on there, then joins training. Fewer than
@@ -169,38 +168,6 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
     return _Prepared(torch.stack(res), torch.stack(tgt), torch.stack(val), torch.stack(mil), kinds, clicks, types)
 
 
-def paste_defect(background: torch.Tensor, source: torch.Tensor, source_mask: torch.Tensor,
-                 rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Copy-paste in residual space: the residual cells under ``source_mask``'s defect (a random
-    rot90 / flip of its bounding box) replace ``background``'s at a random place.
-
-    background, source: C x g x g residuals; source_mask: S x S bool (S a multiple of g).
-    Returns (composite residual, its S x S bool defect mask)."""
-    c, g, _ = background.shape
-    size = source_mask.shape[-1]
-    stride = size // g
-    cells = F.adaptive_max_pool2d(source_mask[None, None].float(), g)[0, 0] > 0
-    ys, xs = torch.nonzero(cells, as_tuple=True)
-    out, mask = background.clone(), torch.zeros(size, size, dtype=torch.bool)
-    if len(ys) == 0:
-        return out, mask
-    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
-    res = source[:, y0:y1, x0:x1]
-    cell = cells[y0:y1, x0:x1]
-    pix = source_mask[y0 * stride:y1 * stride, x0 * stride:x1 * stride]
-    k = int(rng.integers(4))
-    res, cell, pix = res.rot90(k, (1, 2)), cell.rot90(k, (0, 1)), pix.rot90(k, (0, 1))
-    if rng.random() < 0.5:
-        res, cell, pix = res.flip(-1), cell.flip(-1), pix.flip(-1)
-    h, w = cell.shape
-    oy, ox = int(rng.integers(g - h + 1)), int(rng.integers(g - w + 1))
-    region = out[:, oy:oy + h, ox:ox + w]
-    out[:, oy:oy + h, ox:ox + w] = torch.where(cell[None], res.to(out.dtype), region)
-    mask[oy * stride:(oy + h) * stride, ox * stride:(ox + w) * stride] = pix & cell.repeat_interleave(
-        stride, 0).repeat_interleave(stride, 1)
-    return out, mask
-
-
 def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases: dict | None):
     """Prompt features per defect type (None when language is off)."""
     if encoder is None:
@@ -279,7 +246,6 @@ def train_seg(
     out: str | Path | None = None,
     progress: bool | ProgressFn = True,
     device: str | torch.device = "cpu",
-    init_from: dict[str, torch.Tensor] | None = None,
 ) -> tuple[ADClick, dict]:
     """Train ADClick-Seg from labelled items (+ an optional synthetic pool); write ``out``.
 
@@ -314,15 +280,11 @@ def train_seg(
                                     "fine_channels": 0, "head": "token",
                                     "text_dim": prompt_encoder.feature_dim if prompts else 0})
     model = ADClick(mcfg).to(device)
-    warm = model.load_trunk_from(init_from) if init_from is not None else []
-    if "residual_embed.input_scale" in warm:
-        pass  # a warm-started embedding keeps the input scale it was trained with
-    elif n_syn:
-        model.residual_embed.input_scale.copy_(
-            input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input).to(device))
+    if n_syn:
+        scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
     else:
-        model.residual_embed.input_scale.copy_(
-            input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input).to(device))
+        scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
+    model.residual_embed.input_scale.copy_(scale.to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
     s = mcfg.input_size
     losses: list[float] = []
@@ -347,7 +309,6 @@ def train_seg(
     in_training = np.array([i for i in range(n_real) if i not in set(holdout)], dtype=int)
     calibrate_at = int(config.calibration_at * config.iterations) if holdout else -1
     calibration: dict | None = None
-    sources = [i for i in known if i not in set(holdout)]  # copy-paste sources: known defect pixels
 
     bar = tqdm(range(config.iterations), desc="train-seg", unit="it", disable=not bar_on)
     for it in bar:
@@ -372,24 +333,11 @@ def train_seg(
             calibration["source"] = f"labelled images held out of training until iteration {it}"
             ema.module.train(was_training)
             in_training = np.arange(n_real)
-            sources = known
         if n_r:
             idx = rng.choice(in_training, size=n_r)
-            real_res = data.residual[idx].float()
-            res_parts.append(real_res)
-            for bi, i in enumerate(idx):
+            res_parts.append(data.residual[idx].float())
+            for i in idx:
                 kind = data.kind[i]
-                if (config.paste_probability and sources and kind == "tag" and not bool(data.mil[i].any())
-                        and rng.random() < config.paste_probability):
-                    j = sources[int(rng.integers(len(sources)))]
-                    real_res[bi], pasted = paste_defect(real_res[bi], data.residual[j].float(),
-                                                        (data.target[j] > 0.5) & data.valid[j], rng)
-                    tgt_parts.append(pasted.float()[None])
-                    val_parts.append(torch.ones_like(pasted)[None])
-                    mil_parts.append(torch.zeros_like(pasted)[None])
-                    clk_parts.append(sample_training_clicks(pasted.numpy(), rng) if pasted.any() else [])
-                    type_parts.append(data.defect_type[j])
-                    continue
                 if kind == "clicks":
                     t_np, v_np = pseudo_labels(data.target[i].numpy(), data.clicks[i], config.click_radius_pseudo, rng,
                                                max_delta=config.max_delta)

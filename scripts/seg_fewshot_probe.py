@@ -10,7 +10,7 @@ Seg model's continuous map and of the training-free map, on the e2e held-out ima
 held-out set (``--wide`` more per type); ``--goods K`` adds a threshold study on K test/good images.
 
     PYTHONPATH=. .venv/bin/python scripts/seg_fewshot_probe.py --iterations 300 [--annotated 4]
-        [--pool] [--warm] [--set FIELD=VALUE] [--wide 4] [--goods 20] [--checkpoint CKPT]
+        [--pool] [--set FIELD=VALUE] [--wide 4] [--goods 20] [--checkpoint CKPT]
 """
 import argparse, time
 from pathlib import Path
@@ -40,7 +40,6 @@ ap.add_argument("--annotated", type=int, default=0, help="annotated images per t
 ap.add_argument("--wide", type=int, default=4, help="held-out images per type for the wide set (offset 10)")
 ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="SegTrainConfig field override")
 ap.add_argument("--checkpoint", help="evaluate this checkpoint instead of training one")
-ap.add_argument("--warm", action="store_true", help="warm-start the trunk from the click model")
 ap.add_argument("--goods", type=int, default=0, help="test/good images to score too (threshold study)")
 args = ap.parse_args()
 torch.set_num_threads(2)
@@ -74,7 +73,7 @@ if args.pool:
                                 bank_index=list(range(len(refs))), progress=False)
 t = time.time()
 overrides = config_overrides(SegTrainConfig, args.set)
-tag = "_".join(f"{k}{v}" for k, v in overrides.items()) + ("_warm" if args.warm else "")
+tag = "_".join(f"{k}{v}" for k, v in overrides.items())
 out = args.checkpoint or f"/tmp/seg_fewshot_{args.iterations}_{args.pool}_{args.annotated}_{tag}.pt"
 if args.checkpoint:
     from adclick_core.checkpoint import load_checkpoint
@@ -82,7 +81,7 @@ if args.checkpoint:
 else:
     _, summary = train_seg(items, clicker.extractor, bank, SegTrainConfig(iterations=args.iterations, **overrides),
                            residual_config=clicker.residual_config, synthetic=pool, defect_types=DEFECTS, out=out,
-                           progress=False, init_from=clicker.model.state_dict() if args.warm else None)
+                           progress=False)
 seg = SegPredictor.from_checkpoint(out, bank=bank, device="cpu", extractor=clicker.extractor)
 thr = float(seg.threshold)
 goods = [p for p in sorted((mtd / "test" / "good").glob("*.jpg"))][: args.goods]
@@ -142,6 +141,13 @@ print(f"iters {args.iterations} pool {args.pool} annotated {args.annotated} set 
       f"map {pixel_ap(free[:n], gts[:n]):.3f}; peaks {np.round(peaks[:n], 3).tolist()}\n"
       f"  wide held-out ({len(wide)}): masks {pixel_ap(scores, gts):.3f}, continuous {pixel_ap(cont, gts):.3f}, "
       f"map {pixel_ap(free, gts):.3f}; median peak {np.median(peaks):.3f}", flush=True)
+# The training-free map cut into regions the same way (at its own 90th / 99th percentile over these
+# images, region score = its mean), to see what the region form alone costs.
+for q in (0.9, 0.99):
+    t_free = float(np.quantile(np.concatenate([m.ravel() for m in free]), q))
+    cut = [region_scores([m], t_free) for m in free]
+    print(f"  training-free map as regions (cut at its {q:.0%} quantile): e2e {pixel_ap(cut[:n], gts[:n]):.3f}, "
+          f"wide {pixel_ap(cut, gts):.3f}")
 if goods:
     # Threshold study: region AP for other cuts of the same maps, on the held-out defect images and
     # with K good test images added (false regions there count against it).

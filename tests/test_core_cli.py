@@ -135,8 +135,8 @@ def test_config_overrides_are_typed_like_the_defaults():
     from adclick_core.cli import config_overrides
     from adclick_core.seg_training import SegTrainConfig
 
-    out = config_overrides(SegTrainConfig, ["lr=2e-4", "iterations=50", "language=off", "paste_probability=0.5"])
-    assert out == {"lr": 2e-4, "iterations": 50, "language": False, "paste_probability": 0.5}
+    out = config_overrides(SegTrainConfig, ["lr=2e-4", "iterations=50", "language=off", "calibration_at=0.5"])
+    assert out == {"lr": 2e-4, "iterations": 50, "language": False, "calibration_at": 0.5}
     assert type(out["iterations"]) is int
     SegTrainConfig(**out)  # accepted by the config
     for bad in (["no_such_field=1"], ["lr"], ["model=x"], ["iterations=many"]):

@@ -260,27 +260,6 @@ def test_threshold_is_calibrated_on_labelled_images_held_out_of_training(world, 
     assert summary["threshold"]["source"].startswith("the training images") and summary["threshold"]["images"] == 7
 
 
-def test_paste_defect_moves_the_defect_cells_and_their_mask():
-    from adclick_core.seg_training import paste_defect
-
-    g, size = 8, 64
-    background = torch.zeros(3, g, g)
-    source = torch.zeros(3, g, g)
-    source[:, 2:4, 5:7] = 5.0  # the defect's residual cells ...
-    source[:, 6, 0] = 9.0  # ... and a hot normal cell that must not travel with it
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    mask[18:30, 42:54] = True  # 12 x 12 px inside cells (2..3, 5..6) at stride 8
-    for seed in range(6):
-        out, pasted = paste_defect(background, source, mask, np.random.default_rng(seed))
-        assert int(pasted.sum()) == int(mask.sum())  # rot90 / flip / shift keep the area
-        assert out.eq(9.0).sum() == 0 and int(out[0].eq(5.0).sum()) == 4
-        cells = torch.nn.functional.adaptive_max_pool2d(pasted[None, None].float(), g)[0, 0] > 0
-        assert torch.equal(cells, out[0] == 5.0)  # the mask lies exactly under the pasted cells
-    assert torch.equal(background, torch.zeros(3, g, g))  # the input is not modified
-    out, pasted = paste_defect(background, source, torch.zeros_like(mask), np.random.default_rng(0))
-    assert not pasted.any() and torch.equal(out, background)
-
-
 # ---------------------------------------------------------------- it learns
 
 

@@ -277,8 +277,7 @@ def test_cli_seg_commands_wiring(capsys):
 
     parser = build_parser()
     for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint", "--folds"]),
-                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--warm-start",
-                                      "--set"])):
+                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--set"])):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([cmd, "--help"])
         assert exc.value.code == 0

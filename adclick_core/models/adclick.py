@@ -132,27 +132,3 @@ class ADClick(nn.Module):
             return logits
         p = F.interpolate(prior[:, 3:], size=logits.shape[-2:], mode="bilinear", align_corners=False)
         return logits + self.prior_scale * torch.logit(p, eps=1e-3) + self.prior_bias
-
-    def load_trunk_from(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Warm start from another ADClick's weights (e.g. the click model's): the residual and
-        click embeddings, the Swin trunk and the guidance embedding's shared input columns.
-        Heads, the prior's scale / bias and language fusion keep their init. Returns the names
-        loaded; raises ValueError when the other model's trunk has another shape (a partial copy
-        would mix two models)."""
-        own = self.state_dict()
-        loaded: dict[str, torch.Tensor] = {}
-        for name, target in own.items():
-            if not name.startswith(("residual_embed.", "click_embed.", "trunk.", "guidance_embed.")) \
-                    or ".fusion." in name:
-                continue
-            value = state_dict.get(name)
-            if value is not None and name == "guidance_embed.weight" and value.shape[0] == target.shape[0]:
-                # Both start with the same inputs (residual click similarity, magnitude); the click
-                # model's extra columns are its click prior.
-                value = value[:, : target.shape[1]]
-            if value is None or value.shape != target.shape:
-                got = None if value is None else tuple(value.shape)
-                raise ValueError(f"cannot warm-start from these weights: {name} is {got}, expected {tuple(target.shape)}")
-            loaded[name] = value.to(target.dtype)
-        self.load_state_dict(loaded, strict=False)
-        return sorted(loaded)

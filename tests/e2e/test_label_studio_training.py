@@ -9,10 +9,10 @@ an annotator would submit them: the first of each type with rectangles around th
 (the backend prompts the click model with them), the others with a painted brush mask (RLE).
 
 Asserted: the training finishes with a new version, every task gets one prediction with that
-version (decodable masks of the image size, valid labels, an OK/NG verdict), and on the annotated
-images the returned masks (mask x region score) beat the training-free residual map by 0.1 pixel
-AP. Printed: the same comparison on the 10 held-out images (the issue's floor, not met reliably:
-README, "Through a real Label Studio").
+version (decodable masks of the image size, valid labels, an OK/NG verdict), and the returned masks
+(mask x region score) beat the training-free residual map in pixel AP: by 0.1 on the annotated
+images, and at all on the 10 held-out images (the issue's floor; README, "Through a real Label
+Studio", says how far that carries to other images).
 """
 from __future__ import annotations
 
@@ -141,6 +141,10 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
           f"(training-free map {free_held:.3f}); threshold {summary.get('threshold')}; verdicts {verdicts}",
           file=sys.stderr)
     # What the project taught the model comes back through Label Studio: on the images it was taught
-    # with, its masks beat the training-free map (README: on the held-out images they do not
-    # reliably yet, the issue's floor, so that figure is printed, not asserted).
+    # with, its masks beat the training-free map clearly ...
     assert ap_train > free_train + 0.1, (ap_train, free_train)
+    # ... and on the 10 images nobody annotated they are above it (the issue's floor; measured 0.177 vs
+    # 0.119. On a wider held-out set the probe shows it is not yet a general rule: README).
+    assert ap_held > free_held, (
+        f"pre-annotation on the {len(held_out)} held-out images (AP {ap_held:.3f}) is not above the training-free "
+        f"map ({free_held:.3f})")
