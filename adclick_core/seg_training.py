@@ -175,6 +175,11 @@ def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases
     return {t: encoder.defect_features(t, phrases=(phrases or {}).get(t), object_name=object_name) for t in defect_types}
 
 
+def _known_defect_pixels(data: _Prepared) -> list[int]:
+    """Indices of the items whose defect pixels are known (painted masks, click pseudo labels)."""
+    return [i for i, k in enumerate(data.kind) if k in ("mask", "clicks")]
+
+
 @torch.no_grad()
 def calibrate_threshold(
     model: ADClick,
@@ -185,25 +190,27 @@ def calibrate_threshold(
     max_items: int = 64,
     out_size: int = 64,
     only: Sequence[int] | None = None,
+    labelled_source: str = "labelled images",
 ) -> dict:
     """The probability threshold with the best pixel F1 on labelled data, as inference computes
     maps (zero clicks, Eq. 7 max over defect types, sigma-4 smoothing at the input size).
 
     Uses the items whose defect pixels are known (masks, click pseudo labels), restricted to
-    ``only`` (indices into ``data``) when given; without them, the synthetic pool.
-    Returns ``{"threshold", "f1", "source", "images"}``."""
+    ``only`` (indices into ``data``) when given, reported as ``labelled_source``; without them,
+    the synthetic pool. Returns ``{"threshold", "f1", "source", "images"}``."""
     from .metrics import best_f1_threshold
     from .predictor import seg_probabilities
 
-    known = [i for i, k in enumerate(data.kind) if k in ("mask", "clicks")]
+    known = _known_defect_pixels(data)
     if only is not None:
-        known = [i for i in known if i in set(only)]
+        allowed = set(only)
+        known = [i for i in known if i in allowed]
     known = known[:max_items]
     if known:
         residual = data.residual[known]
         targets = [(data.target[i] > 0.5) & data.valid[i] for i in known]
         valid = [data.valid[i] for i in known]
-        source = "labelled images"
+        source = labelled_source
     elif synthetic is not None and len(synthetic):
         idx = np.linspace(0, len(synthetic) - 1, min(max_items, len(synthetic))).astype(int)
         residual = synthetic.residual[idx]
@@ -301,12 +308,12 @@ def train_seg(
                  for t in batch_types]
         return torch.stack(feats).to(device)
 
-    known = [i for i, k in enumerate(data.kind) if k in ("mask", "clicks")]
+    known = _known_defect_pixels(data)
     holdout: list[int] = []
     if len(known) >= config.calibration_min_images and config.calibration_holdout > 0:
         k = max(1, int(round(config.calibration_holdout * len(known))))
         holdout = sorted(int(i) for i in np.random.default_rng(config.seed + 1).choice(known, size=k, replace=False))
-    in_training = np.array([i for i in range(n_real) if i not in set(holdout)], dtype=int)
+    in_training = np.setdiff1d(np.arange(n_real), holdout)
     calibrate_at = int(config.calibration_at * config.iterations) if holdout else -1
     calibration: dict | None = None
 
@@ -329,8 +336,9 @@ def train_seg(
             type_parts += [None] * n_s
         if it == calibrate_at:
             was_training = ema.module.training
-            calibration = calibrate_threshold(ema.module.eval(), data, None, prompts, device, only=holdout)
-            calibration["source"] = f"labelled images held out of training until iteration {it}"
+            calibration = calibrate_threshold(
+                ema.module.eval(), data, None, prompts, device, only=holdout,
+                labelled_source=f"labelled images held out of training until iteration {it}")
             ema.module.train(was_training)
             in_training = np.arange(n_real)
         if n_r:
@@ -414,9 +422,9 @@ def train_seg(
     }
     model = ema.module.eval()
     if calibration is None:
-        calibration = calibrate_threshold(model, data, synthetic, prompts, device)
-        if calibration["source"] == "labelled images":
-            calibration["source"] = "the training images (too few labelled images to hold any out)"
+        calibration = calibrate_threshold(
+            model, data, synthetic, prompts, device,
+            labelled_source="the training images (too few labelled images to hold any out)")
     summary["threshold"] = calibration
     if out is not None:
         save_checkpoint(

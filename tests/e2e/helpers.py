@@ -71,13 +71,14 @@ def pick_annotated(mtd: Path, per_type: int, exclude: list[Path]) -> list[tuple[
     """The images the Start Training test annotates: ``per_type`` per defect type (offset 5 in
     the sorted file list), none of ``exclude``. Each as (type, image, mask, as rectangles): the first
     image of each type is annotated with rectangles, the others with painted masks."""
-    skip = {str(p) for p in exclude}
-    out, seen = [], set()
+    taken = {str(p) for p in exclude}
+    out, types_seen = [], set()
     for d, img, gt in pick_defects(mtd, per_type=per_type, offset=5):
-        if str(img) in skip or str(img) in {str(x[1]) for x in out}:
+        if str(img) in taken:
             continue
-        out.append((d, img, gt, d not in seen))
-        seen.add(d)
+        taken.add(str(img))
+        out.append((d, img, gt, d not in types_seen))
+        types_seen.add(d)
     return out
 
 
