@@ -152,16 +152,20 @@ def evaluate_seg(
     # Residual states of every evaluation image once; all models share them.
     states: dict[str, ImageState] = {}
     gts: dict[str, np.ndarray] = {}
-    needed = [*goods, *(s for f, fold in enumerate(folds) if only_folds is None or 1 - f in only_folds for s in fold)]
-    for s in tqdm(needed, desc="eval residuals", unit="img", disable=not progress):
+    fold_ids = list(range(len(folds))) if only_folds is None else sorted(set(only_folds))
+
+    def held_out_of(f: int) -> list[Sample]:
+        return [*folds[1 - f], *goods] if len(folds) == 2 else [*goods]
+
+    needed = {s.name: s for f in fold_ids for s in held_out_of(f)}
+    for s in tqdm(list(needed.values()), desc="eval residuals", unit="img", disable=not progress):
         img = s.image()
         states[s.name] = clicker.set_image(img)
         gts[s.name] = s.mask(img.shape[:2])
 
     per_fold: list[dict] = []
-    fold_ids = list(range(len(folds))) if only_folds is None else sorted(set(only_folds))
     for f in fold_ids:
-        held_out = [*folds[1 - f], *goods] if len(folds) == 2 else [*goods]
+        held_out = held_out_of(f)
         row: dict[str, dict] = {}
         for mode in modes:
             ckpt = checkpoint_for(mode, f)

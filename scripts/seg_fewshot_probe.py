@@ -95,36 +95,35 @@ def gray_of(path):
     return np.round(gray_image(load_image(str(path))) * 255).astype(np.uint8)
 
 
-def relative_scores(per, gate, rel):
-    """Regions where p >= rel x the map's own peak, for maps whose peak passes ``gate``."""
-    sm = np.zeros(per[0].shape, np.float32)
-    for prob in per:
-        peak = float(prob.max())
-        if peak >= gate:
-            for r in defect_regions(prob, rel * peak):
-                sm = np.maximum(sm, r.mask * np.float32(r.score))
-    return sm
-
-
-def refined_scores(per, gray, threshold):
-    """Each region's edge moved onto the image's (refinement.py), its peak taken as the click."""
-    sm = np.zeros(per[0].shape, np.float32)
-    for prob in per:
-        for r in defect_regions(prob, threshold):
-            near = ndimage.binary_dilation(r.mask, iterations=8)
-            y, x = np.unravel_index(int(np.argmax(np.where(r.mask, prob, 0.0))), prob.shape)
-            answer = np.clip(prob / max(float(prob[y, x]), 1e-6), 0, 1).astype(np.float32) * near
-            kept = (refine_answer(answer, gray, [Click(float(x), float(y), True)]) >= 0.5) & near
-            sm = np.maximum(sm, kept * np.float32(r.score))
+def score_map(shape, regions):
+    """(mask, score) regions -> the map the e2e test scores: each pixel the best score covering it."""
+    sm = np.zeros(shape, np.float32)
+    for mask, score in regions:
+        sm = np.maximum(sm, mask * np.float32(score))
     return sm
 
 
 def region_scores(per, threshold):
-    sm = np.zeros(per[0].shape, np.float32)
-    for prob in per:
-        for r in defect_regions(prob, threshold):
-            sm = np.maximum(sm, r.mask * np.float32(r.score))
-    return sm
+    return score_map(per[0].shape, ((r.mask, r.score) for prob in per for r in defect_regions(prob, threshold)))
+
+
+def relative_scores(per, gate, rel):
+    """Regions where p >= rel x the map's own peak, for maps whose peak passes ``gate``."""
+    return score_map(per[0].shape, ((r.mask, r.score) for prob in per if float(prob.max()) >= gate
+                                    for r in defect_regions(prob, rel * float(prob.max()))))
+
+
+def refined_region(prob, region, gray):
+    """The region's edge moved onto the image's (refinement.py), its peak taken as the click."""
+    near = ndimage.binary_dilation(region.mask, iterations=8)
+    y, x = np.unravel_index(int(np.argmax(np.where(region.mask, prob, 0.0))), prob.shape)
+    answer = np.clip(prob / max(float(prob[y, x]), 1e-6), 0, 1).astype(np.float32) * near
+    return (refine_answer(answer, gray, [Click(float(x), float(y), True)]) >= 0.5) & near
+
+
+def refined_scores(per, gray, threshold):
+    return score_map(per[0].shape, ((refined_region(prob, r, gray), r.score) for prob in per
+                                    for r in defect_regions(prob, threshold)))
 
 
 wide_maps = [per_type_maps(img) for _, img, _ in wide]
