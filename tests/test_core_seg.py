@@ -128,6 +128,29 @@ def test_item_label_kind_without_label_raises():
             item_label_kind(item)
 
 
+def test_box_prompted_item_leaves_the_uncovered_box_unknown(world):
+    """A box-prompted click answer covering part of the box: the rest of the box is unknown (not
+    normal), outside the box is normal, the answer is positive, and the box is a MIL region."""
+    from adclick_core.seg_training import _prepare
+
+    extractor, bank, _, _ = world
+    img = texture(3)
+    prob = np.full((64, 64), 0.02, np.float32)
+    prob[20:30, 20:30] = 0.95  # the answer: a quarter of the 20 x 20 box
+    item = SegItem(img, "crack", click_prob=prob, clicks=[Click(25.0, 25.0, True)], boxes=[(20.0, 20.0, 40.0, 40.0)])
+    data = _prepare([item], extractor, bank, RESIDUAL, progress=False)
+    valid, target, mil = data.valid[0].numpy(), data.target[0].numpy(), data.mil[0].numpy()
+    assert data.kind == ["clicks"]
+    assert valid[22:28, 22:28].all() and (target[22:28, 22:28] > 0.5).all()
+    assert not valid[32:38, 32:38].any() and not valid[22:28, 32:38].any()
+    assert valid[:15].all() and valid[45:].all() and (target[45:] < 0.5).all()
+    assert mil[20:40, 20:40].all() and not mil[:15].any()
+    # Without the box the same answer labels everything it does not cover as normal.
+    plain = _prepare([SegItem(img, "crack", click_prob=prob, clicks=[Click(25.0, 25.0, True)])], extractor, bank,
+                     RESIDUAL, progress=False)
+    assert plain.valid[0].all() and not plain.mil[0].any()
+
+
 def test_train_seg_rejects_unlabelled_item_and_empty_input(world):
     extractor, bank, _, _ = world
     with pytest.raises(ValueError, match="without any label"):
