@@ -1,7 +1,8 @@
 """How good are the pseudo labels that box prompts make, next to those of 5 simulated clicks?
 
-On every other image of eval-seg's fold 0 (MTD: 49 images): pooled pixel AP and mean IoU (p > 0.5)
-of the box-prompted answer (boxes = the ground truth's blobs) and of the 5-click answer, per-type
+On every other image of eval-seg's fold 0 (MTD: 49 images): pooled pixel AP, mean IoU (p > 0.5)
+and pooled pixel precision / recall (p > 0.5: what the training labels call defective) of the
+box-prompted answer (boxes = the ground truth's blobs) and of the 5-click answer, per-type
 IoU, and how often the box prompts' positive clicks land within 2 px of the defect.
 
     PYTHONPATH=. .venv/bin/python scripts/box_label_probe.py [DATA] [BANK] [--raw]
@@ -46,7 +47,11 @@ for s, ci in zip(fold, weak_items("clicks5", fold, cp)):
         ious[k].append(iou(prob > 0.5, gt))
 for k in ious:
     a = np.array(ious[k])
-    print(k, "AP", round(pixel_ap(probs[k], gts), 3), "mean IoU", a.mean().round(3), "IoU>=0.5", int((a >= .5).sum()), "/", len(a))
+    called = np.concatenate([(p > 0.5).ravel() for p in probs[k]])
+    truth = np.concatenate([g.ravel() for g in gts])
+    hits = int((called & truth).sum())
+    print(k, "AP", round(pixel_ap(probs[k], gts), 3), "mean IoU", a.mean().round(3), "IoU>=0.5", int((a >= .5).sum()), "/", len(a),
+          "precision", round(hits / max(int(called.sum()), 1), 3), "recall", round(hits / max(int(truth.sum()), 1), 3))
 types = [s.defect_type for s in fold]
 for t in sorted(set(types)):
     print(" ", t, {k: round(float(np.mean([v for v, tt in zip(ious[k], types) if tt == t])), 3) for k in ious})
