@@ -6,7 +6,9 @@ and falls below the training-free map on MTD. The click model already turns a cl
 so the box is turned into clicks instead: a positive click at the most anomalous point inside each
 box (the residual map's in-box maximum), then negative clicks where the answer leaks out of the
 boxes. The answer, cut to the boxes, is a pseudo label like the one from real clicks (``SegItem``
-with ``click_prob`` + ``clicks``), and trains the same way (Eq. 8-10).
+with ``click_prob`` + ``clicks``, the boxes kept) and trains the same way (Eq. 8-10), except that the
+box pixels the answer leaves uncovered are unknown, not normal: on a large defect the answer covers
+a fraction of it (``seg_training._prepare``).
 """
 from __future__ import annotations
 
