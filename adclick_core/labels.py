@@ -16,7 +16,6 @@ from .clicks import Click
 from .errors import InputError
 
 __all__ = [
-    "answer_ring",
     "box_cover",
     "click_disc_labels",
     "trivalued_labels",
@@ -51,23 +50,6 @@ def click_disc_labels(prob: np.ndarray, clicks: Sequence[Click], radius: float) 
         disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= r2
         prob[disk] = 1.0 if c.positive else 0.0
     return prob
-
-
-def answer_ring(answer: np.ndarray, width: float, clicks: Sequence[Click] = (), radius: float = 0.0) -> np.ndarray:
-    """H x W bool: pixels outside ``answer`` within ``width`` pixels of it, minus the click discs
-    (Eq. 8's discs stay labelled). A click answer misses mostly the margins of a defect (MTD fold 0,
-    5 clicks: 60 % of the missed defect pixels lie within 8 px of the answer, against 2 % of the
-    true normal pixels), so this ring is better left unknown than called normal."""
-    answer = _as_2d(answer, "answer").astype(bool)
-    if width <= 0 or not answer.any():
-        return np.zeros(answer.shape, dtype=bool)
-    from scipy import ndimage
-
-    ring = (ndimage.distance_transform_edt(~answer) <= width) & ~answer
-    if clicks:
-        discs = click_disc_labels(np.full(answer.shape, 0.5, np.float32), clicks, radius) != 0.5
-        ring &= ~discs
-    return ring
 
 
 def trivalued_labels(prob: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:

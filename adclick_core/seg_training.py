@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
 from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
-from .labels import answer_ring, box_cover, box_labels, exact_labels, pseudo_labels, tag_labels
+from .labels import box_cover, box_labels, exact_labels, pseudo_labels, tag_labels
 from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
@@ -78,9 +78,6 @@ class SegTrainConfig:
     synthetic_fraction: float = 0.3  # share of each batch drawn from the synthetic pool (1.0 if no items)
     max_delta: float = 0.1  # abandon band of Eq. 9
     click_radius_pseudo: float = 5.0  # d of Eq. 8, in model-input pixels
-    # Click labels (not box-prompted ones): a ring this wide (input pixels) around the answer is
-    # unknown rather than normal (labels.answer_ring); 0 = Eq. 9 alone.
-    unknown_ring: float = 0.0
     max_train_clicks: int = 3  # IIS-style training; 0 clicks at test
     p_no_clicks: float = 0.5
     unlabelled_weight: float = 1.0
@@ -132,9 +129,7 @@ def _scaled_boxes(boxes: Sequence[tuple[float, float, float, float]], hw: tuple[
 
 
 def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: ReferenceBank, rcfg: ResidualConfig,
-             progress: bool, unknown_ring: float = 0.0, click_radius: float = 5.0) -> _Prepared:
-    """Residuals and labels at the model input size; ``unknown_ring``: width (input pixels) of the
-    ring around a click answer left unknown (``labels.answer_ring``), ``click_radius`` its discs'."""
+             progress: bool) -> _Prepared:
     s = extractor.config.input_size
     index = {h: i for i, h in enumerate(bank.hashes)}
     res, tgt, val, mil, kinds, clicks, types = [], [], [], [], [], [], []
@@ -160,8 +155,6 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
                 # unknown, not normal (WeakREST), and the box must contain a defect (MIL).
                 region = box_cover((s, s), _scaled_boxes(item.boxes, (h, w), s))
                 valid = ~(region & (target < 0.5))
-            else:
-                valid = ~answer_ring(target > 0.5, unknown_ring, cl, click_radius)
         elif kind == "boxes":
             wl = box_labels((s, s), _scaled_boxes(item.boxes, (h, w), s))
             target, valid = wl.target, wl.valid
@@ -293,7 +286,7 @@ def train_seg(
 
     if callback:
         callback(0.0, f"computing residuals of {len(items)} labelled images")
-    data = _prepare(items, extractor, bank, rcfg, bar_on, config.unknown_ring, config.click_radius_pseudo)
+    data = _prepare(items, extractor, bank, rcfg, bar_on)
     n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
     if n_real == 0 and n_syn == 0:
         raise ValueError("nothing to train on: no labelled item and no synthetic pool")

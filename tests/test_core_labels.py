@@ -7,7 +7,6 @@ import pytest
 from adclick_core.clicks import Click
 from adclick_core.errors import InputError
 from adclick_core.labels import (
-    answer_ring,
     WeakLabel,
     block_fractions,
     block_labels,
@@ -69,22 +68,6 @@ def test_pseudo_labels_combine_discs_and_random_band():
     assert seen == {0, 1}  # delta < 0.05 keeps 0.45/0.55, delta > 0.05 drops them
     t, v = pseudo_labels(prob, clicks, radius=0.5, rng=rng, max_delta=0.0)
     np.testing.assert_array_equal(v, 1)
-
-
-def test_answer_ring_width_and_click_discs():
-    answer = np.zeros((40, 40), bool)
-    answer[15:25, 15:25] = True
-    ring = answer_ring(answer, 3.0)
-    assert not (ring & answer).any()
-    assert ring[14, 20] and ring[12, 20] and not ring[11, 20]  # 1 and 3 px out in, 4 px out not
-    assert ring[20, 27] and not ring[20, 28]
-    assert not ring[:5].any() and not ring[:, 35:].any()
-    # A negative click's disc in the ring stays labelled (Eq. 8).
-    with_click = answer_ring(answer, 3.0, [Click(20.0, 13.0, False)], radius=1.0)
-    assert ring[13, 20] and not with_click[13, 20] and with_click[13, 17]
-    # No width, or no answer: nothing is left unknown.
-    assert not answer_ring(answer, 0.0).any()
-    assert not answer_ring(np.zeros((8, 8), bool), 5.0).any()
 
 
 def test_exact_labels_all_valid():

@@ -149,11 +149,6 @@ def test_box_prompted_item_leaves_the_uncovered_box_unknown(world):
     plain = _prepare([SegItem(img, "crack", click_prob=prob, clicks=[Click(25.0, 25.0, True)])], extractor, bank,
                      RESIDUAL, progress=False)
     assert plain.valid[0].all() and not plain.mil[0].any()
-    # With an unknown ring, a plain click answer's margin is unknown, the rest stays labelled.
-    ringed = _prepare([SegItem(img, "crack", click_prob=prob, clicks=[Click(25.0, 25.0, True)])], extractor, bank,
-                      RESIDUAL, progress=False, unknown_ring=4.0).valid[0].numpy()
-    assert not ringed[31:34, 22:28].any() and not ringed[22:28, 16:20].any()
-    assert ringed[22:28, 22:28].all() and ringed[36:].all() and ringed[:, 35:].all()
 
 
 def test_train_seg_rejects_unlabelled_item_and_empty_input(world):
