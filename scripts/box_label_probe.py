@@ -50,8 +50,8 @@ for k in ious:
     called = np.concatenate([(p > 0.5).ravel() for p in probs[k]])
     truth = np.concatenate([g.ravel() for g in gts])
     hits = int((called & truth).sum())
-    print(k, "AP", round(pixel_ap(probs[k], gts), 3), "mean IoU", a.mean().round(3), "IoU>=0.5", int((a >= .5).sum()), "/", len(a),
-          "precision", round(hits / max(int(called.sum()), 1), 3), "recall", round(hits / max(int(truth.sum()), 1), 3))
+    print(k, "AP", round(pixel_ap(probs[k], gts), 3), "mean IoU", a.mean().round(3),
+          "IoU>=0.5", int((a >= .5).sum()), "/", len(a), "precision", round(hits / max(int(called.sum()), 1), 3), "recall", round(hits / max(int(truth.sum()), 1), 3))
 types = [s.defect_type for s in fold]
 for t in sorted(set(types)):
     print(" ", t, {k: round(float(np.mean([v for v, tt in zip(ious[k], types) if tt == t])), 3) for k in ious})
