@@ -150,9 +150,10 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
             valid = np.ones((s, s), dtype=bool)
             cl = scale_clicks(list(item.clicks), (h, w), (s, s))
             if len(item.boxes):
-                # Box-prompted answers (box_prompts.py) cover a part of a large defect (on MTD fold 0
-                # 25 % of the boxed defect pixels, against 78 % for 5 clicks): the rest of the box is
-                # unknown, not normal (WeakREST), and the box must contain a defect (MIL).
+                # A click answer that comes with boxes (box_prompts.py, or an annotator's clicks plus
+                # rectangles) may cover only a part of a large defect (box prompts on MTD fold 0: 25 % of
+                # the boxed defect pixels, against 78 % for 5 clicks): the rest of the box is unknown,
+                # not normal (WeakREST), and the box must contain a defect (MIL).
                 region = box_cover((s, s), _scaled_boxes(item.boxes, (h, w), s))
                 valid = ~(region & (target < 0.5))
         elif kind == "boxes":
