@@ -85,6 +85,13 @@ class SegTrainConfig:
     mil_top_fraction: float = 0.02
     sharpen_t: float = 0.5
     dice_weight: float = 1.0  # + soft Dice over labelled pixels (see losses.soft_dice_loss)
+    # The reference bank's own defect-free images, trained as all-normal samples (residuals
+    # against the rest of the bank, from its stored features: no image files needed): OK-tagged
+    # items are topped up to this many per image with a defect (0 = off; capped at the bank's
+    # size). Without them a project's labelled images are all defective, and the model fires on
+    # OK images (MTD fold 0, masks: image AUROC 0.84 without, 0.94 with as many normals as
+    # labelled images; pixel AP 0.598 either way).
+    bank_normals: float = 1.0
     # The pre-annotation threshold is calibrated on labelled images the model has not trained on
     # yet: this share of the images with known defect pixels sits out the first
     # ``calibration_at`` of training, is calibrated on there, then joins training. Fewer than
@@ -177,6 +184,25 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
         return _Prepared(torch.zeros(0, extractor.feature_dim, g, g, dtype=torch.float16), torch.zeros(0, s, s),
                          torch.zeros(0, s, s, dtype=torch.bool), torch.zeros(0, s, s, dtype=torch.bool), [], [], [])
     return _Prepared(torch.stack(res), torch.stack(tgt), torch.stack(val), torch.stack(mil), kinds, clicks, types)
+
+
+def _bank_normals(bank: ReferenceBank, rcfg: ResidualConfig, indices: Sequence[int], s: int) -> _Prepared:
+    """The bank's images ``indices`` as all-normal samples: each one's residual against the rest
+    of the bank (itself excluded, as for any bank image in ``_prepare``), target 0 everywhere."""
+    res = []
+    for i in indices:
+        r = compute_residuals(bank.features[i:i + 1], bank.descriptors[i:i + 1], bank, rcfg, exclude=[[i]])
+        res.append(r.residual[0].half().cpu())
+    n = len(res)
+    zeros = torch.zeros(n, s, s)
+    return _Prepared(torch.stack(res), zeros, torch.ones(n, s, s, dtype=torch.bool),
+                     torch.zeros(n, s, s, dtype=torch.bool), ["normal"] * n, [[] for _ in range(n)], [None] * n)
+
+
+def _concat(a: _Prepared, b: _Prepared) -> _Prepared:
+    return _Prepared(torch.cat([a.residual, b.residual]), torch.cat([a.target, b.target]),
+                     torch.cat([a.valid, b.valid]), torch.cat([a.mil, b.mil]), a.kind + b.kind,
+                     a.clicks + b.clicks, a.defect_type + b.defect_type)
 
 
 def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases: dict | None):
@@ -288,6 +314,14 @@ def train_seg(
     if callback:
         callback(0.0, f"computing residuals of {len(items)} labelled images")
     data = _prepare(items, extractor, bank, rcfg, bar_on)
+    n_labelled = len(data.kind)
+    n_ok = sum(1 for it in items if item_label_kind(it) == "tag" and it.tag.strip().upper() == "OK")
+    n_normals = max(0, min(len(bank) - 1, int(round(config.bank_normals * (n_labelled - n_ok))) - n_ok))
+    if n_normals > 0:
+        if callback:
+            callback(0.0, f"residuals of {n_normals} defect-free reference images")
+        picked = np.sort(np.random.default_rng(config.seed + 2).choice(len(bank), size=n_normals, replace=False))
+        data = _concat(data, _bank_normals(bank, rcfg, picked.tolist(), extractor.config.input_size))
     n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
     if n_real == 0 and n_syn == 0:
         raise ValueError("nothing to train on: no labelled item and no synthetic pool")
@@ -426,7 +460,8 @@ def train_seg(
                          f"iteration {it + 1}/{config.iterations}, loss {np.mean(losses[-50:]):.4f}")
     bar.close()
     summary = {
-        "iterations": config.iterations, "seconds": round(time.time() - t0, 1), "labelled_images": n_real,
+        "iterations": config.iterations, "seconds": round(time.time() - t0, 1), "labelled_images": n_labelled,
+        "bank_normals": n_normals,
         "label_kinds": {k: data.kind.count(k) for k in sorted(set(data.kind))}, "synthetic_pool": n_syn,
         "defect_types": types, "language": prompts is not None,
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
