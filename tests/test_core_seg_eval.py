@@ -249,10 +249,8 @@ def test_evaluate_seg_end_to_end(mvtec, click_setup, tiny_bert_dir, tmp_path, mo
     kinds = torch.load(runs / "tags_fold0.pt", weights_only=True)["train_summary"]["label_kinds"]
     assert kinds["tag"] == 2 * split["fold_sizes"][0]  # NG items of the fold + as many OK images
     # Boxes reach training as the click model's answer to them (box_prompts), one item per image.
-    # Topped up with as many of the bank's normal images (none for tags: their OK items count).
     assert torch.load(runs / "boxes_fold1.pt", weights_only=True)["train_summary"]["label_kinds"] == {
-        "clicks": split["fold_sizes"][1], "normal": split["fold_sizes"][1]}
-    assert "normal" not in kinds
+        "clicks": split["fold_sizes"][1]}
 
     # Existing checkpoints are reused, not retrained: the same numbers come back.
     again = evaluate_seg(mvtec, runs, modes=("residual_map", "masks"), seed=0, train_missing=False,
