@@ -8,6 +8,7 @@ Labels arrive as plain Python / numpy data (:class:`SegItem`), never as Label St
 * boxes                                  -> normal outside, unknown inside (+ "something is inside")
 * OK / NG tags                           -> all normal / unknown with "a defect somewhere"
 * nothing (unsupervised)                 -> synthetic anomalies on defect-free images
+* the reference bank's own images        -> all normal, a share of every batch (``bank_normals``)
 
 Unknown pixels are trained semi-supervised (ResMixMatch-style, simplified): the model's own
 prediction averaged over two augmented residual views (flip, channel scaling in [0.8, 1.25]),
@@ -88,7 +89,7 @@ class SegTrainConfig:
     # The reference bank's own defect-free images as all-normal samples (residuals against the
     # rest of the bank, from its stored features: no image files needed) when there are labelled
     # images: this many of them (capped at the bank's size - 1), ``normal_fraction`` of each batch,
-    # taken from the synthetic share. A project's labelled images are mostly defective, and
+    # taken from the synthetic share (if any). A project's labelled images are mostly defective, and
     # without real normals the model fires on OK images (MTD masks, image AUROC 0.84 / 0.82 on
     # folds 0 / 1 without normals).
     bank_normals: int = 200
