@@ -181,6 +181,10 @@ def test_train_seg_draws_normals_from_the_bank(count, fraction, expected, world)
     assert summary["labelled_images"] == 2 and summary["label_kinds"] == {"mask": 2}
     _, unsupervised = train_seg([], extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, progress=False)
     assert unsupervised["bank_normals"] == 0
+    # OK-tagged items are the normals then (in a project, the bank's own images): none drawn.
+    with_ok = items + [SegItem(texture(50), None, tag="OK")]
+    _, tagged = train_seg(with_ok, extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, progress=False)
+    assert tagged["bank_normals"] == 0 and tagged["label_kinds"] == {"mask": 2, "tag": 1}
 
 
 def test_train_seg_rejects_unlabelled_item_and_empty_input(world):
@@ -206,7 +210,8 @@ def test_train_seg_each_label_kind_with_language(kind, world, encoder, tmp_path)
                                progress=lambda f, m: progress.append((f, m)))
     assert summary["label_kinds"] == {kind: len(items)}
     assert summary["labelled_images"] == len(items)
-    assert summary["bank_normals"] == len(bank) - 1  # the default 200, capped
+    # The default 200, capped; none where OK-tagged items are the normals.
+    assert summary["bank_normals"] == (0 if kind == "tag" else len(bank) - 1)
     assert summary["synthetic_pool"] == len(pool)
     assert summary["language"] is True
     assert summary["defect_types"] == TYPES  # from the items, sorted
