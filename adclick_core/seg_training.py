@@ -55,6 +55,12 @@ class SegItem:
     boxes: Sequence[tuple[float, float, float, float]] = ()  # x0, y0, x1, y1
     tag: str | None = None  # "OK" or "NG"
 
+    @property
+    def verdict(self) -> str | None:
+        """The tag as "OK" / "NG" (case and surrounding spaces ignored), else None."""
+        t = (self.tag or "").strip().upper()
+        return t if t in ("OK", "NG") else None
+
 
 def item_label_kind(item: SegItem) -> str:
     if item.mask is not None:
@@ -63,7 +69,7 @@ def item_label_kind(item: SegItem) -> str:
         return "clicks"
     if len(item.boxes):
         return "boxes"
-    if item.tag is not None and item.tag.strip().upper() in ("OK", "NG"):
+    if item.verdict is not None:
         return "tag"
     raise ValueError("SegItem without any label (mask, click_prob, boxes or OK/NG tag)")
 
@@ -173,7 +179,7 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
         else:
             wl = tag_labels((s, s), item.tag)
             target, valid = wl.target, wl.valid
-            region = ~valid.astype(bool) if item.tag.strip().upper() == "NG" else region
+            region = ~valid.astype(bool) if item.verdict == "NG" else region
             cl = []
         tgt.append(torch.from_numpy(np.asarray(target, dtype=np.float32)))
         val.append(torch.from_numpy(np.asarray(valid).astype(bool)))
@@ -312,7 +318,7 @@ def train_seg(
     data = _prepare(items, extractor, bank, rcfg, bar_on)
     # OK-tagged items are real normals already (in a Label Studio project, the very images the
     # bank holds): the bank's images stand in only where the labels have none.
-    has_ok = any(item_label_kind(it) == "tag" and it.tag.strip().upper() == "OK" for it in items)
+    has_ok = any(item_label_kind(it) == "tag" and it.verdict == "OK" for it in items)
     use_bank = len(data.kind) and not has_ok and config.normal_fraction > 0
     n_normals = min(config.bank_normals, len(bank) - 1) if use_bank else 0
     normals = None
