@@ -155,8 +155,7 @@ def cmd_train_seg(args) -> dict:
     from .data import MVTecFolder
     from .predictor import ClickPredictor
     from .seg_evaluation import _ok_items, split_folds, weak_items
-    from .seg_training import SegTrainConfig, train_seg
-    from .training import build_synthetic_pool
+    from .seg_training import SegTrainConfig, seg_synthetic_pool, train_seg
 
     t0 = time.time()
     data = Path(args.data)
@@ -173,10 +172,7 @@ def cmd_train_seg(args) -> dict:
         items = weak_items("clicks" if mode == "clicks" else mode, samples, clicker, n_clicks=args.clicks)
     if mode == "tags":
         items += _ok_items(folder.train_good(), len(items), args.seed)
-    normals = folder.train_good()
-    index = {n: i for i, n in enumerate(bank.names)}
-    pool = build_synthetic_pool(clicker.extractor, bank, normals, clicker.residual_config, per_image=1, seed=args.seed,
-                                bank_index=[index.get(p.name, -1) for p in normals])
+    pool = seg_synthetic_pool(clicker.extractor, bank, folder.train_good(), clicker.residual_config, seed=args.seed)
     cfg = SegTrainConfig(seed=args.seed, language=not args.no_language, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations

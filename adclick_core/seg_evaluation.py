@@ -21,8 +21,7 @@ from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
 from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
-from .seg_training import SegItem, SegTrainConfig, train_seg
-from .training import build_synthetic_pool
+from .seg_training import SegItem, SegTrainConfig, seg_synthetic_pool, train_seg
 
 __all__ = ["SEG_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 
@@ -130,10 +129,7 @@ def evaluate_seg(
             return path
         nonlocal pool
         if pool is None:
-            normals = folder.train_good()
-            index = {n: i for i, n in enumerate(bank.names)}
-            pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=1, seed=seed,
-                                        bank_index=[index.get(p.name, -1) for p in normals], progress=progress)
+            pool = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed, progress=progress)
         cfg = SegTrainConfig(seed=seed)
         if iterations:
             cfg.iterations = iterations

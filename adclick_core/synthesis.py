@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "AnomalySynthesizer"]
+__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "edge_mask", "AnomalySynthesizer"]
 
 
 def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -111,6 +111,29 @@ def uneven_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return noise > rng.uniform(-0.1, 0.35)
 
 
+def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A band along one image side, 5-40 % of the image deep, with a wavy inner border.
+
+    Many surface defects start at a part's edge (chipped or broken edges, frayed or uneven bands
+    along a side); blobs placed anywhere rarely touch the border, so a model trained on them only
+    learns interior defects. Half of the bands cover part of the side only (a chip, not a band)."""
+    h, w = hw
+    side = int(rng.integers(4))
+    length, span = (w, h) if side in (0, 1) else (h, w)  # along the side, away from it
+    t = np.arange(length)
+    wave = perlin_noise((1, 64), (1, int(rng.choice([2, 4, 8]))), rng)[0]
+    depth = rng.uniform(0.05, 0.4) * span * (1 + rng.uniform(0.1, 0.5) * wave[(t * 63) // max(length - 1, 1)])
+    if rng.random() < 0.5:
+        # a chip: the depth falls to zero outside a stretch of the side
+        c, half = rng.uniform(0, length), rng.uniform(0.1, 0.4) * length
+        depth = depth * np.clip(1 - np.abs(t - c) / half, 0, None) ** 0.5
+    d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
+    band = d if side in (0, 1) else d.T  # (h, w) for top/bottom, (w, h) -> (h, w) for left/right
+    if side in (0, 1):
+        return band if side == 0 else band[::-1]
+    return band if side == 2 else band[:, ::-1]
+
+
 def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
     h, w = image.shape[:2]
     th, tw = h // grid, w // grid
@@ -128,6 +151,9 @@ class AnomalySynthesizer:
     p_perlin: float = 0.35
     p_crack: float = 0.25
     p_uneven: float = 0.2  # the rest: spots
+    # Bands / chips along a side (``edge_mask``), drawn before the kinds above, which share the
+    # rest; 0 keeps the random stream of the pools that trained the shipped click model.
+    p_edge: float = 0.0
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35
     max_uneven_area_frac: float = 0.6
@@ -135,11 +161,19 @@ class AnomalySynthesizer:
 
     def draw(self, hw: tuple[int, int], rng: np.random.Generator,
              foreground: np.ndarray | None = None) -> tuple[np.ndarray, str]:
-        """(mask, kind) with kind one of perlin, crack, uneven, spot."""
+        """(mask, kind) with kind one of edge, perlin, crack, uneven, spot."""
         area = hw[0] * hw[1]
         m, kind = np.zeros(hw, dtype=bool), "spot"
         for _ in range(self.max_tries):
             u = rng.random()
+            if u < self.p_edge:
+                m, kind = edge_mask(hw, rng), "edge"
+                if foreground is not None:
+                    m &= foreground
+                if self.min_area_frac * area <= m.sum() <= self.max_uneven_area_frac * area:
+                    return m, kind
+                continue
+            u = (u - self.p_edge) / (1 - self.p_edge)
             if u < self.p_perlin:
                 m, kind = perlin_mask(hw, rng), "perlin"
             elif u < self.p_perlin + self.p_crack:
@@ -155,12 +189,19 @@ class AnomalySynthesizer:
                 return m, kind
         return m, kind
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_edge < 1.0:
+            raise ValueError(f"p_edge must lie in [0, 1), got {self.p_edge}")
+
     def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
         return self.draw(hw, rng, foreground)[0]
 
-    def source(self, image: np.ndarray, rng: np.random.Generator, others: Sequence[np.ndarray] = ()) -> np.ndarray:
+    def source(self, image: np.ndarray, rng: np.random.Generator, others: Sequence[np.ndarray] = (),
+               other_only: bool = False) -> np.ndarray:
+        """What is pasted: the image's own shuffled tiles, a darker / brighter copy or another
+        image (``other_only``: always the last, unscaled)."""
         img = image.astype(np.float32)
-        u = rng.random()
+        u = 1.0 if other_only else rng.random()
         if u < 0.4:
             src = _shuffled_tiles(img, rng)
             shift = rng.uniform(20, 60) * (1 if rng.random() < 0.3 else -1)
@@ -175,7 +216,8 @@ class AnomalySynthesizer:
                 zoom = (img.shape[0] / other.shape[0], img.shape[1] / other.shape[1], 1)
                 other = ndimage.zoom(other, zoom, order=1)[: img.shape[0], : img.shape[1]]
             src = np.rot90(other, int(rng.integers(4))) if other.shape[0] == other.shape[1] else other[::-1]
-            src = src * rng.uniform(0.5, 1.5)
+            if not other_only:
+                src = src * rng.uniform(0.5, 1.5)
         if rng.random() < 0.5:
             src = ndimage.gaussian_filter(src, sigma=(rng.uniform(0.5, 2.0),) * 2 + (0,))
         return np.clip(src, 0, 255)
@@ -191,7 +233,13 @@ class AnomalySynthesizer:
         mask, kind = self.draw(image.shape[:2], rng, foreground)
         img = image.astype(np.float32)
         m = mask.astype(np.float32)
-        if kind == "uneven":
+        if kind == "edge" and len(others) and rng.random() < 0.5:
+            # a band whose texture differs mildly (another part's surface, a little gain), soft border
+            other = self.source(image, rng, others[:1], other_only=True)
+            src = np.clip(other * rng.uniform(0.8, 1.25), 0, 255)
+            m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 3.0))
+            beta = rng.uniform(0.6, 1.0)
+        elif kind == "uneven":
             # a mild brightness / texture change with a feathered border; the label stays the
             # hard region, as annotators paint it
             gain = rng.uniform(0.72, 0.9) if rng.random() < 0.7 else rng.uniform(1.1, 1.3)

@@ -50,6 +50,7 @@ def build_synthetic_pool(
     progress: bool = True,
     bank_index: Sequence[int] | None = None,
     batch_size: int = 8,
+    synthesizer: AnomalySynthesizer | None = None,
 ) -> SyntheticPool:
     """Paste ``per_image`` synthetic anomalies on every normal image and compute their residuals.
 
@@ -57,7 +58,7 @@ def build_synthetic_pool(
     excluded from its own retrieval, otherwise its residual would be trivially small.
     """
     rng = np.random.default_rng(seed)
-    synth = AnomalySynthesizer()
+    synth = synthesizer or AnomalySynthesizer()
     s = extractor.config.input_size
     residuals, fines, masks = [], [], []
     jobs = [(i, r) for r in range(per_image) for i in range(len(normals))]

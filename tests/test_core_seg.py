@@ -17,7 +17,7 @@ from adclick_core.errors import CheckpointError, InputError
 from adclick_core.metrics import pixel_ap
 from adclick_core.models import ADClickConfig
 from adclick_core.models.language import PWAM
-from adclick_core.predictor import ImageState, SegPredictor
+from adclick_core.predictor import ImageState, SegPredictor, gate_by_image_score
 from adclick_core.prompts import PromptEncoder, TextEncoderConfig
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
@@ -331,9 +331,11 @@ def test_training_raises_pixel_ap_on_toy_set(world, tmp_path):
 
     def ap_after(iterations: int) -> float:
         # All 8 images train from the start (no calibration hold-out) with a full batch of them (no
-        # bank normals: at 70 iterations they hold AP at 0.35): this test is about learning.
+        # bank normals: at 70 iterations they hold AP at 0.35): this test is about learning, so the
+        # raw maps are scored (no image-score gating, an inference-side re-ranking across images).
         cfg = SegTrainConfig(iterations=iterations, batch_size=8, lr=3e-3, warmup=5, ema_decay=0.9, seed=0,
-                             language=False, model=tiny_model(), calibration_holdout=0.0, normal_fraction=0.0)
+                             language=False, model=tiny_model(), calibration_holdout=0.0, normal_fraction=0.0,
+                             gate_by_image_score=False)
         out = tmp_path / f"toy{iterations}.pt"
         _, summary = train_seg(items, extractor, bank, cfg, residual_config=RESIDUAL, synthetic=pool, out=out,
                                progress=False)
@@ -412,7 +414,7 @@ def test_predict_per_type_keys_and_eq7_max(lang_ckpt, world):
     np.testing.assert_allclose(amap, np.maximum(a, b), rtol=0, atol=1e-6)  # Eq. 7
     assert score == pytest.approx(float(np.maximum(a, b).max()), abs=1e-6)
     single, _ = pred.predict(state, ["crack"])
-    np.testing.assert_allclose(single, a, atol=1e-6)
+    np.testing.assert_allclose(single, pred.predict_per_type(state, ["crack"])["crack"], atol=1e-6)
     # Here one prompt shifts the whole map; with maps that cross, the answer must be the pixel-wise
     # max, not any one of them.
     c = np.ascontiguousarray(a[:, ::-1])
@@ -421,6 +423,38 @@ def test_predict_per_type_keys_and_eq7_max(lang_ckpt, world):
     amap, score = pred.predict(state, ["crack", "scratch", "dent"])
     np.testing.assert_array_equal(amap, np.maximum(a, c))
     assert amap.dtype == np.float32 and score == float(np.maximum(a, c).max())
+
+
+def test_gate_by_image_score_scales_each_image_by_its_strongest_answer():
+    a = torch.rand(2, 1, 6, 5) * 0.5
+    b = torch.rand(2, 1, 6, 5) * 0.5
+    b[1, 0, 2, 3] = 0.9  # image 1's strongest answer is in b, image 0's wherever a or b peaks
+    gated = gate_by_image_score({"x": a, "y": b, "z": a})
+    score = torch.maximum(a.flatten(1).amax(1), b.flatten(1).amax(1)).view(-1, 1, 1, 1)
+    torch.testing.assert_close(gated["x"], a * score)
+    torch.testing.assert_close(gated["y"], b * score)
+    assert gated["x"] is gated["z"]  # a map shared by several types stays one tensor
+    assert float(gated["y"][1].max()) == pytest.approx(0.81)
+
+
+def test_seg_predictor_gates_as_its_checkpoint_was_calibrated(lang_ckpt, world):
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    assert pred.gated  # the default training config
+    state = pred.set_image(defective(64, (44, 52))[0])
+    gated = pred.predict_per_type(state, TYPES)
+    amap, score = pred.predict(state, TYPES)
+    for train_config in ({"gate_by_image_score": False}, {}):  # off, and a checkpoint older than the setting
+        pred.checkpoint_info = {**pred.checkpoint_info, "train_config": train_config}
+        assert not pred.gated
+        raw = pred.predict_per_type(state, TYPES)
+        top = max(float(v.max()) for v in raw.values())
+        assert top < 1.0
+        for t in TYPES:
+            np.testing.assert_allclose(gated[t], raw[t] * top, atol=1e-6)
+        raw_map, raw_score = pred.predict(state, TYPES)
+        assert raw_score == pytest.approx(top, abs=1e-6) and score == pytest.approx(top * top, abs=1e-6)
+        assert (np.argsort(raw_map, axis=None) == np.argsort(amap, axis=None)).mean() > 0.99  # same ranking inside
 
 
 def test_trained_language_maps_differ_per_type(lang_ckpt, world):

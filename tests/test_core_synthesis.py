@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adclick_core.synthesis import AnomalySynthesizer, crack_mask, perlin_mask, perlin_noise, spot_mask, uneven_mask
+from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, perlin_mask, perlin_noise, spot_mask,
+                                    uneven_mask)
 
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:
@@ -158,3 +159,46 @@ def test_uneven_regions_are_large_and_blended_softly():
     assert diff[m].mean() > 3 * diff[~ndimage.binary_dilation(m, iterations=6)].mean()
     border = ndimage.binary_dilation(m, iterations=2) & ~m
     assert diff[border].mean() > diff[~ndimage.binary_dilation(m, iterations=6)].mean()
+
+
+def _grows_from_one_side(m: np.ndarray) -> bool:
+    """True if, for one image side, every mask pixel's path straight to that side is all mask."""
+    views = [m, m[::-1], m.T, m.T[::-1]]  # top, bottom, left, right side as row 0
+    return any(np.array_equal(v, np.cumprod(v, axis=0).astype(bool)) for v in views)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80), (80, 40)])
+def test_edge_masks_are_bands_or_chips_on_one_side(hw):
+    sides_touched = set()
+    for seed in range(40):
+        m = edge_mask(hw, np.random.default_rng(seed))
+        assert m.shape == hw and m.dtype == bool
+        if not m.any():
+            continue
+        assert _grows_from_one_side(m)
+        assert m.mean() < 0.65  # at most ~40 % deep (+ the wave)
+        sides_touched |= {i for i, edge in enumerate((m[0], m[-1], m[:, 0], m[:, -1])) if edge.any()}
+    assert sides_touched == {0, 1, 2, 3}
+    # Interior blobs seldom touch the border: the reason edge masks exist.
+    assert not perlin_mask((64, 64), np.random.default_rng(0))[[0, -1]].all()
+
+
+def test_edge_kind_probability_and_blend():
+    rng = np.random.default_rng(0)
+    kinds = [AnomalySynthesizer(p_edge=0.5).draw((64, 64), rng)[1] for _ in range(200)]
+    assert 0.35 < kinds.count("edge") / 200 < 0.65
+    assert "edge" not in [AnomalySynthesizer().draw((64, 64), rng)[1] for _ in range(200)]
+    # p_edge = 0 leaves the random stream of the other kinds untouched (the shipped click model's pool)
+    a = AnomalySynthesizer(p_edge=0.0).mask((64, 64), np.random.default_rng(9))
+    b = AnomalySynthesizer().mask((64, 64), np.random.default_rng(9))
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="p_edge"):
+        AnomalySynthesizer(p_edge=1.0)
+    img, other = texture(3), texture(8)
+    synth = AnomalySynthesizer(p_edge=0.999)
+    for seed in range(10):
+        out, m = synth(img, np.random.default_rng(seed), others=[other])
+        assert _grows_from_one_side(m) and m.any()
+        diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
+        far = ~ndimage.binary_dilation(m, iterations=8)
+        assert diff[m].mean() > 1.0 and diff[far].max() == 0
