@@ -77,7 +77,9 @@ def item_label_kind(item: SegItem) -> str:
 
 @dataclass
 class SegTrainConfig:
-    iterations: int = 1200
+    # 2000: MTD, 5 clicks, pixel AP 0.595 / 0.479 (folds 0 / 1) at 1200 -> 0.607 / 0.496; one fold
+    # ~25 min on 2 CPU cores.
+    iterations: int = 2000
     batch_size: int = 8
     lr: float = 4e-4
     weight_decay: float = 0.05
