@@ -70,7 +70,10 @@ def gate_by_image_score(per_type: dict[str, torch.Tensor]) -> dict[str, torch.Te
     Shared maps (no language branch) stay one tensor."""
     score = torch.stack([p.flatten(1).amax(1) for p in per_type.values()]).amax(0).view(-1, 1, 1, 1)
     gated: dict[int, torch.Tensor] = {}
-    return {t: gated.setdefault(id(p), p * score) for t, p in per_type.items()}
+    for p in per_type.values():
+        if id(p) not in gated:
+            gated[id(p)] = p * score
+    return {t: gated[id(p)] for t, p in per_type.items()}
 
 
 @torch.no_grad()

@@ -38,7 +38,7 @@ from .residuals import ResidualConfig, compute_residuals
 from .synthesis import AnomalySynthesizer
 from .training import SyntheticPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
-__all__ = ["SegItem", "SegTrainConfig", "train_seg", "SEG_KIND", "item_label_kind"]
+__all__ = ["SegItem", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind"]
 
 SEG_KIND = "adclick_seg"
 ProgressFn = Callable[[float, str], None]
@@ -219,11 +219,12 @@ SEG_EDGE_FRACTION = 0.3
 
 
 def seg_synthetic_pool(extractor: FeatureExtractor, bank: ReferenceBank, normals: Sequence, rcfg: ResidualConfig,
-                       seed: int = 0, progress: bool = True, edge_fraction: float = SEG_EDGE_FRACTION) -> SyntheticPool:
+                       seed: int = 0, progress: bool = True,
+                       edge_fraction: float = SEG_EDGE_FRACTION) -> SyntheticPool:
     """The synthetic anomalies ADClick-Seg trains on: one per normal image (path or array); a
     normal image that is in the bank is left out of its own retrieval."""
     index = {n: i for i, n in enumerate(bank.names)}
-    names = [getattr(p, "name", None) for p in normals]
+    names = [Path(p).name if isinstance(p, (str, Path)) else None for p in normals]
     return build_synthetic_pool(extractor, bank, normals, rcfg, per_image=1, seed=seed, progress=progress,
                                 bank_index=[index.get(n, -1) if n else -1 for n in names],
                                 synthesizer=AnomalySynthesizer(p_edge=edge_fraction))

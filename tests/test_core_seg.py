@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 import pytest
 import torch
 
@@ -21,7 +23,8 @@ from adclick_core.predictor import ImageState, SegPredictor, gate_by_image_score
 from adclick_core.prompts import PromptEncoder, TextEncoderConfig
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.seg_training import SEG_KIND, SegItem, SegTrainConfig, item_label_kind, train_seg
+from adclick_core.seg_training import (SEG_KIND, SegItem, SegTrainConfig, item_label_kind, seg_synthetic_pool,
+                                       train_seg)
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import defective, texture
 
@@ -102,6 +105,28 @@ def labelled_items() -> dict[str, list[SegItem]]:
     out["tag"] += [SegItem(img, "crack", tag="NG"), SegItem(texture(40), None, tag="ok"),
                    SegItem(defective(31)[0], "scratch", tag="ng"), SegItem(texture(41), None, tag="OK")]
     return out
+
+
+def test_seg_synthetic_pool_adds_edge_anomalies_and_leaves_bank_images_out(world, tmp_path):
+    extractor, bank, normals, _ = world
+    paths = []
+    for i, img in enumerate(normals[:4]):
+        paths.append(tmp_path / f"n{i}")  # the bank's names: these files are its images
+        Image.fromarray(img).save(paths[-1].with_suffix(".png"))
+        paths[-1] = paths[-1].with_suffix(".png")
+    bank_named = ReferenceBank.build(extractor, normals, names=[p.name for p in paths] + ["n4", "n5"], progress=False)
+    edges = seg_synthetic_pool(extractor, bank_named, paths, RESIDUAL, progress=False, edge_fraction=0.99)
+    assert len(edges) == 4
+    for m in edges.masks:  # bands / chips: every mask touches the image border
+        assert m.any() and (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
+    # Left out of its own retrieval, a bank image's unchanged cells cannot match themselves: the same
+    # images as arrays (no name, so not left out) give smaller residuals there.
+    as_arrays = seg_synthetic_pool(extractor, bank_named, normals[:4], RESIDUAL, progress=False, edge_fraction=0.99)
+    np.testing.assert_array_equal(as_arrays.masks, edges.masks)  # seeded: the same anomalies
+    far = ~torch.from_numpy(ndimage.binary_dilation(edges.masks, iterations=12, axes=(1, 2))[:, ::8, ::8].copy())
+    assert far.any()
+    left_out = edges.residual.float().norm(dim=1)[far].mean()
+    assert left_out > 1.5 * as_arrays.residual.float().norm(dim=1)[far].mean()
 
 
 # ---------------------------------------------------------------- item_label_kind
@@ -293,8 +318,6 @@ def test_train_seg_unsupervised_synthetic_only(world, tmp_path):
 
 
 def test_train_seg_reads_image_paths_and_non_square_images(world, tmp_path):
-    from PIL import Image
-
     extractor, bank, _, _ = world
     img, m = defective(50, (48, 80))
     path = tmp_path / "img.png"
