@@ -189,7 +189,8 @@ def cmd_eval_seg(args) -> dict:
     result = evaluate_seg(data=args.data, runs=args.runs, modes=args.modes.split(","), seed=args.seed,
                           iterations=args.iterations, train_missing=not args.no_train,
                           click_checkpoint=args.click_checkpoint, bank_path=args.bank, device=args.device,
-                          only_folds=[int(f) for f in args.folds.split(",")] if args.folds else None)
+                          only_folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
+                          gate={"checkpoint": None, "on": True, "off": False}[args.gate])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -264,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="training iterations for missing checkpoints")
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing checkpoints")
     p.add_argument("--folds", default=None, help="only these folds, e.g. 0 (default: both; the mean is over those run)")
+    p.add_argument("--gate", choices=["checkpoint", "on", "off"], default="checkpoint",
+                   help="scale Seg maps by the image score: as each checkpoint was calibrated (default), "
+                        "or always / never")
     p.add_argument("--click-checkpoint", default=None)
     p.add_argument("--bank", default=None)
     p.add_argument("--seed", type=int, default=0)

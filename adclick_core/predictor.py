@@ -280,10 +280,16 @@ class SegPredictor(_ResidualPredictor):
         when the checkpoint was written (``train_seg``), else 0.5."""
         return float(self.checkpoint_info.get("threshold") or 0.5)
 
+    # True / False: gate maps or not whatever the checkpoint says (evaluation ablations); None: as
+    # the checkpoint's threshold was calibrated.
+    gate: bool | None = None
+
     @property
     def gated(self) -> bool:
-        """Whether maps are scaled by the image score (``gate_by_image_score``): as the
-        checkpoint's threshold was calibrated; checkpoints without the setting predate it."""
+        """Whether maps are scaled by the image score (``gate_by_image_score``): ``gate`` if set,
+        else the checkpoint's setting; checkpoints without it predate gating."""
+        if self.gate is not None:
+            return self.gate
         return bool((self.checkpoint_info.get("train_config") or {}).get("gate_by_image_score", False))
 
     def predict_per_type(self, state: ImageState, defect_types: Sequence[str] | None = None) -> dict[str, np.ndarray]:

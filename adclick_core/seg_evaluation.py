@@ -104,9 +104,11 @@ def evaluate_seg(
     device: str = "auto",
     progress: bool = True,
     only_folds: Sequence[int] | None = None,
+    gate: bool | None = None,
 ) -> dict:
     """Train what is missing and score every mode on every fold (``only_folds``: these folds only;
-    the mean is then over them)."""
+    the mean is then over them). ``gate``: score the Seg maps with / without image-score gating
+    whatever the checkpoints say (None: as each checkpoint says)."""
     t0 = time.time()
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -168,6 +170,8 @@ def evaluate_seg(
             maps, scores = [], []
             seg = None if ckpt is None else SegPredictor.from_checkpoint(ckpt, bank=bank, device=device,
                                                                         extractor=extractor)
+            if seg is not None and gate is not None:
+                seg.gate = gate
             for s in held_out:
                 st = states[s.name]
                 if seg is None:
@@ -190,6 +194,7 @@ def evaluate_seg(
         "methods": mean,
         "split": {"seed": seed, "fold_sizes": [len(fd) for fd in folds], "good_test_images": len(goods),
                   "evaluated_on": "the other fold's defective images + all good test images"},
+        "gate": "as each checkpoint says" if gate is None else gate,
         "training_seconds": timings,
         "seconds": round(time.time() - t0, 1),
     }

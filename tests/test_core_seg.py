@@ -478,6 +478,12 @@ def test_seg_predictor_gates_as_its_checkpoint_was_calibrated(lang_ckpt, world):
         raw_map, raw_score = pred.predict(state, TYPES)
         assert raw_score == pytest.approx(top, abs=1e-6) and score == pytest.approx(top * top, abs=1e-6)
         assert (np.argsort(raw_map, axis=None) == np.argsort(amap, axis=None)).mean() > 0.99  # same ranking inside
+        pred.gate = True  # an evaluation's override, whatever the checkpoint says
+        np.testing.assert_allclose(pred.predict(state, TYPES)[0], amap, atol=1e-6)
+        pred.gate = None
+    pred.checkpoint_info = {**pred.checkpoint_info, "train_config": {"gate_by_image_score": True}}
+    pred.gate = False
+    assert not pred.gated
 
 
 def test_trained_language_maps_differ_per_type(lang_ckpt, world):

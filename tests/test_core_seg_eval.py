@@ -266,6 +266,13 @@ def test_evaluate_seg_end_to_end(mvtec, click_setup, tiny_bert_dir, tmp_path, mo
     assert one["fold_ids"] == [1] and len(one["folds"]) == 1
     assert one["folds"][0] == {m: result["folds"][1][m] for m in ("residual_map", "masks")}
     assert one["methods"]["masks"] == one["folds"][0]["masks"]
+    # Gating forced off: the training-free map and the image ranking (max vs max^2) are unchanged.
+    ungated = evaluate_seg(mvtec, runs, modes=("residual_map", "masks"), seed=0, train_missing=False,
+                           click_checkpoint=str(click_path), bank_path=str(tmp_path / "bank.pt"), device="cpu",
+                           progress=False, only_folds=[1], gate=False)
+    assert one["gate"] == "as each checkpoint says" and ungated["gate"] is False
+    assert ungated["folds"][0]["residual_map"] == one["folds"][0]["residual_map"]
+    assert ungated["folds"][0]["masks"]["image_auroc"] == one["folds"][0]["masks"]["image_auroc"]
     with pytest.raises(MissingWeightsError):
         evaluate_seg(mvtec, tmp_path / "empty_runs", modes=("masks",), train_missing=False,
                      click_checkpoint=str(click_path), bank_path=str(tmp_path / "bank.pt"), device="cpu",
@@ -276,7 +283,8 @@ def test_cli_seg_commands_wiring(capsys):
     from adclick_core.cli import build_parser, cmd_eval_seg, cmd_train_seg
 
     parser = build_parser()
-    for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint", "--folds"]),
+    for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint", "--folds",
+                                     "--gate"]),
                        ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--set"])):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([cmd, "--help"])
