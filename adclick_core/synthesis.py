@@ -1,7 +1,8 @@
 """Synthetic anomalies on defect-free images, so the models train with no real defect at all.
 
 Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves, small
-spots (blowhole-like) and large low-contrast regions (uneven surface). Sources: a shuffled tile
+spots (blowhole-like), large low-contrast regions (uneven surface) and, where ``p_edge`` > 0
+(ADClick-Seg's pool), bands / chips along an image side. Sources: a shuffled tile
 grid of the image itself after intensity / blur changes, a darkened or brightened copy, or another
 normal image. Blend (ALGORITHM.md): ``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with
 ``beta ~ U[0.5, 1]``; uneven regions use a mild gain as S, a feathered M and ``beta ~ U[0.75, 1]``.
