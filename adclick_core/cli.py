@@ -87,10 +87,8 @@ def cmd_train_click(args) -> dict:
     bank = MVTecFolder(data).reference_bank(extractor, args.bank)
     rcfg = _residual_config(args)
     normals = MVTecFolder(data).train_good()
-    index = {n: i for i, n in enumerate(bank.names)}
-    bank_index = [index.get(p.name, -1) for p in normals]
     pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image, seed=args.seed,
-                                bank_index=bank_index)
+                                bank_index=bank.positions(normals))
     t_pool = time.time() - t0
     mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                          grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,

@@ -140,6 +140,13 @@ class ReferenceBank:
                 "(e.g. tag tasks OK in Label Studio, or `python -m adclick_core build-bank`)"
             )
 
+    def positions(self, images: Sequence) -> list[int]:
+        """Each image's position in the bank, found by file name (as ``MVTecFolder`` names bank
+        images), -1 for an image that is not in it or is an array: what ``build_synthetic_pool``
+        needs to leave an image out of its own retrieval."""
+        index = {n: i for i, n in enumerate(self.names)}
+        return [index.get(Path(p).name, -1) if isinstance(p, (str, os.PathLike)) else -1 for p in images]
+
     def to(self, device: str | torch.device) -> "ReferenceBank":
         dev = resolve_device(device)
         if self.features is not None:

@@ -223,10 +223,8 @@ def seg_synthetic_pool(extractor: FeatureExtractor, bank: ReferenceBank, normals
                        edge_fraction: float = SEG_EDGE_FRACTION) -> SyntheticPool:
     """The synthetic anomalies ADClick-Seg trains on: one per normal image (path or array); a
     normal image that is in the bank is left out of its own retrieval."""
-    index = {n: i for i, n in enumerate(bank.names)}
-    names = [Path(p).name if isinstance(p, (str, Path)) else None for p in normals]
     return build_synthetic_pool(extractor, bank, normals, rcfg, per_image=1, seed=seed, progress=progress,
-                                bank_index=[index.get(n, -1) if n else -1 for n in names],
+                                bank_index=bank.positions(normals),
                                 synthesizer=AnomalySynthesizer(p_edge=edge_fraction))
 
 

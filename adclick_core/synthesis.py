@@ -129,10 +129,9 @@ def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         c, half = rng.uniform(0, length), rng.uniform(0.1, 0.4) * length
         depth = depth * np.clip(1 - np.abs(t - c) / half, 0, None) ** 0.5
     d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
-    band = d if side in (0, 1) else d.T  # (h, w) for top/bottom, (w, h) -> (h, w) for left/right
-    if side in (0, 1):
-        return band if side == 0 else band[::-1]
-    return band if side == 2 else band[:, ::-1]
+    if side < 2:  # top, bottom
+        return d if side == 0 else d[::-1]
+    return d.T if side == 2 else d.T[:, ::-1]  # left, right
 
 
 def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
@@ -169,23 +168,19 @@ class AnomalySynthesizer:
             u = rng.random()
             if u < self.p_edge:
                 m, kind = edge_mask(hw, rng), "edge"
-                if foreground is not None:
-                    m &= foreground
-                if self.min_area_frac * area <= m.sum() <= self.max_uneven_area_frac * area:
-                    return m, kind
-                continue
-            u = (u - self.p_edge) / (1 - self.p_edge)
-            if u < self.p_perlin:
-                m, kind = perlin_mask(hw, rng), "perlin"
-            elif u < self.p_perlin + self.p_crack:
-                m, kind = crack_mask(hw, rng), "crack"
-            elif u < self.p_perlin + self.p_crack + self.p_uneven:
-                m, kind = uneven_mask(hw, rng), "uneven"
             else:
-                m, kind = spot_mask(hw, rng), "spot"
+                u = (u - self.p_edge) / (1 - self.p_edge)
+                if u < self.p_perlin:
+                    m, kind = perlin_mask(hw, rng), "perlin"
+                elif u < self.p_perlin + self.p_crack:
+                    m, kind = crack_mask(hw, rng), "crack"
+                elif u < self.p_perlin + self.p_crack + self.p_uneven:
+                    m, kind = uneven_mask(hw, rng), "uneven"
+                else:
+                    m, kind = spot_mask(hw, rng), "spot"
             if foreground is not None:
                 m &= foreground
-            top = self.max_uneven_area_frac if kind == "uneven" else self.max_area_frac
+            top = self.max_uneven_area_frac if kind in ("uneven", "edge") else self.max_area_frac
             if self.min_area_frac * area <= m.sum() <= top * area:
                 return m, kind
         return m, kind

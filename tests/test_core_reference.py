@@ -85,6 +85,12 @@ def test_add_incremental(extractor, bank):
     torch.testing.assert_close(b.descriptors, bank.descriptors, rtol=1e-4, atol=1e-4)
 
 
+def test_positions_by_file_name(bank):
+    from pathlib import Path
+
+    assert bank.positions([Path("/x/c"), "d", "/y/b", Path("e"), texture(0)]) == [2, 3, 1, -1, -1]
+
+
 def test_subset(bank):
     s = bank.subset([3, 1])
     assert len(s) == 2 and s.names == ["d", "b"]
