@@ -21,7 +21,9 @@ from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
 from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
-from .seg_training import SegItem, SegTrainConfig, seg_synthetic_pool, train_seg
+from .seg_training import (UNSUPERVISED_PHOTOMETRIC_FRACTION, SegItem, SegTrainConfig, seg_synthetic_pool,
+                           train_seg)
+from .training import SyntheticPool
 
 __all__ = ["SEG_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 
@@ -120,7 +122,7 @@ def evaluate_seg(
     defect_types = folder.defect_types
     folds = split_folds(folder.test_samples(defective_only=True), seed=seed)
     goods = [s for s in folder.test_samples() if not s.is_defective]
-    pool = None
+    pools: dict[float, SyntheticPool] = {}  # by photometric share: the unsupervised model's pool differs
     timings: dict[str, float] = {}
 
     def checkpoint_for(mode: str, fold: int) -> Path | None:
@@ -129,9 +131,10 @@ def evaluate_seg(
         path = runs / (f"{mode}.pt" if mode == "unsupervised" else f"{mode}_fold{fold}.pt")
         if path.is_file() or not train_missing:
             return path
-        nonlocal pool
-        if pool is None:
-            pool = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed, progress=progress)
+        photometric = UNSUPERVISED_PHOTOMETRIC_FRACTION if mode == "unsupervised" else 0.0
+        if photometric not in pools:
+            pools[photometric] = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed,
+                                                    progress=progress, photometric_fraction=photometric)
         cfg = SegTrainConfig(seed=seed)
         if iterations:
             cfg.iterations = iterations
@@ -142,7 +145,8 @@ def evaluate_seg(
         if mode == "tags":
             items += _ok_items(folder.train_good(), len(items), seed)
         t = time.time()
-        train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pool, defect_types=defect_types,
+        train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pools[photometric],
+                  defect_types=defect_types,
                   out=path, progress=progress, device=clicker.device)
         timings[path.name] = round(time.time() - t, 1)
         return path

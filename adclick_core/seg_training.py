@@ -38,7 +38,8 @@ from .residuals import ResidualConfig, compute_residuals
 from .synthesis import AnomalySynthesizer
 from .training import SyntheticPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
-__all__ = ["SegItem", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind"]
+__all__ = ["SegItem", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind",
+           "UNSUPERVISED_PHOTOMETRIC_FRACTION"]
 
 SEG_KIND = "adclick_seg"
 ProgressFn = Callable[[float, str], None]
@@ -218,14 +219,24 @@ def _bank_normals(bank: ReferenceBank, rcfg: ResidualConfig, indices: Sequence[i
 SEG_EDGE_FRACTION = 0.3
 
 
+# Share of the pool's composites relit as a whole (synthesis.photometric_jitter) when the model
+# trains on synthetic anomalies alone: with no real image of the project in training, this is how
+# it learns that a brighter, higher-contrast normal surface is still normal. Measured on MTD,
+# unsupervised, 1200 iterations, pixel AP (folds 0 / 1): 0.233 / 0.216 without, 0.286 / 0.245 at
+# 0.5, 0.269 / 0.266 at 0.9. Labelled modes see real project images and keep 0 (not measured).
+UNSUPERVISED_PHOTOMETRIC_FRACTION = 0.9
+
+
 def seg_synthetic_pool(extractor: FeatureExtractor, bank: ReferenceBank, normals: Sequence, rcfg: ResidualConfig,
-                       seed: int = 0, progress: bool = True,
-                       edge_fraction: float = SEG_EDGE_FRACTION) -> SyntheticPool:
+                       seed: int = 0, progress: bool = True, edge_fraction: float = SEG_EDGE_FRACTION,
+                       photometric_fraction: float = 0.0) -> SyntheticPool:
     """The synthetic anomalies ADClick-Seg trains on: one per normal image (path or array); a
-    normal image that is in the bank is left out of its own retrieval."""
+    normal image that is in the bank is left out of its own retrieval. ``photometric_fraction``:
+    see ``UNSUPERVISED_PHOTOMETRIC_FRACTION``."""
     return build_synthetic_pool(extractor, bank, normals, rcfg, per_image=1, seed=seed, progress=progress,
                                 bank_index=bank.positions(normals),
-                                synthesizer=AnomalySynthesizer(p_edge=edge_fraction))
+                                synthesizer=AnomalySynthesizer(p_edge=edge_fraction,
+                                                               p_photometric=photometric_fraction))
 
 
 def _prompt_bank(defect_types: Sequence[str], encoder, object_name: str, phrases: dict | None):

@@ -129,6 +129,24 @@ def test_seg_synthetic_pool_adds_edge_anomalies_and_leaves_bank_images_out(world
     assert left_out > 1.5 * as_arrays.residual.float().norm(dim=1)[far].mean()
 
 
+def test_seg_synthetic_pool_photometric_share_relights_the_normal_surface(world):
+    """Relit composites still carry anomalies, but their normal cells move away from the bank:
+    larger residuals far from any anomaly — what the unsupervised model learns to call normal."""
+    extractor, bank, normals, _ = world
+    plain = seg_synthetic_pool(extractor, bank, normals[:4], RESIDUAL, progress=False)
+    relit = seg_synthetic_pool(extractor, bank, normals[:4], RESIDUAL, progress=False, photometric_fraction=1.0)
+    # the jitter is drawn after the first anomaly (later ones follow another stream)
+    np.testing.assert_array_equal(plain.masks[0], relit.masks[0])
+    assert all(m.any() for m in relit.masks)
+
+    def far_norm(pool):
+        far = ~torch.from_numpy(ndimage.binary_dilation(pool.masks, iterations=12, axes=(1, 2))[:, ::8, ::8].copy())
+        assert far.any()
+        return pool.residual.float().norm(dim=1)[far].mean()
+
+    assert far_norm(relit) > 1.1 * far_norm(plain)
+
+
 # ---------------------------------------------------------------- item_label_kind
 
 

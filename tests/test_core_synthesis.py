@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, perlin_mask, perlin_noise, spot_mask,
-                                    uneven_mask)
+from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, perlin_mask, perlin_noise,
+                                    photometric_jitter, spot_mask, uneven_mask)
 
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:
@@ -202,3 +202,40 @@ def test_edge_kind_probability_and_blend():
         diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
         far = ~ndimage.binary_dilation(m, iterations=8)
         assert diff[m].mean() > 1.0 and diff[far].max() == 0
+
+
+# ---------------------------------------------------------------- photometric jitter
+
+
+def test_photometric_jitter_changes_the_whole_image_mostly_brighter():
+    img = texture(4, (48, 64)) // 2  # room above, like the dim references
+    brighter = 0
+    for seed in range(40):
+        out = photometric_jitter(img, np.random.default_rng(seed))
+        assert out.shape == img.shape and out.dtype == np.uint8
+        diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
+        assert (diff > 0).mean() > 0.5  # global, not a region
+        brighter += out.mean() > img.mean()
+        # the texture survives: the jittered image still correlates with the original
+        assert np.corrcoef(out.mean(-1).ravel(), img.mean(-1).ravel())[0, 1] > 0.8
+    assert 24 <= brighter <= 40  # about 80 % brighter, the rest darker
+
+
+def test_photometric_share_keeps_masks_and_stream():
+    img, other = texture(3), texture(8)
+    plain = AnomalySynthesizer(p_edge=0.3)
+    jittered = AnomalySynthesizer(p_edge=0.3, p_photometric=1.0)
+    changed_outside = 0
+    for seed in range(10):
+        a, ma = plain(img, np.random.default_rng(seed), others=[other])
+        b, mb = jittered(img, np.random.default_rng(seed), others=[other])
+        np.testing.assert_array_equal(ma, mb)  # the jitter is drawn after the anomaly
+        changed_outside += bool((a[~ma] != b[~mb]).any())
+    assert changed_outside == 10
+    # p_photometric = 0 draws nothing: the stream (and so every later image) is untouched
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    AnomalySynthesizer(p_photometric=0.0)(img, r1, others=[other])
+    AnomalySynthesizer()(img, r2, others=[other])
+    assert r1.random() == r2.random()
+    with pytest.raises(ValueError, match="p_photometric"):
+        AnomalySynthesizer(p_photometric=1.5)
