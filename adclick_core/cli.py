@@ -153,7 +153,7 @@ def cmd_train_seg(args) -> dict:
     from .data import MVTecFolder
     from .predictor import ClickPredictor
     from .seg_evaluation import _ok_items, split_folds, weak_items
-    from .seg_training import UNSUPERVISED_PHOTOMETRIC_FRACTION, SegTrainConfig, seg_synthetic_pool, train_seg
+    from .seg_training import SegTrainConfig, seg_synthesizer, seg_synthetic_pool, train_seg
 
     t0 = time.time()
     data = Path(args.data)
@@ -171,7 +171,7 @@ def cmd_train_seg(args) -> dict:
     if mode == "tags":
         items += _ok_items(folder.train_good(), len(items), args.seed)
     pool = seg_synthetic_pool(clicker.extractor, bank, folder.train_good(), clicker.residual_config, seed=args.seed,
-                              photometric_fraction=UNSUPERVISED_PHOTOMETRIC_FRACTION if not items else 0.0)
+                              synthesizer=seg_synthesizer(unsupervised=not items))
     cfg = SegTrainConfig(seed=args.seed, language=not args.no_language, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations

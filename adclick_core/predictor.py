@@ -22,7 +22,7 @@ from .refinement import RefineConfig, refine_answer
 from .residuals import ResidualConfig, compute_residuals
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
-           "gate_by_image_score", "SEG_BLUR_SIGMA"]
+           "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
 
 SEG_BLUR_SIGMA = 4.0  # px at the output size: ADClick-Seg maps are smoothed as in the papers' evaluation
 
@@ -49,15 +49,20 @@ def _upsample(x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
 
 
-def smooth_probability(logits: torch.Tensor, hw: tuple[int, int], sigma: float = SEG_BLUR_SIGMA) -> torch.Tensor:
-    """B x 1 x h x w logits -> B x 1 x H x W probabilities, Gaussian-smoothed (sigma px at H x W)."""
-    prob = torch.sigmoid(_upsample(logits.float(), hw))
+def smooth_map(x: torch.Tensor, hw: tuple[int, int], sigma: float = SEG_BLUR_SIGMA) -> torch.Tensor:
+    """B x 1 x h x w -> B x 1 x H x W, bilinear, then Gaussian-smoothed (sigma px at H x W)."""
+    x = _upsample(x.float(), hw)
     if sigma > 0:
         from torchvision.transforms.functional import gaussian_blur
 
         k = 2 * int(math.ceil(3 * sigma)) + 1
-        prob = gaussian_blur(prob, [k, k], [sigma, sigma])
-    return prob
+        x = gaussian_blur(x, [k, k], [sigma, sigma])
+    return x
+
+
+def smooth_probability(logits: torch.Tensor, hw: tuple[int, int], sigma: float = SEG_BLUR_SIGMA) -> torch.Tensor:
+    """B x 1 x h x w logits -> B x 1 x H x W probabilities, Gaussian-smoothed (sigma px at H x W)."""
+    return smooth_map(torch.sigmoid(logits.float()), hw, sigma)
 
 
 def gate_by_image_score(per_type: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -74,6 +79,48 @@ def gate_by_image_score(per_type: dict[str, torch.Tensor]) -> dict[str, torch.Te
         if id(p) not in gated:
             gated[id(p)] = p * score
     return {t: gated[id(p)] for t, p in per_type.items()}
+
+
+@dataclass(frozen=True)
+class MapFusion:
+    """ADClick-Seg's answer fused with the training-free map ||r||, for models trained on
+    synthetic anomalies alone: ``(p + weight * min(d / reference, clip)) * score ** gate_exponent``,
+    divided by ``1 + weight * clip`` to stay in [0, 1]; ``score`` is the image score (the maximum
+    of all the model's maps).
+
+    Such a model learns from relit composites that a brighter normal surface is normal, and with
+    it to trust the residual magnitude less; the map localises small holes and edge chips better,
+    the model the large uneven patches (MTD: see SegTrainConfig.map_fusion_weight).
+    ``reference``: the ||r|| that counts as 1, the 99th percentile over defect-free reference
+    images, each against the rest of the bank (set at training time)."""
+
+    weight: float
+    reference: float
+    gate_exponent: float = 0.5
+    clip: float = 3.0
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "reference": self.reference, "gate_exponent": self.gate_exponent,
+                "clip": self.clip}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "MapFusion | None":
+        if not d:
+            return None
+        return cls(**{k: float(v) for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def fuse_with_map(per_type: dict[str, torch.Tensor], distance: torch.Tensor,
+                  fusion: MapFusion) -> dict[str, torch.Tensor]:
+    """``MapFusion`` on each B x 1 x H x W map; ``distance``: ||r|| smoothed to the same size."""
+    score = torch.stack([p.flatten(1).amax(1) for p in per_type.values()]).amax(0).view(-1, 1, 1, 1)
+    prior = fusion.weight * (distance / fusion.reference).clamp(0, fusion.clip)
+    factor = score ** fusion.gate_exponent / (1 + fusion.weight * fusion.clip)
+    fused: dict[int, torch.Tensor] = {}
+    for p in per_type.values():
+        if id(p) not in fused:
+            fused[id(p)] = (p + prior) * factor
+    return {t: fused[id(p)] for t, p in per_type.items()}
 
 
 @torch.no_grad()
@@ -285,6 +332,11 @@ class SegPredictor(_ResidualPredictor):
     gate: bool | None = None
 
     @property
+    def map_fusion(self) -> MapFusion | None:
+        """The checkpoint's fusion with the training-free map (models trained unsupervised), else None."""
+        return MapFusion.from_dict(self.checkpoint_info.get("map_fusion"))
+
+    @property
     def gated(self) -> bool:
         """Whether maps are scaled by the image score (``gate_by_image_score``): ``gate`` if set,
         else the checkpoint's setting; checkpoints without it predate gating."""
@@ -298,7 +350,11 @@ class SegPredictor(_ResidualPredictor):
         types = list(defect_types or self.defect_types)
         probs = seg_probabilities(self.model, state.residual, types, self.prompt_features, state.original_hw,
                                   state.fine, self.blur_sigma)
-        if self.gated:
+        fusion = self.map_fusion
+        if fusion is not None:  # carries its own image-score gate
+            distance = smooth_map(state.distance[None, None].to(self.device), state.original_hw, self.blur_sigma)
+            probs = fuse_with_map(probs, distance, fusion)
+        elif self.gated:
             probs = gate_by_image_score(probs)
         arrays: dict[int, np.ndarray] = {}  # tensor id -> array: a shared map is converted once
         out: dict[str, np.ndarray] = {}

@@ -21,7 +21,7 @@ from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
 from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
-from .seg_training import (UNSUPERVISED_PHOTOMETRIC_FRACTION, SegItem, SegTrainConfig, seg_synthetic_pool,
+from .seg_training import (SegItem, SegTrainConfig, seg_synthesizer, seg_synthetic_pool,
                            train_seg)
 from .training import SyntheticPool
 
@@ -122,7 +122,7 @@ def evaluate_seg(
     defect_types = folder.defect_types
     folds = split_folds(folder.test_samples(defective_only=True), seed=seed)
     goods = [s for s in folder.test_samples() if not s.is_defective]
-    pools: dict[float, SyntheticPool] = {}  # by photometric share: the unsupervised model's pool differs
+    pools: dict[bool, SyntheticPool] = {}  # by "unsupervised": that model's pool differs
     timings: dict[str, float] = {}
 
     def checkpoint_for(mode: str, fold: int) -> Path | None:
@@ -131,10 +131,11 @@ def evaluate_seg(
         path = runs / (f"{mode}.pt" if mode == "unsupervised" else f"{mode}_fold{fold}.pt")
         if path.is_file() or not train_missing:
             return path
-        photometric = UNSUPERVISED_PHOTOMETRIC_FRACTION if mode == "unsupervised" else 0.0
-        if photometric not in pools:
-            pools[photometric] = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed,
-                                                    progress=progress, photometric_fraction=photometric)
+        unsupervised = mode == "unsupervised"
+        if unsupervised not in pools:
+            pools[unsupervised] = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed,
+                                                     progress=progress,
+                                                     synthesizer=seg_synthesizer(unsupervised=unsupervised))
         cfg = SegTrainConfig(seed=seed)
         if iterations:
             cfg.iterations = iterations
@@ -145,7 +146,7 @@ def evaluate_seg(
         if mode == "tags":
             items += _ok_items(folder.train_good(), len(items), seed)
         t = time.time()
-        train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pools[photometric],
+        train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pools[unsupervised],
                   defect_types=defect_types,
                   out=path, progress=progress, device=clicker.device)
         timings[path.name] = round(time.time() - t, 1)

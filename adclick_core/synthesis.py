@@ -1,7 +1,8 @@
 """Synthetic anomalies on defect-free images, so the models train with no real defect at all.
 
 Masks: Perlin-noise blobs (DRAEM-style, rotated, thresholded), thin crack-like curves, small
-spots (blowhole-like), large low-contrast regions (uneven surface) and, where ``p_edge`` > 0
+spots (blowhole-like), large low-contrast regions (uneven surface) or, where ``p_finish`` > 0,
+straight-bordered patches of a different surface finish and, where ``p_edge`` > 0
 (ADClick-Seg's pool), bands / chips along an image side. Sources: a shuffled tile
 grid of the image itself after intensity / blur changes, a darkened or brightened copy, or another
 normal image. Blend (ALGORITHM.md): ``I' = (1 - M) I + M (beta S + (1 - beta) I)`` with
@@ -15,7 +16,8 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "edge_mask", "photometric_jitter",
+__all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "edge_mask", "finish_mask",
+           "photometric_jitter",
            "AnomalySynthesizer"]
 
 
@@ -135,6 +137,32 @@ def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return d.T if side == 2 else d.T[:, ::-1]  # left, right
 
 
+def finish_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A patch with a straight border: a band in from one side (12-50 % deep, border tilted by up
+    to 12 degrees, mostly top / bottom) or a rounded block (superellipse, 20-60 % of the height).
+
+    Real "uneven" defects on ground surfaces are patches of a different finish whose border is a
+    machining line, not a soft blob (MTD: full-width bands, tile-wide blocks)."""
+    h, w = hw
+    if rng.random() < 0.65:
+        side = int(rng.integers(4)) if rng.random() < 0.2 else int(rng.integers(2))
+        length, span = (w, h) if side in (0, 1) else (h, w)
+        t = np.arange(length) / max(length - 1, 1)
+        wave = perlin_noise((1, 64), (1, 4), rng)[0][(np.arange(length) * 63) // max(length - 1, 1)]
+        depth = (rng.uniform(0.12, 0.5) * span + np.tan(np.radians(rng.uniform(-12, 12))) * (t - 0.5) * length
+                 + 0.02 * span * wave)
+        d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
+        if side < 2:
+            return d if side == 0 else d[::-1]
+        return d.T if side == 2 else d.T[:, ::-1]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    rh, rw = rng.uniform(0.1, 0.3) * h, rng.uniform(0.15, 0.45) * w
+    cy, cx = rng.uniform(rh, h - rh), rng.uniform(rw, w - rw)
+    power = rng.uniform(3, 8)
+    wobble = 1 + 0.1 * perlin_noise((64, 64), (4, 4), rng)[(yy / h * 63).astype(int), (xx / w * 63).astype(int)]
+    return np.abs((yy - cy) / rh) ** power + np.abs((xx - cx) / rw) ** power <= wobble
+
+
 def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) -> np.ndarray:
     h, w = image.shape[:2]
     th, tw = h // grid, w // grid
@@ -177,6 +205,9 @@ class AnomalySynthesizer:
     # Share of composites that then get a global ``photometric_jitter``; 0 (no random draw) keeps
     # the click pools' random stream as it was.
     p_photometric: float = 0.0
+    # Share of the uneven draws that become straight-bordered finish patches (``finish_mask``,
+    # locally brighter with stronger texture, or darker and smoother); 0 draws nothing extra.
+    p_finish: float = 0.0
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35
     max_uneven_area_frac: float = 0.6
@@ -184,7 +215,7 @@ class AnomalySynthesizer:
 
     def draw(self, hw: tuple[int, int], rng: np.random.Generator,
              foreground: np.ndarray | None = None) -> tuple[np.ndarray, str]:
-        """(mask, kind) with kind one of edge, perlin, crack, uneven, spot."""
+        """(mask, kind) with kind one of edge, perlin, crack, uneven, finish, spot."""
         area = hw[0] * hw[1]
         m, kind = np.zeros(hw, dtype=bool), "spot"
         for _ in range(self.max_tries):
@@ -198,12 +229,15 @@ class AnomalySynthesizer:
                 elif u < self.p_perlin + self.p_crack:
                     m, kind = crack_mask(hw, rng), "crack"
                 elif u < self.p_perlin + self.p_crack + self.p_uneven:
-                    m, kind = uneven_mask(hw, rng), "uneven"
+                    if self.p_finish > 0 and rng.random() < self.p_finish:
+                        m, kind = finish_mask(hw, rng), "finish"
+                    else:
+                        m, kind = uneven_mask(hw, rng), "uneven"
                 else:
                     m, kind = spot_mask(hw, rng), "spot"
             if foreground is not None:
                 m &= foreground
-            top = self.max_uneven_area_frac if kind in ("uneven", "edge") else self.max_area_frac
+            top = self.max_uneven_area_frac if kind in ("uneven", "edge", "finish") else self.max_area_frac
             if self.min_area_frac * area <= m.sum() <= top * area:
                 return m, kind
         return m, kind
@@ -211,8 +245,9 @@ class AnomalySynthesizer:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_edge < 1.0:
             raise ValueError(f"p_edge must lie in [0, 1), got {self.p_edge}")
-        if not 0.0 <= self.p_photometric <= 1.0:
-            raise ValueError(f"p_photometric must lie in [0, 1], got {self.p_photometric}")
+        for name in ("p_photometric", "p_finish"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
     def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
         return self.draw(hw, rng, foreground)[0]
@@ -267,6 +302,18 @@ class AnomalySynthesizer:
             src = np.clip(img * gain + rng.normal(0, rng.uniform(0, 6), size=img.shape), 0, 255)
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 0.02 * max(image.shape[:2]) + 1.0))
             beta = rng.uniform(0.75, 1.0)
+        elif kind == "finish":
+            # the texture around its local mean amplified and the patch a little brighter (a
+            # coarser, shinier finish), or the reverse; the border stays sharp, like a machining line
+            sigma = rng.uniform(3, 8)
+            mean = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
+            if rng.random() < 0.75:
+                gain, contrast = rng.uniform(1.05, 1.45), rng.uniform(1.4, 2.6)
+            else:
+                gain, contrast = rng.uniform(0.6, 0.85), rng.uniform(0.3, 0.8)
+            src = np.clip(mean * gain + (img - mean) * contrast, 0, 255)
+            m = ndimage.gaussian_filter(m, sigma=rng.uniform(0.5, 3.0))
+            beta = rng.uniform(0.8, 1.0)
         else:
             src = self.source(image, rng, others)
             beta = rng.uniform(0.5, 1.0)

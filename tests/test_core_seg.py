@@ -19,11 +19,13 @@ from adclick_core.errors import CheckpointError, InputError
 from adclick_core.metrics import pixel_ap
 from adclick_core.models import ADClickConfig
 from adclick_core.models.language import PWAM
-from adclick_core.predictor import ImageState, SegPredictor, gate_by_image_score
+from adclick_core.predictor import ImageState, MapFusion, SegPredictor, fuse_with_map, gate_by_image_score, smooth_map
 from adclick_core.prompts import PromptEncoder, TextEncoderConfig
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.seg_training import (SEG_KIND, SegItem, SegTrainConfig, item_label_kind, seg_synthetic_pool,
+from adclick_core.synthesis import AnomalySynthesizer
+from adclick_core.seg_training import (SEG_KIND, SegItem, SegTrainConfig, bank_map_reference, item_label_kind,
+                                       seg_synthesizer, seg_synthetic_pool,
                                        train_seg)
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import defective, texture
@@ -115,13 +117,13 @@ def test_seg_synthetic_pool_adds_edge_anomalies_and_leaves_bank_images_out(world
         Image.fromarray(img).save(paths[-1].with_suffix(".png"))
         paths[-1] = paths[-1].with_suffix(".png")
     bank_named = ReferenceBank.build(extractor, normals, names=[p.name for p in paths] + ["n4", "n5"], progress=False)
-    edges = seg_synthetic_pool(extractor, bank_named, paths, RESIDUAL, progress=False, edge_fraction=0.99)
+    edges = seg_synthetic_pool(extractor, bank_named, paths, RESIDUAL, progress=False, synthesizer=AnomalySynthesizer(p_edge=0.99))
     assert len(edges) == 4
     for m in edges.masks:  # bands / chips: every mask touches the image border
         assert m.any() and (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any())
     # Left out of its own retrieval, a bank image's unchanged cells cannot match themselves: the same
     # images as arrays (no name, so not left out) give smaller residuals there.
-    as_arrays = seg_synthetic_pool(extractor, bank_named, normals[:4], RESIDUAL, progress=False, edge_fraction=0.99)
+    as_arrays = seg_synthetic_pool(extractor, bank_named, normals[:4], RESIDUAL, progress=False, synthesizer=AnomalySynthesizer(p_edge=0.99))
     np.testing.assert_array_equal(as_arrays.masks, edges.masks)  # seeded: the same anomalies
     far = ~torch.from_numpy(ndimage.binary_dilation(edges.masks, iterations=12, axes=(1, 2))[:, ::8, ::8].copy())
     assert far.any()
@@ -134,7 +136,8 @@ def test_seg_synthetic_pool_photometric_share_relights_the_normal_surface(world)
     larger residuals far from any anomaly — what the unsupervised model learns to call normal."""
     extractor, bank, normals, _ = world
     plain = seg_synthetic_pool(extractor, bank, normals[:4], RESIDUAL, progress=False)
-    relit = seg_synthetic_pool(extractor, bank, normals[:4], RESIDUAL, progress=False, photometric_fraction=1.0)
+    relit = seg_synthetic_pool(extractor, bank, normals[:4], RESIDUAL, progress=False,
+                               synthesizer=AnomalySynthesizer(p_edge=0.3, p_photometric=1.0))
     # the jitter is drawn after the first anomaly (later ones follow another stream)
     np.testing.assert_array_equal(plain.masks[0], relit.masks[0])
     assert all(m.any() for m in relit.masks)
@@ -554,3 +557,71 @@ def test_seg_predictor_rejects_bank_of_other_backbone(nolang_ckpt):
     with pytest.raises(CheckpointError, match="rebuild the bank"):
         SegPredictor.from_checkpoint(nolang_ckpt, ReferenceBank(BackboneConfig(input_size=96)), device="cpu",
                                      random_init_backbone=True)
+
+
+# ---------------------------------------------------------------- fusion with the training-free map
+
+
+def test_fuse_with_map_hand_computed():
+    p = torch.tensor([[[[0.2, 0.4], [0.0, 0.1]]]])  # image score 0.4
+    d = torch.tensor([[[[10.0, 0.0], [50.0, 20.0]]]])  # ||r||; reference 10, clipped at 3
+    fusion = MapFusion(weight=1.5, reference=10.0, gate_exponent=0.5, clip=3.0)
+    out = fuse_with_map({"a": p, "b": p}, d, fusion)
+    expected = (p + 1.5 * torch.tensor([[[[1.0, 0.0], [3.0, 2.0]]]])) * 0.4 ** 0.5 / (1 + 1.5 * 3.0)
+    torch.testing.assert_close(out["a"], expected)
+    assert out["a"] is out["b"]  # a shared map stays one tensor
+    assert float(out["a"].max()) <= 1.0
+    # the map reorders: a strong residual outranks the model's own peak
+    assert out["a"][0, 0, 1, 0] > out["a"][0, 0, 0, 1]
+    assert MapFusion.from_dict(fusion.to_dict()) == fusion and MapFusion.from_dict(None) is None
+
+
+def test_smooth_map_upsamples_and_keeps_a_constant():
+    x = torch.full((1, 1, 4, 4), 2.0)
+    out = smooth_map(x, (10, 12), sigma=2.0)
+    assert out.shape == (1, 1, 10, 12)
+    torch.testing.assert_close(out, torch.full_like(out, 2.0))
+
+
+def test_bank_map_reference_leaves_each_image_out_of_its_own_match(world):
+    _, bank, _, _ = world
+    ref = bank_map_reference(bank, RESIDUAL, max_images=4)
+    assert ref > 0  # against itself every residual would be 0
+    assert bank_map_reference(bank, RESIDUAL, max_images=4, quantile=0.5) < ref
+
+
+def test_unsupervised_training_fuses_with_the_map_labelled_does_not(world, tmp_path):
+    extractor, bank, _, pool = world
+    _, summary = train_seg([], extractor, bank, tiny_config(iterations=2, language=False), residual_config=RESIDUAL,
+                           synthetic=pool, out=tmp_path / "u.pt", progress=False)
+    fusion = summary["map_fusion"]
+    assert fusion["weight"] == 1.5 and fusion["reference"] == pytest.approx(bank_map_reference(bank, RESIDUAL))
+    pred = load_predictor(tmp_path / "u.pt", bank)
+    assert pred.map_fusion == MapFusion.from_dict(fusion)
+    img = defective(70, (44, 52))[0]
+    state = pred.set_image(img)
+    fused, _ = pred.predict(state)
+    assert 0.0 <= fused.min() and fused.max() <= 1.0
+    pred.checkpoint_info = {**pred.checkpoint_info, "map_fusion": None}
+    plain, _ = pred.predict(state)
+    assert not np.allclose(fused, plain)
+    # by hand: the plain (ungated) answer fused with the smoothed ||r||
+    pred.gate = False
+    raw = torch.from_numpy(pred.predict(state)[0])[None, None]
+    d = smooth_map(state.distance[None, None], state.original_hw)
+    np.testing.assert_allclose(fused, fuse_with_map({"x": raw}, d, MapFusion.from_dict(fusion))["x"][0, 0].numpy(),
+                               atol=1e-5)
+    # off by config, and never for labelled training
+    _, off = train_seg([], extractor, bank, tiny_config(iterations=2, language=False, map_fusion_weight=0.0),
+                       residual_config=RESIDUAL, synthetic=pool, progress=False)
+    assert "map_fusion" not in off
+    _, labelled = train_seg(labelled_items()["mask"], extractor, bank, tiny_config(iterations=2, language=False),
+                            residual_config=RESIDUAL, synthetic=pool, out=tmp_path / "m.pt", progress=False)
+    assert "map_fusion" not in labelled
+    assert load_predictor(tmp_path / "m.pt", bank).map_fusion is None
+
+
+def test_seg_synthesizer_recipes():
+    labelled, unsupervised = seg_synthesizer(), seg_synthesizer(unsupervised=True)
+    assert labelled.p_photometric == 0 and labelled.p_finish == 0 and labelled.p_edge > 0
+    assert unsupervised.p_photometric > 0.5 and unsupervised.p_finish > 0 and unsupervised.p_uneven > labelled.p_uneven

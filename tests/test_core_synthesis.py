@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, perlin_mask, perlin_noise,
+from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, finish_mask, perlin_mask, perlin_noise,
                                     photometric_jitter, spot_mask, uneven_mask)
 
 
@@ -239,3 +239,64 @@ def test_photometric_share_keeps_masks_and_stream():
     assert r1.random() == r2.random()
     with pytest.raises(ValueError, match="p_photometric"):
         AnomalySynthesizer(p_photometric=1.5)
+
+
+# ---------------------------------------------------------------- finish patches
+
+
+def _border_is_straight(m: np.ndarray) -> bool:
+    """A band from the top / bottom: per column the patch is one run from the side; its depth
+    varies along the side like a line (tilt) plus a small wave, not like a blob."""
+    side = 0 if m[0].mean() > m[-1].mean() else -1
+    cols = m if side == 0 else m[::-1]
+    depth = np.array([np.argmin(c) if not c.all() else len(c) for c in cols.T], dtype=np.float32)
+    x = np.arange(len(depth), dtype=np.float32)
+    fit = np.polyval(np.polyfit(x, depth, 1), x)
+    return bool(np.abs(depth - fit).max() <= 0.06 * m.shape[0] + 1)
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_finish_masks_are_straight_bands_or_blocks(hw):
+    bands = blocks = 0
+    for seed in range(60):
+        m = finish_mask(hw, np.random.default_rng(seed))
+        assert m.shape == hw and m.dtype == bool and m.any()
+        full_rows = m[0].all() or m[-1].all()
+        touches_lr = m[:, 0].all() or m[:, -1].all()
+        if full_rows and not touches_lr:
+            bands += 1
+            assert _border_is_straight(m)
+            assert 0.05 < m.mean() < 0.65
+        elif not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
+            blocks += 1  # a rounded block inside the image
+            assert 0.01 < m.mean() < 0.5
+    assert bands >= 20 and blocks >= 10
+
+
+def test_finish_share_of_uneven_draws_and_its_blend():
+    rng = np.random.default_rng(0)
+    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_finish=0.5)
+    kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
+    assert set(kinds) == {"uneven", "finish"} and 0.35 < kinds.count("finish") / 200 < 0.65
+    # p_finish = 0 draws nothing: the click pools' stream is untouched
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    img, other = texture(3), texture(8)
+    AnomalySynthesizer(p_finish=0.0)(img, r1, others=[other])
+    AnomalySynthesizer()(img, r2, others=[other])
+    assert r1.random() == r2.random()
+    with pytest.raises(ValueError, match="p_finish"):
+        AnomalySynthesizer(p_finish=-0.1)
+    # mostly a stronger texture (the deviation from the local mean grows inside the patch)
+    only = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_finish=1.0)
+    stronger = 0
+    for seed in range(20):
+        out, m = only(img, np.random.default_rng(seed))
+        inner = ndimage.binary_erosion(m, iterations=4)
+        if not inner.any():
+            continue
+        far = ~ndimage.binary_dilation(m, iterations=8)
+        diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
+        assert diff[inner].mean() > 2.0 and diff[far].max() == 0
+        dev = lambda a: np.abs(a - ndimage.gaussian_filter(a, 5)).mean(-1)
+        stronger += dev(out.astype(np.float32))[inner].mean() > dev(img.astype(np.float32))[inner].mean()
+    assert stronger >= 10
