@@ -118,10 +118,10 @@ class SegTrainConfig:
     gate_by_image_score: bool = True
     # With no labelled image at all: fuse the answer with the training-free map
     # (predictor.MapFusion), 0 = off. Weight 1.5 and gate exponent 0.5 were chosen on MTD with
-    # the finish-patch pool at share 0.2 (fused pixel AP 0.372-0.381 over weights 1-2 and
+    # the finish-patch pool at share 0.2 (fused pixel AP 0.377-0.389 over weights 1-2 and
     # exponents 0.25-0.75), then kept for share 0.35. The model alone ranks large uneven patches
     # better than the map (defect pixels above 86 % vs 80 % of their image's normal pixels), the
-    # map small holes, cracks and edge chips (92-98 % vs 88-92 %).
+    # map small holes, cracks and edge chips (91-98 % vs 88-92 %).
     map_fusion_weight: float = 1.5
     map_fusion_gate: float = 0.5
     language: bool = True
@@ -237,11 +237,12 @@ UNSUPERVISED_PHOTOMETRIC_FRACTION = 0.9
 
 # Unsupervised pool only: share of uneven anomalies (default 0.2) and the share of those that are
 # straight-bordered finish patches (synthesis.finish_mask) rather than soft blobs. Measured on MTD,
-# 2000 iterations, pixel AP (folds 0 / 1) of the model alone / fused with the training-free map
-# (SegTrainConfig.map_fusion_weight): 0.301 / 0.321 and 0.366 / 0.341 as before, 0.238 / 0.281 and
-# 0.403 / 0.375 with finish patches, 0.307 / 0.271 and 0.442 / 0.366 with them at share 0.35
-# (throwaway-script runs, session 14). On their own the finish patches make the model fire on
-# bright streaky normal areas too; fused with the map they lift the large uneven defects.
+# 2000 iterations, pixel AP (folds 0 / 1) of the model alone (gated) / fused with the training-free
+# map (SegTrainConfig.map_fusion_weight), throwaway-script runs in session 14: soft blobs 0.301 /
+# 0.321 and 0.358 / 0.342; finish patches 0.238 / 0.281 and 0.403 / 0.375; finish patches at
+# share 0.35 0.307 / 0.271 and 0.442 / 0.366. With `train-seg --mode unsupervised` itself (another
+# random stream): fused 0.403 / 0.335. On their own the patches make the model fire on bright
+# streaky normal areas too; fused with the map they lift the large uneven defects.
 UNSUPERVISED_UNEVEN_FRACTION = 0.35
 UNSUPERVISED_FINISH_FRACTION = 1.0
 
