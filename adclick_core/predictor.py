@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
@@ -65,6 +65,21 @@ def smooth_probability(logits: torch.Tensor, hw: tuple[int, int], sigma: float =
     return smooth_map(torch.sigmoid(logits.float()), hw, sigma)
 
 
+def _image_score(per_type: dict[str, torch.Tensor]) -> torch.Tensor:
+    """B x 1 x 1 x 1: each image's strongest answer over all its maps."""
+    return torch.stack([p.flatten(1).amax(1) for p in per_type.values()]).amax(0).view(-1, 1, 1, 1)
+
+
+def _each_map(per_type: dict[str, torch.Tensor], fn) -> dict[str, torch.Tensor]:
+    """``fn`` on each map; a map shared by several types (no language branch) is done once and
+    stays one tensor."""
+    done: dict[int, torch.Tensor] = {}
+    for p in per_type.values():
+        if id(p) not in done:
+            done[id(p)] = fn(p)
+    return {t: done[id(p)] for t, p in per_type.items()}
+
+
 def gate_by_image_score(per_type: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each B x 1 x H x W map times its image's score (the maximum over all the maps).
 
@@ -73,12 +88,8 @@ def gate_by_image_score(per_type: dict[str, torch.Tensor]) -> dict[str, torch.Te
     than the same value in an image with a confident defect. Measured on MTD, 5 clicks, fold 0:
     pixel AP 0.595 -> 0.605; image ranking unchanged (the new score is the old one squared).
     Shared maps (no language branch) stay one tensor."""
-    score = torch.stack([p.flatten(1).amax(1) for p in per_type.values()]).amax(0).view(-1, 1, 1, 1)
-    gated: dict[int, torch.Tensor] = {}
-    for p in per_type.values():
-        if id(p) not in gated:
-            gated[id(p)] = p * score
-    return {t: gated[id(p)] for t, p in per_type.items()}
+    score = _image_score(per_type)
+    return _each_map(per_type, lambda p: p * score)
 
 
 @dataclass(frozen=True)
@@ -100,8 +111,7 @@ class MapFusion:
     clip: float = 3.0
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight, "reference": self.reference, "gate_exponent": self.gate_exponent,
-                "clip": self.clip}
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "MapFusion | None":
@@ -113,14 +123,9 @@ class MapFusion:
 def fuse_with_map(per_type: dict[str, torch.Tensor], distance: torch.Tensor,
                   fusion: MapFusion) -> dict[str, torch.Tensor]:
     """``MapFusion`` on each B x 1 x H x W map; ``distance``: ||r|| smoothed to the same size."""
-    score = torch.stack([p.flatten(1).amax(1) for p in per_type.values()]).amax(0).view(-1, 1, 1, 1)
     prior = fusion.weight * (distance / fusion.reference).clamp(0, fusion.clip)
-    factor = score ** fusion.gate_exponent / (1 + fusion.weight * fusion.clip)
-    fused: dict[int, torch.Tensor] = {}
-    for p in per_type.values():
-        if id(p) not in fused:
-            fused[id(p)] = (p + prior) * factor
-    return {t: fused[id(p)] for t, p in per_type.items()}
+    factor = _image_score(per_type) ** fusion.gate_exponent / (1 + fusion.weight * fusion.clip)
+    return _each_map(per_type, lambda p: (p + prior) * factor)
 
 
 @torch.no_grad()

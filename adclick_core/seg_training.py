@@ -34,7 +34,7 @@ from .labels import box_cover, box_labels, exact_labels, pseudo_labels, tag_labe
 from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
-from .residuals import ResidualConfig, compute_residuals
+from .residuals import ResidualConfig, Residuals, compute_residuals
 from .synthesis import AnomalySynthesizer
 from .training import SyntheticPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
@@ -209,13 +209,17 @@ def _prepare(items: Sequence[SegItem], extractor: FeatureExtractor, bank: Refere
     return _Prepared(torch.stack(res), torch.stack(tgt), torch.stack(val), torch.stack(mil), kinds, clicks, types)
 
 
+def _bank_self_residuals(bank: ReferenceBank, rcfg: ResidualConfig, i: int) -> Residuals:
+    """Bank image ``i`` against the rest of the bank (itself excluded), from its stored features."""
+    return compute_residuals(bank.features[i:i + 1], bank.descriptors[i:i + 1], bank, rcfg, exclude=[[int(i)]])
+
+
 def _bank_normals(bank: ReferenceBank, rcfg: ResidualConfig, indices: Sequence[int], s: int) -> _Prepared:
     """The bank's images ``indices`` as all-normal samples: each one's residual against the rest
     of the bank (itself excluded, as for any bank image in ``_prepare``), target 0 everywhere."""
     res = []
     for i in indices:
-        r = compute_residuals(bank.features[i:i + 1], bank.descriptors[i:i + 1], bank, rcfg, exclude=[[i]])
-        res.append(r.residual[0].half().cpu())
+        res.append(_bank_self_residuals(bank, rcfg, i).residual[0].half().cpu())
     n = len(res)
     zeros = torch.zeros(n, s, s)
     return _Prepared(torch.stack(res), zeros, torch.ones(n, s, s, dtype=torch.bool),
@@ -255,8 +259,7 @@ def bank_map_reference(bank: ReferenceBank, rcfg: ResidualConfig, max_images: in
         raise ValueError("the reference bank needs at least 2 images to measure its own residuals")
     n = min(max_images, len(bank))
     picked = np.sort(np.random.default_rng(seed).choice(len(bank), size=n, replace=False))
-    values = [compute_residuals(bank.features[i:i + 1], bank.descriptors[i:i + 1], bank, rcfg,
-                                exclude=[[int(i)]]).distance.flatten().float().cpu() for i in picked]
+    values = [_bank_self_residuals(bank, rcfg, i).distance.flatten().float().cpu() for i in picked]
     return float(torch.quantile(torch.cat(values), quantile))
 
 

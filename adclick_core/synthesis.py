@@ -115,6 +115,15 @@ def uneven_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return noise > rng.uniform(-0.1, 0.35)
 
 
+def _band_from_side(depth: np.ndarray, side: int, span: int) -> np.ndarray:
+    """Mask of the pixels less than ``depth`` (one value per position along the side) away from
+    ``side`` (0 top, 1 bottom, 2 left, 3 right); ``span``: the image's extent away from it."""
+    d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
+    if side < 2:  # top, bottom
+        return d if side == 0 else d[::-1]
+    return d.T if side == 2 else d.T[:, ::-1]  # left, right
+
+
 def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A band along one image side, 5-40 % of the image deep, with a wavy inner border.
 
@@ -131,10 +140,7 @@ def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         # a chip: the depth falls to zero outside a stretch of the side
         c, half = rng.uniform(0, length), rng.uniform(0.1, 0.4) * length
         depth = depth * np.clip(1 - np.abs(t - c) / half, 0, None) ** 0.5
-    d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
-    if side < 2:  # top, bottom
-        return d if side == 0 else d[::-1]
-    return d.T if side == 2 else d.T[:, ::-1]  # left, right
+    return _band_from_side(depth, side, span)
 
 
 def finish_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -151,10 +157,7 @@ def finish_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         wave = perlin_noise((1, 64), (1, 4), rng)[0][(np.arange(length) * 63) // max(length - 1, 1)]
         depth = (rng.uniform(0.12, 0.5) * span + np.tan(np.radians(rng.uniform(-12, 12))) * (t - 0.5) * length
                  + 0.02 * span * wave)
-        d = np.arange(span)[:, None] < depth[None, :]  # span x length, row 0 on the side
-        if side < 2:
-            return d if side == 0 else d[::-1]
-        return d.T if side == 2 else d.T[:, ::-1]
+        return _band_from_side(depth, side, span)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     rh, rw = rng.uniform(0.1, 0.3) * h, rng.uniform(0.15, 0.45) * w
     cy, cx = rng.uniform(rh, h - rh), rng.uniform(rw, w - rw)
