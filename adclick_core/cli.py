@@ -88,7 +88,7 @@ def cmd_train_click(args) -> dict:
     rcfg = _residual_config(args)
     normals = MVTecFolder(data).train_good()
     pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image, seed=args.seed,
-                                bank_index=bank.positions(normals))
+                                bank_index=bank.positions(normals), exclude_similar=args.exclude_similar)
     t_pool = time.time() - t0
     mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                          grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
@@ -99,6 +99,7 @@ def cmd_train_click(args) -> dict:
         "residual_config": rcfg.to_dict(),
         "bank_fingerprint": bank.fingerprint,
         "trained_on": {"data": str(data), "normal_images": len(normals), "synthetic_per_image": args.per_image,
+                       "exclude_similar": args.exclude_similar,
                        "pool_seconds": round(t_pool, 1), "device": str(args.device),
                        "threads": torch.get_num_threads()},
     }
@@ -153,7 +154,7 @@ def cmd_train_seg(args) -> dict:
     from .data import MVTecFolder
     from .predictor import ClickPredictor
     from .seg_evaluation import _ok_items, split_folds, weak_items
-    from .seg_training import SegTrainConfig, seg_synthesizer, seg_synthetic_pool, train_seg
+    from .seg_training import SegTrainConfig, seg_synthetic_pool, train_seg
 
     t0 = time.time()
     data = Path(args.data)
@@ -171,7 +172,7 @@ def cmd_train_seg(args) -> dict:
     if mode == "tags":
         items += _ok_items(folder.train_good(), len(items), args.seed)
     pool = seg_synthetic_pool(clicker.extractor, bank, folder.train_good(), clicker.residual_config, seed=args.seed,
-                              synthesizer=seg_synthesizer(unsupervised=not items))
+                              unsupervised=not items)
     cfg = SegTrainConfig(seed=args.seed, language=not args.no_language, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations
@@ -218,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--per-image", type=int, default=2, help="synthetic anomalies per normal image")
+    p.add_argument("--exclude-similar", type=int, default=0,
+                   help="also leave the N bank images most similar to a composite's source out of its residuals")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -16,8 +16,8 @@ import torch
 
 from .reference import ReferenceBank
 
-__all__ = ["ResidualConfig", "Residuals", "retrieve_neighbours", "match_residuals", "compute_residuals",
-           "positional_embedding"]
+__all__ = ["ResidualConfig", "Residuals", "retrieve_neighbours", "similar_bank_images", "match_residuals",
+           "compute_residuals", "positional_embedding"]
 
 
 @dataclass
@@ -98,6 +98,25 @@ def retrieve_neighbours(
         raise ValueError("no reference image left after excluding the query itself")
     k = min(config.k, n_allowed)
     return score.topk(k, dim=1, largest=False).indices
+
+
+def similar_bank_images(bank: ReferenceBank, indices: Sequence[int], n: int, config: ResidualConfig,
+                        chunk: int = 16) -> list[list[int]]:
+    """For each bank image in ``indices``: itself and the ``n`` other bank images whose layout is
+    closest to it (the global retrieval of ``retrieve_neighbours``), to leave out of its residuals."""
+    indices = [int(i) for i in indices]
+    if n <= 0 or not indices:
+        return [[i] for i in indices]
+    n = min(n, len(bank) - 2)  # keep at least one reference image to match against
+    if n <= 0:
+        return [[i] for i in indices]
+    cfg = ResidualConfig(**{**config.to_dict(), "k": n})
+    out = []
+    for start in range(0, len(indices), chunk):  # retrieval holds a chunk x bank x windows tensor
+        part = indices[start:start + chunk]
+        near = retrieve_neighbours(bank, bank.descriptors[part], cfg, exclude=[[i] for i in part])
+        out += [[i, *row] for i, row in zip(part, near.tolist())]
+    return out
 
 
 def positional_embedding(channels: int, h: int, w: int, device: torch.device | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
 from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
-from .seg_training import (SegItem, SegTrainConfig, seg_synthesizer, seg_synthetic_pool,
+from .seg_training import (SegItem, SegTrainConfig, seg_synthetic_pool,
                            train_seg)
 from .training import SyntheticPool
 
@@ -135,7 +135,7 @@ def evaluate_seg(
         if unsupervised not in pools:
             pools[unsupervised] = seg_synthetic_pool(extractor, bank, folder.train_good(), rcfg, seed=seed,
                                                      progress=progress,
-                                                     synthesizer=seg_synthesizer(unsupervised=unsupervised))
+                                                     unsupervised=unsupervised)
         cfg = SegTrainConfig(seed=seed)
         if iterations:
             cfg.iterations = iterations

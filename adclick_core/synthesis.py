@@ -251,6 +251,11 @@ class AnomalySynthesizer:
         for name in ("p_photometric", "p_finish"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        shares = (self.p_perlin, self.p_crack, self.p_uneven)
+        if min(shares) < 0 or sum(shares) > 1.0 + 1e-9:
+            # the kinds are drawn from one uniform number: shares beyond 1 would silently be cut
+            raise ValueError(f"p_perlin + p_crack + p_uneven must be shares summing to at most 1 (the rest "
+                             f"are spots), got {self.p_perlin} + {self.p_crack} + {self.p_uneven}")
 
     def mask(self, hw: tuple[int, int], rng: np.random.Generator, foreground: np.ndarray | None = None) -> np.ndarray:
         return self.draw(hw, rng, foreground)[0]

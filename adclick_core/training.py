@@ -20,7 +20,7 @@ from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .models.embeddings import residual_features
 from .reference import ReferenceBank
-from .residuals import ResidualConfig, compute_residuals
+from .residuals import ResidualConfig, compute_residuals, similar_bank_images
 from .synthesis import AnomalySynthesizer
 
 __all__ = ["SyntheticPool", "build_synthetic_pool", "ClickTrainConfig", "train_click", "ProgressFn"]
@@ -51,11 +51,13 @@ def build_synthetic_pool(
     bank_index: Sequence[int] | None = None,
     batch_size: int = 8,
     synthesizer: AnomalySynthesizer | None = None,
+    exclude_similar: int = 0,
 ) -> SyntheticPool:
     """Paste ``per_image`` synthetic anomalies on every normal image and compute their residuals.
 
     ``bank_index[i]`` is the bank position of ``normals[i]`` (if it is in the bank): that image is
-    excluded from its own retrieval, otherwise its residual would be trivially small.
+    excluded from its own retrieval, otherwise its residual would be trivially small, and so are
+    the ``exclude_similar`` bank images most like it (``residuals.similar_bank_images``).
     """
     rng = np.random.default_rng(seed)
     synth = synthesizer or AnomalySynthesizer()
@@ -64,6 +66,8 @@ def build_synthetic_pool(
     jobs = [(i, r) for r in range(per_image) for i in range(len(normals))]
     bar = tqdm(total=len(jobs), desc="synthetic pool", unit="img", disable=not progress)
     resized_cache: dict[int, np.ndarray] = {}
+    in_bank = [int(b) for b in bank_index if b >= 0] if bank_index is not None else []
+    left_out = dict(zip(in_bank, similar_bank_images(bank, in_bank, exclude_similar, residual_config)))
 
     def resized(i: int) -> np.ndarray:
         if i not in resized_cache:
@@ -80,7 +84,7 @@ def build_synthetic_pool(
             img, mask = synth(resized(i), rng, others=[other])
             images.append(img)
             masks.append(mask)
-            excl.append([bank_index[i]] if bank_index is not None and bank_index[i] >= 0 else [])
+            excl.append(left_out[int(bank_index[i])] if bank_index is not None and bank_index[i] >= 0 else [])
         feats = extractor(extractor.preprocess(images))
         res = compute_residuals(feats.grid, feats.descriptor, bank, residual_config, exclude=excl)
         residuals.append(res.residual.half().cpu())

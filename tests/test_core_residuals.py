@@ -19,6 +19,7 @@ from adclick_core.residuals import (
     match_residuals,
     positional_embedding,
     retrieve_neighbours,
+    similar_bank_images,
 )
 
 
@@ -252,3 +253,22 @@ def test_compute_residuals_of_a_bank_image_is_zero(local_extractor, tex_bank):
     assert res.neighbours[0, 0].item() == 2
     # Bank features are float16: the residual is the rounding error only.
     assert res.distance.max() < 1e-2 * tex_bank.features.float().norm(dim=1).mean()
+
+
+def _with_reshot_copy(local_extractor):
+    """Five textures plus a re-shot copy of texture 3 (a little brighter, other pixel noise)."""
+    reshot = np.clip(texture(3).astype(np.float32) * 1.05 + np.random.default_rng(7).normal(0, 3, (64, 64, 3)),
+                     0, 255).astype(np.uint8)
+    images = [texture(i) for i in range(5)] + [reshot]
+    return images, ReferenceBank.build(local_extractor, images, progress=False)
+
+
+def test_similar_bank_images_finds_the_reshot_copy(local_extractor):
+    _, bank = _with_reshot_copy(local_extractor)
+    cfg = ResidualConfig(k=3)
+    found = similar_bank_images(bank, [3, 5, 0], 2, cfg, chunk=2)  # chunks of 2: the split is seamless
+    assert [row[0] for row in found] == [3, 5, 0]  # each image first, then the most similar others
+    assert found[0][1] == 5 and found[1][1] == 3
+    assert all(len(row) == 3 and len(set(row)) == 3 for row in found)
+    assert similar_bank_images(bank, [1, 2], 0, cfg) == [[1], [2]]
+    assert [len(r) for r in similar_bank_images(bank, [1], 50, cfg)] == [5]  # one image always stays to match

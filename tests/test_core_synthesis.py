@@ -92,7 +92,7 @@ def test_each_mask_kind():
 
 def test_mask_kind_probabilities():
     # p_perlin = 1: every mask is a thresholded Perlin blob; p_perlin = 0, p_crack = 1: only cracks.
-    only_crack = AnomalySynthesizer(p_perlin=0.0, p_crack=1.0)
+    only_crack = AnomalySynthesizer(p_perlin=0.0, p_crack=1.0, p_uneven=0.0)
     m = only_crack.mask((64, 64), np.random.default_rng(5))
     rng = np.random.default_rng(5)
     rng.random()  # the kind draw
@@ -300,3 +300,12 @@ def test_finish_share_of_uneven_draws_and_its_blend():
         dev = lambda a: np.abs(a - ndimage.gaussian_filter(a, 5)).mean(-1)
         stronger += dev(out.astype(np.float32))[inner].mean() > dev(img.astype(np.float32))[inner].mean()
     assert stronger >= 10
+
+
+def test_kind_shares_must_not_exceed_one():
+    # One uniform number picks the kind: shares summing past 1 would be cut without a word.
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        AnomalySynthesizer(p_perlin=0.35, p_crack=0.25, p_uneven=0.5)
+    with pytest.raises(ValueError, match="summing to at most 1"):
+        AnomalySynthesizer(p_crack=-0.1)
+    AnomalySynthesizer(p_perlin=0.35, p_crack=0.25, p_uneven=0.4)  # no spots left: allowed

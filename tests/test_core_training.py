@@ -121,6 +121,24 @@ def test_self_exclusion_matters(setup):
     assert norm_excl > norm_self
 
 
+def test_exclude_similar_leaves_the_reshot_copy_out(setup):
+    extractor, _, normals, _ = setup
+    # The bank holds a re-shot copy of normal 0 (brighter, other pixel noise): leaving out only
+    # normal 0 itself, its composite matches the copy; leaving out its most similar image too, not.
+    reshot = np.clip(normals[0].astype(np.float32) * 1.05 + np.random.default_rng(7).normal(0, 3, normals[0].shape),
+                     0, 255).astype(np.uint8)
+    bank = ReferenceBank.build(extractor, [*normals, reshot], progress=False)
+    near = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False,
+                                bank_index=[0])
+    new_part = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False,
+                                    bank_index=[0], exclude_similar=1)
+    np.testing.assert_array_equal(near.masks, new_part.masks)
+    m = torch.from_numpy(near.masks[0]).float()[None, None]
+    normal_cells = torch.nn.functional.adaptive_max_pool2d(m, 8)[0, 0] < 0.5
+    assert new_part.residual[0].float().norm(dim=0)[normal_cells].mean() > \
+        1.1 * near.residual[0].float().norm(dim=0)[normal_cells].mean()
+
+
 # ---------------------------------------------------------------- training
 
 
