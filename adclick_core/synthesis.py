@@ -179,9 +179,11 @@ def _shuffled_tiles(image: np.ndarray, rng: np.random.Generator, grid: int = 8) 
 def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The whole image brighter / higher in contrast / sharper (rarely a little darker), a little noise.
 
-    Production images need not be lit like the defect-free references: on MTD the defective
-    images are 1.2-1.7x brighter with 1.4-2x the contrast of the good ones, so every normal pixel
-    of them has a larger residual. A model that saw only reference-lit normals fires on all of it.
+    Production images need not be lit like the defect-free references, and a model that saw only
+    reference-lit normals fires on every pixel of a photo lit otherwise. (On MTD the photos come in
+    six exposures, each about as bright as the references of the same exposure; the normal areas
+    of its defective photos sit further from the bank for another reason: see
+    ``residuals.similar_bank_images``. Relighting still measured better there.)
     """
     img = image.astype(np.float32)
     mean = img.mean()
