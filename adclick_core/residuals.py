@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -105,12 +105,10 @@ def similar_bank_images(bank: ReferenceBank, indices: Sequence[int], n: int, con
     """For each bank image in ``indices``: itself and the ``n`` other bank images whose layout is
     closest to it (the global retrieval of ``retrieve_neighbours``), to leave out of its residuals."""
     indices = [int(i) for i in indices]
+    n = min(n, len(bank) - 2)  # keep at least one reference image to match against
     if n <= 0 or not indices:
         return [[i] for i in indices]
-    n = min(n, len(bank) - 2)  # keep at least one reference image to match against
-    if n <= 0:
-        return [[i] for i in indices]
-    cfg = ResidualConfig(**{**config.to_dict(), "k": n})
+    cfg = replace(config, k=n)
     out = []
     for start in range(0, len(indices), chunk):  # retrieval holds a chunk x bank x windows tensor
         part = indices[start:start + chunk]

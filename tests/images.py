@@ -14,6 +14,12 @@ def texture(seed: int, hw: tuple[int, int] = (64, 64)) -> np.ndarray:
     return np.stack([v, v * 0.9, v * 1.1], -1).clip(0, 255).astype(np.uint8)
 
 
+def reshot(image: np.ndarray, seed: int = 7) -> np.ndarray:
+    """The same part shot again: 5 % brighter, other pixel noise (a bank's near-duplicate)."""
+    noise = np.random.default_rng(seed).normal(0, 3, image.shape)
+    return np.clip(image.astype(np.float32) * 1.05 + noise, 0, 255).astype(np.uint8)
+
+
 def defective(
     seed: int,
     hw: tuple[int, int] = (64, 64),

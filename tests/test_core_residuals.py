@@ -21,6 +21,7 @@ from adclick_core.residuals import (
     retrieve_neighbours,
     similar_bank_images,
 )
+from tests.images import reshot
 
 
 
@@ -255,16 +256,9 @@ def test_compute_residuals_of_a_bank_image_is_zero(local_extractor, tex_bank):
     assert res.distance.max() < 1e-2 * tex_bank.features.float().norm(dim=1).mean()
 
 
-def _with_reshot_copy(local_extractor):
-    """Five textures plus a re-shot copy of texture 3 (a little brighter, other pixel noise)."""
-    reshot = np.clip(texture(3).astype(np.float32) * 1.05 + np.random.default_rng(7).normal(0, 3, (64, 64, 3)),
-                     0, 255).astype(np.uint8)
-    images = [texture(i) for i in range(5)] + [reshot]
-    return images, ReferenceBank.build(local_extractor, images, progress=False)
-
-
 def test_similar_bank_images_finds_the_reshot_copy(local_extractor):
-    _, bank = _with_reshot_copy(local_extractor)
+    # five textures plus a re-shot copy of texture 3 at index 5
+    bank = ReferenceBank.build(local_extractor, [texture(i) for i in range(5)] + [reshot(texture(3))], progress=False)
     cfg = ResidualConfig(k=3)
     found = similar_bank_images(bank, [3, 5, 0], 2, cfg, chunk=2)  # chunks of 2: the split is seamless
     assert [row[0] for row in found] == [3, 5, 0]  # each image first, then the most similar others

@@ -17,7 +17,7 @@ from adclick_core.reference import ReferenceBank
 from adclick_core.refinement import RefineConfig
 from adclick_core.residuals import ResidualConfig
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
-from tests.images import texture
+from tests.images import reshot, texture
 
 ITERATIONS = 40
 
@@ -125,9 +125,7 @@ def test_exclude_similar_leaves_the_reshot_copy_out(setup):
     extractor, _, normals, _ = setup
     # The bank holds a re-shot copy of normal 0 (brighter, other pixel noise): leaving out only
     # normal 0 itself, its composite matches the copy; leaving out its most similar image too, not.
-    reshot = np.clip(normals[0].astype(np.float32) * 1.05 + np.random.default_rng(7).normal(0, 3, normals[0].shape),
-                     0, 255).astype(np.uint8)
-    bank = ReferenceBank.build(extractor, [*normals, reshot], progress=False)
+    bank = ReferenceBank.build(extractor, [*normals, reshot(normals[0])], progress=False)
     near = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False,
                                 bank_index=[0])
     new_part = build_synthetic_pool(extractor, bank, normals[:1], RESIDUAL, per_image=1, seed=3, progress=False,
