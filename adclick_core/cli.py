@@ -78,17 +78,24 @@ def cmd_train_click(args) -> dict:
     from .backbone import build_extractor
     from .data import MVTecFolder
     from .models import ADClickConfig
+    from .synthesis import AnomalySynthesizer
     from .training import ClickTrainConfig, build_synthetic_pool, train_click
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     data = Path(args.data)
+    try:
+        synth = AnomalySynthesizer(p_edge=args.edge_share, p_uneven=args.uneven_share,
+                                   p_finish=args.finish_share, p_photometric=args.photometric_share)
+    except ValueError as exc:
+        raise AdclickError(f"synthetic anomaly mix: {exc}") from exc
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
     bank = MVTecFolder(data).reference_bank(extractor, args.bank)
     rcfg = _residual_config(args)
     normals = MVTecFolder(data).train_good()
     pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image, seed=args.seed,
-                                bank_index=bank.positions(normals), exclude_similar=args.exclude_similar)
+                                bank_index=bank.positions(normals), exclude_similar=args.exclude_similar,
+                                synthesizer=synth)
     t_pool = time.time() - t0
     mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                          grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
@@ -100,6 +107,8 @@ def cmd_train_click(args) -> dict:
         "bank_fingerprint": bank.fingerprint,
         "trained_on": {"data": str(data), "normal_images": len(normals), "synthetic_per_image": args.per_image,
                        "exclude_similar": args.exclude_similar,
+                       "synthesizer": {"p_edge": synth.p_edge, "p_uneven": synth.p_uneven,
+                                       "p_finish": synth.p_finish, "p_photometric": synth.p_photometric},
                        "pool_seconds": round(t_pool, 1), "device": str(args.device),
                        "threads": torch.get_num_threads()},
     }
@@ -221,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-image", type=int, default=2, help="synthetic anomalies per normal image")
     p.add_argument("--exclude-similar", type=int, default=0,
                    help="also leave the N bank images most similar to a composite's source out of its residuals")
+    p.add_argument("--edge-share", type=float, default=0.0,
+                   help="share of synthetic anomalies that are bands / chips along an image side")
+    p.add_argument("--uneven-share", type=float, default=0.2,
+                   help="share of the other anomalies that are large uneven regions")
+    p.add_argument("--finish-share", type=float, default=0.0,
+                   help="share of the uneven ones that are straight-bordered finish patches")
+    p.add_argument("--photometric-share", type=float, default=0.0,
+                   help="share of composites relit as a whole (brighter / higher contrast)")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

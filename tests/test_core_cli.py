@@ -142,3 +142,35 @@ def test_config_overrides_are_typed_like_the_defaults():
     for bad in (["no_such_field=1"], ["lr"], ["model=x"], ["iterations=many"]):
         with pytest.raises(SystemExit, match="--set"):
             config_overrides(SegTrainConfig, bad)
+
+
+def _tiny_mvtec(root: Path, n: int = 4) -> Path:
+    good = root / "train" / "good"
+    good.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(good / f"{i:03d}.png")
+    return root
+
+
+def test_train_click_records_its_anomaly_mix(tmp_path):
+    from adclick_core.checkpoint import load_checkpoint
+
+    data = _tiny_mvtec(tmp_path / "data")
+    out = tmp_path / "click.pt"
+    proc = run_cli("train-click", "--data", str(data), "--out", str(out), "--input-size", "64", "--device", "cpu",
+                   "--iterations", "2", "--batch-size", "2", "--per-image", "1", "--embed-dim", "32", "--depth", "1",
+                   "--edge-share", "0.5", "--finish-share", "1", "--uneven-share", "0.3", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["pool_size"] == 4
+    mix = load_checkpoint(out, "adclick_click")["trained_on"]["synthesizer"]
+    assert mix == {"p_edge": 0.5, "p_uneven": 0.3, "p_finish": 1.0, "p_photometric": 0.0}
+
+
+def test_train_click_rejects_an_impossible_anomaly_mix(tmp_path, capsys):
+    out = tmp_path / "click.pt"
+    code = main(["train-click", "--data", str(tmp_path), "--out", str(out), "--uneven-share", "0.9"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "synthetic anomaly mix" in err and "summing to at most 1" in err
+    assert not out.exists()
