@@ -9,7 +9,8 @@ import torch
 
 from .errors import CheckpointError, MissingWeightsError
 
-__all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "SHIPPED_CLICK_CHECKPOINT"]
+__all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "combine_checkpoints",
+           "SHIPPED_CLICK_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
@@ -48,3 +49,29 @@ def load_checkpoint(path: str | os.PathLike | None, kind: str) -> dict:
     if int(ckpt.get("format_version", 0)) > CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path} was written by a newer version of adclick_core")
     return ckpt
+
+
+# What members of one ensemble must share: they answer for the same features and bank.
+_MEMBER_MUST_MATCH = ("model_config", "backbone", "residual_config", "bank_fingerprint")
+
+
+def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, kind: str = "adclick_click") -> dict:
+    """One ensemble checkpoint (``ensemble_members`` = N, weights under ``members.<i>.``) from N
+    single-model checkpoints of one architecture, backbone, residual config and bank. Each
+    member's training record is kept under ``trained_on["members"]``. Returns the summary."""
+    if len(paths) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(paths)}")
+    ckpts = [load_checkpoint(p, kind) for p in paths]
+    for p, c in zip(paths, ckpts):
+        if c.get("ensemble_members"):
+            raise CheckpointError(f"{p} is already an ensemble: combine its single-model checkpoints instead")
+        for key in _MEMBER_MUST_MATCH:
+            if c.get(key) != ckpts[0].get(key):
+                raise CheckpointError(f"{p} and {paths[0]} differ in {key}: they cannot answer together")
+    state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
+    members = [{"checkpoint": Path(p).name, **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary")}}
+               for p, c in zip(paths, ckpts)]
+    save_checkpoint(out, kind, state, ensemble_members=len(ckpts),
+                    **{k: ckpts[0][k] for k in _MEMBER_MUST_MATCH if k in ckpts[0]},
+                    trained_on={"members": members})
+    return {"checkpoint": str(out), "members": [str(p) for p in paths], "bytes": Path(out).stat().st_size}

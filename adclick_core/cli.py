@@ -74,6 +74,17 @@ def cmd_build_bank(args) -> dict:
             "fingerprint": bank.fingerprint, "backbone": bank.backbone.to_dict()}
 
 
+def cmd_combine_click(args) -> dict:
+    from .checkpoint import combine_checkpoints
+    from .predictor import ClickPredictor
+
+    summary = combine_checkpoints(args.checkpoints, args.out)
+    # Load it back as the backend will: a file that does not build is an error now, not at the first click.
+    pred = ClickPredictor.from_checkpoint(args.out, device=args.device)
+    summary["members_loaded"] = len(getattr(pred.model, "members", [pred.model]))
+    return summary
+
+
 def cmd_train_click(args) -> dict:
     from .backbone import build_extractor
     from .data import MVTecFolder
@@ -245,6 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     _add_residual_args(p)
     p.set_defaults(func=cmd_train_click)
+
+    p = sub.add_parser("combine-click", help="several click checkpoints -> one ensemble checkpoint (mean probability)")
+    p.add_argument("checkpoints", nargs="+", help="click checkpoints of one architecture, backbone and bank")
+    p.add_argument("--out", required=True, help="ensemble checkpoint to write")
+    p.add_argument("--device", default="cpu", help="where the written file is loaded back as a check")
+    p.set_defaults(func=cmd_combine_click)
 
     p = sub.add_parser("eval-click", help="simulated-click evaluation against two baselines")
     p.add_argument("--data", required=True, help="MVTec-style folder (train/good = references, test = evaluation)")

@@ -16,7 +16,7 @@ from .baselines import gray_image
 from .checkpoint import load_checkpoint
 from .clicks import Click, encode_clicks, scale_clicks
 from .errors import CheckpointError, InputError
-from .models import ADClick, ADClickConfig
+from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
 from .refinement import RefineConfig, refine_answer
 from .residuals import ResidualConfig, compute_residuals
@@ -189,8 +189,13 @@ class _ResidualPredictor:
             )
         if extractor is None or extractor.config.fingerprint() != backbone.fingerprint():
             extractor = build_extractor(backbone, weights=backbone_weights, random_init=random_init_backbone, device=dev)
-        model = ADClick(ADClickConfig.from_dict(ckpt["model_config"]))
-        model.load_state_dict(ckpt["state_dict"], strict=True)
+        mcfg = ADClickConfig.from_dict(ckpt["model_config"])
+        members = int(ckpt.get("ensemble_members") or 1)
+        model = ClickEnsemble(mcfg, members) if members > 1 else ADClick(mcfg)
+        try:
+            model.load_state_dict(ckpt["state_dict"], strict=True)
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: weights do not fit the recorded model config: {exc}") from exc
         rcfg = residual_config or ResidualConfig.from_dict(ckpt.get("residual_config", {}))
         info = {k: v for k, v in ckpt.items() if k not in ("state_dict", "prompt_features")}
         return ckpt, model, extractor, rcfg, dev, info

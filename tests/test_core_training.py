@@ -331,3 +331,59 @@ def test_predictor_rejects_bank_of_other_backbone(trained):
     other = ReferenceBank(BackboneConfig(input_size=96))
     with pytest.raises(CheckpointError, match="rebuild the bank"):
         ClickPredictor.from_checkpoint(trained["path"], other, device="cpu", random_init_backbone=True)
+
+
+# ---------------------------------------------------------------- ensembles of click models
+
+
+def test_click_ensemble_checkpoint_answers_with_the_mean_probability(trained, setup, tmp_path):
+    from adclick_core.checkpoint import combine_checkpoints
+
+    _, bank, _, _ = setup
+    first = load_checkpoint(trained["path"], "adclick_click")
+    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    torch.manual_seed(1)
+    other = ADClick(trained["config"].model)  # same architecture, other weights
+    second = save_checkpoint(tmp_path / "other.pt", "adclick_click", other.state_dict(), **meta)
+    out = tmp_path / "ensemble.pt"
+    summary = combine_checkpoints([trained["path"], second], out)
+    assert summary["members"] == [str(trained["path"]), str(second)]
+    ckpt = load_checkpoint(out, "adclick_click")
+    assert ckpt["ensemble_members"] == 2 and ckpt["bank_fingerprint"] == bank.fingerprint
+    assert [m["checkpoint"] for m in ckpt["trained_on"]["members"]] == ["click.pt", "other.pt"]
+
+    torch.manual_seed(0)
+    ens = ClickPredictor.from_checkpoint(out, bank, device="cpu", random_init_backbone=True)
+    state = ens.set_image(texture(60))
+    maps = encode_clicks([[Click(30.0, 20.0, True)]], None, BACKBONE.input_size, ens.model.config.click_radius)
+    with torch.no_grad():
+        p_ens = torch.sigmoid(ens.model(state.residual, maps, state.fine))
+        p_a = torch.sigmoid(trained["model"].eval()(state.residual, maps, state.fine))
+        p_b = torch.sigmoid(other.eval()(state.residual, maps, state.fine))
+    assert (p_a - p_b).abs().max() > 1e-3  # the members disagree, so the mean is a real test
+    torch.testing.assert_close(p_ens, 0.5 * (p_a + p_b), atol=1e-5, rtol=1e-4)
+    prob = ens.predict(state, [Click(30.0, 20.0, True)])
+    assert prob.shape == (64, 64) and np.isfinite(prob).all()
+
+
+def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp_path):
+    from adclick_core.checkpoint import combine_checkpoints
+
+    first = load_checkpoint(trained["path"], "adclick_click")
+    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    other_bank = save_checkpoint(tmp_path / "b.pt", "adclick_click", first["state_dict"],
+                                 **{**meta, "bank_fingerprint": "0000"})
+    with pytest.raises(CheckpointError, match="bank_fingerprint"):
+        combine_checkpoints([trained["path"], other_bank], tmp_path / "e.pt")
+    with pytest.raises(CheckpointError, match="at least 2"):
+        combine_checkpoints([trained["path"]], tmp_path / "e.pt")
+    assert not (tmp_path / "e.pt").exists()
+    ens = tmp_path / "ens.pt"
+    combine_checkpoints([trained["path"], trained["path"]], ens)
+    with pytest.raises(CheckpointError, match="already an ensemble"):
+        combine_checkpoints([ens, trained["path"]], tmp_path / "e.pt")
+    # A file whose member count does not match its weights is a clear error, not a crash.
+    broken = save_checkpoint(tmp_path / "broken.pt", "adclick_click", load_checkpoint(ens, "adclick_click")["state_dict"],
+                             **{**meta, "ensemble_members": 3})
+    with pytest.raises(CheckpointError, match="do not fit"):
+        ClickPredictor.from_checkpoint(broken, device="cpu", random_init_backbone=True)
