@@ -81,7 +81,7 @@ def cmd_combine_click(args) -> dict:
     summary = combine_checkpoints(args.checkpoints, args.out)
     # Load it back as the backend will: a file that does not build is an error now, not at the first click.
     pred = ClickPredictor.from_checkpoint(args.out, device=args.device)
-    summary["members_loaded"] = len(getattr(pred.model, "members", [pred.model]))
+    summary["members_loaded"] = len(pred.model.members)
     return summary
 
 
@@ -95,9 +95,10 @@ def cmd_train_click(args) -> dict:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     data = Path(args.data)
+    mix = {"p_edge": args.edge_share, "p_uneven": args.uneven_share, "p_finish": args.finish_share,
+           "p_photometric": args.photometric_share}
     try:
-        synth = AnomalySynthesizer(p_edge=args.edge_share, p_uneven=args.uneven_share,
-                                   p_finish=args.finish_share, p_photometric=args.photometric_share)
+        synth = AnomalySynthesizer(**mix)
     except ValueError as exc:
         raise AdclickError(f"synthetic anomaly mix: {exc}") from exc
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
@@ -118,8 +119,7 @@ def cmd_train_click(args) -> dict:
         "bank_fingerprint": bank.fingerprint,
         "trained_on": {"data": str(data), "normal_images": len(normals), "synthetic_per_image": args.per_image,
                        "exclude_similar": args.exclude_similar,
-                       "synthesizer": {"p_edge": synth.p_edge, "p_uneven": synth.p_uneven,
-                                       "p_finish": synth.p_finish, "p_photometric": synth.p_photometric},
+                       "synthesizer": mix,
                        "pool_seconds": round(t_pool, 1), "device": str(args.device),
                        "threads": torch.get_num_threads()},
     }
