@@ -74,6 +74,26 @@ def test_other_grid_size_at_inference():
     assert out.shape == (1, 1, 24, 24)
 
 
+def test_fused_window_attention_matches_timm_reference_path():
+    # The trunk switches timm's Swin blocks to scaled_dot_product_attention (speed); the answer and
+    # its gradients must be those of timm's explicit softmax path, shifted (masked) windows included.
+    torch.manual_seed(0)
+    model = ADClick(tiny(depth=2)).eval()
+    attns = [b.attn for b in model.trunk.blocks]
+    assert all(a.fused_attn for a in attns) and model.trunk.blocks[1].shift_size == (2, 2)
+    res, maps, fine = inputs()
+    res.requires_grad_(True)
+    fused = model(res, maps, fine)
+    (g_fused,) = torch.autograd.grad(fused.square().sum(), res)
+    for a in attns:
+        a.fused_attn = False
+    plain = model(res, maps, fine)
+    (g_plain,) = torch.autograd.grad(plain.square().sum(), res)
+    assert fused.abs().max() > 0.1  # a real answer, not zeros on both sides
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g_fused, g_plain, rtol=1e-4, atol=1e-5)
+
+
 def test_config_round_trip():
     cfg = tiny()
     assert ADClickConfig.from_dict(cfg.to_dict() | {"not_a_field": 3}) == cfg
