@@ -94,6 +94,8 @@ def cmd_train_click(args) -> dict:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
+    if args.max_extra_clicks < 0:
+        raise AdclickError(f"--max-extra-clicks must be >= 0, got {args.max_extra_clicks}")
     data = Path(args.data)
     mix = {"p_edge": args.edge_share, "p_uneven": args.uneven_share, "p_finish": args.finish_share,
            "p_photometric": args.photometric_share}
@@ -112,7 +114,8 @@ def cmd_train_click(args) -> dict:
     mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                          grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
                          embed_dim=args.embed_dim, depth=args.depth)
-    tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed, model=mcfg)
+    tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                            max_extra_clicks=args.max_extra_clicks, model=mcfg)
     meta = {
         "backbone": extractor.config.to_dict(),
         "residual_config": rcfg.to_dict(),
@@ -249,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the uneven ones that are straight-bordered finish patches")
     p.add_argument("--photometric-share", type=float, default=0.0,
                    help="share of composites relit as a whole (brighter / higher contrast)")
+    p.add_argument("--max-extra-clicks", type=int, default=3,
+                   help="iterative corrective clicks simulated per training sample: 0 up to this many")
     p.add_argument("--embed-dim", type=int, default=96)
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)

@@ -160,11 +160,13 @@ def test_train_click_records_its_anomaly_mix(tmp_path):
     out = tmp_path / "click.pt"
     proc = run_cli("train-click", "--data", str(data), "--out", str(out), "--input-size", "64", "--device", "cpu",
                    "--iterations", "2", "--batch-size", "2", "--per-image", "1", "--embed-dim", "32", "--depth", "1",
-                   "--edge-share", "0.5", "--finish-share", "1", "--uneven-share", "0.3", timeout=300)
+                   "--edge-share", "0.5", "--finish-share", "1", "--uneven-share", "0.3",
+                   "--max-extra-clicks", "5", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["pool_size"] == 4
-    mix = load_checkpoint(out, "adclick_click")["trained_on"]["synthesizer"]
-    assert mix == {"p_edge": 0.5, "p_uneven": 0.3, "p_finish": 1.0, "p_photometric": 0.0}
+    ckpt = load_checkpoint(out, "adclick_click")
+    assert ckpt["trained_on"]["synthesizer"] == {"p_edge": 0.5, "p_uneven": 0.3, "p_finish": 1.0, "p_photometric": 0.0}
+    assert ckpt["train_config"]["max_extra_clicks"] == 5
 
 
 def test_train_click_rejects_an_impossible_anomaly_mix(tmp_path, capsys):
@@ -173,4 +175,12 @@ def test_train_click_rejects_an_impossible_anomaly_mix(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "synthetic anomaly mix" in err and "summing to at most 1" in err
+    assert not out.exists()
+
+
+def test_train_click_rejects_a_negative_click_count(tmp_path, capsys):
+    out = tmp_path / "click.pt"
+    code = main(["train-click", "--data", str(tmp_path), "--out", str(out), "--max-extra-clicks", "-1"])
+    assert code == 2
+    assert "--max-extra-clicks must be >= 0" in capsys.readouterr().err
     assert not out.exists()
