@@ -32,8 +32,8 @@ class ResidualSwinTrunk(nn.Module):
         )
         for block in self.blocks:
             # timm leaves Swin's fused (scaled_dot_product_attention) path off as experimental; it
-            # computes the same attention (tests/test_core_models.py) and on the 2-core CPU cuts the
-            # warm click of the two-member ensemble from ~45 to ~35 ms (raw answer).
+            # computes the same attention (tests/test_core_models.py) and is faster: `bench` warm
+            # click p50 59.4 -> 48.5 ms on the 2-core CPU (README, "Click latency").
             block.attn.fused_attn = True
         self.norm = nn.LayerNorm(dim)
         self.fusion = nn.ModuleList([nn.Identity() for _ in range(depth)])
