@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 __all__ = ["perlin_noise", "perlin_mask", "crack_mask", "spot_mask", "uneven_mask", "edge_mask", "finish_mask",
-           "photometric_jitter",
+           "strip_mask", "photometric_jitter",
            "AnomalySynthesizer"]
 
 
@@ -197,6 +197,34 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def strip_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A strip across the image, side to side, that touches neither of the other two sides:
+    8-30 % of the image thick, tilted by up to 8 degrees, each border with its own small wave.
+    Mostly across the width (like a grinding pass), one in five across the height.
+
+    Bands from a side (``edge_mask``, ``finish_mask``) and soft blobs (``uneven_mask``) leave out
+    the interior band: a model that never saw one grows each click on such a band into a blob
+    that spills over it (MTD *uneven*: full-width bands in the middle of the tile)."""
+    h, w = hw
+    across_width = rng.random() < 0.8
+    length, span = (w, h) if across_width else (h, w)
+    t = np.arange(length) / max(length - 1, 1)
+    thick = rng.uniform(0.08, 0.3) * span
+    slope = np.tan(np.radians(rng.uniform(-8, 8)))
+    # keep clear of the two sides it runs between: half the thickness, the wave, the tilt, a gap
+    margin = thick / 2 + 0.03 * span + 0.05 * span
+    slope *= min(1.0, max(0.0, span / 2 - margin - 1) / (abs(slope) * length / 2 + 1e-9))
+    margin += abs(slope) * length / 2
+    centre = rng.uniform(margin, max(margin, span - margin))
+    mid = centre + slope * (t - 0.5) * length
+    idx = (np.arange(length) * 63) // max(length - 1, 1)
+    top = mid - thick / 2 + 0.03 * span * perlin_noise((1, 64), (1, 4), rng)[0][idx]
+    bottom = mid + thick / 2 + 0.03 * span * perlin_noise((1, 64), (1, 4), rng)[0][idx]
+    d = np.arange(span)[:, None]
+    m = (d >= top[None, :]) & (d < bottom[None, :])  # span x length
+    return m if across_width else m.T
+
+
 @dataclass
 class AnomalySynthesizer:
     """Pastes one synthetic anomaly on a defect-free image (H x W x 3 uint8)."""
@@ -213,6 +241,8 @@ class AnomalySynthesizer:
     # Share of the uneven draws that become straight-bordered finish patches (``finish_mask``,
     # locally brighter with stronger texture, or darker and smoother); 0 draws nothing extra.
     p_finish: float = 0.0
+    # Share of the other uneven draws that become interior strips (``strip_mask``); 0 draws nothing.
+    p_strip: float = 0.0
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35
     max_uneven_area_frac: float = 0.6
@@ -236,13 +266,15 @@ class AnomalySynthesizer:
                 elif u < self.p_perlin + self.p_crack + self.p_uneven:
                     if self.p_finish > 0 and rng.random() < self.p_finish:
                         m, kind = finish_mask(hw, rng), "finish"
+                    elif self.p_strip > 0 and rng.random() < self.p_strip:
+                        m, kind = strip_mask(hw, rng), "strip"
                     else:
                         m, kind = uneven_mask(hw, rng), "uneven"
                 else:
                     m, kind = spot_mask(hw, rng), "spot"
             if foreground is not None:
                 m &= foreground
-            top = self.max_uneven_area_frac if kind in ("uneven", "edge", "finish") else self.max_area_frac
+            top = self.max_uneven_area_frac if kind in ("uneven", "edge", "finish", "strip") else self.max_area_frac
             if self.min_area_frac * area <= m.sum() <= top * area:
                 return m, kind
         return m, kind
@@ -250,7 +282,7 @@ class AnomalySynthesizer:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_edge < 1.0:
             raise ValueError(f"p_edge must lie in [0, 1), got {self.p_edge}")
-        for name in ("p_photometric", "p_finish"):
+        for name in ("p_photometric", "p_finish", "p_strip"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         shares = (self.p_perlin, self.p_crack, self.p_uneven)
@@ -305,14 +337,14 @@ class AnomalySynthesizer:
             src = np.clip(other * rng.uniform(0.8, 1.25), 0, 255)
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 3.0))
             beta = rng.uniform(0.6, 1.0)
-        elif kind == "uneven":
+        elif kind == "uneven" or (kind == "strip" and rng.random() < 0.5):
             # a mild brightness / texture change with a feathered border; the label stays the
             # hard region, as annotators paint it
             gain = rng.uniform(0.72, 0.9) if rng.random() < 0.7 else rng.uniform(1.1, 1.3)
             src = np.clip(img * gain + rng.normal(0, rng.uniform(0, 6), size=img.shape), 0, 255)
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 0.02 * max(image.shape[:2]) + 1.0))
             beta = rng.uniform(0.75, 1.0)
-        elif kind == "finish":
+        elif kind in ("finish", "strip"):
             # the texture around its local mean amplified and the patch a little brighter (a
             # coarser, shinier finish), or the reverse; the border stays sharp, like a machining line
             sigma = rng.uniform(3, 8)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, finish_mask, perlin_mask, perlin_noise,
+from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, finish_mask, perlin_mask, strip_mask, perlin_noise,
                                     photometric_jitter, spot_mask, uneven_mask)
 
 
@@ -309,3 +309,48 @@ def test_kind_shares_must_not_exceed_one():
     with pytest.raises(ValueError, match="summing to at most 1"):
         AnomalySynthesizer(p_crack=-0.1)
     AnomalySynthesizer(p_perlin=0.35, p_crack=0.25, p_uneven=0.4)  # no spots left: allowed
+
+
+# ---------------------------------------------------------------- interior strips
+
+
+@pytest.mark.parametrize("hw", [(64, 64), (48, 80)])
+def test_strip_masks_cross_the_image_without_touching_the_other_sides(hw):
+    across_width = across_height = 0
+    for seed in range(60):
+        m = strip_mask(hw, np.random.default_rng(seed))
+        assert m.shape == hw and m.dtype == bool
+        wide = m.any(0).all() and not (m[0].any() or m[-1].any())  # every column, neither top nor bottom
+        tall = m.any(1).all() and not (m[:, 0].any() or m[:, -1].any())
+        assert wide != tall, f"seed {seed}: a strip runs side to side in exactly one direction"
+        across_width += wide
+        across_height += tall
+        lines = m if wide else m.T  # span x length
+        runs = np.abs(np.diff(lines.astype(np.int8), axis=0)).sum(0)
+        assert (runs == 2).all(), f"seed {seed}: one run per column / row, no holes"
+        thickness = lines.sum(0) / lines.shape[0]
+        assert 0.02 < thickness.min() and thickness.max() < 0.45
+    assert across_width >= 35 and across_height >= 5
+
+
+def test_strip_share_of_uneven_draws_keeps_the_other_streams():
+    rng = np.random.default_rng(0)
+    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=0.5)
+    kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
+    assert set(kinds) == {"uneven", "strip"} and 0.35 < kinds.count("strip") / 200 < 0.65
+    # p_strip = 0 draws nothing: existing pools keep their random stream
+    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
+    img, other = texture(3), texture(8)
+    AnomalySynthesizer(p_strip=0.0)(img, r1, others=[other])
+    AnomalySynthesizer()(img, r2, others=[other])
+    assert r1.random() == r2.random()
+    with pytest.raises(ValueError, match="p_strip"):
+        AnomalySynthesizer(p_strip=1.5)
+    # the composite changes inside the strip's feathered border only
+    only = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=1.0)
+    for seed in range(10):
+        out, m = only(img, np.random.default_rng(seed))
+        assert m.any()
+        far = ~ndimage.binary_dilation(m, iterations=10)
+        diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
+        assert diff[far].max() == 0 and diff[m].mean() > 1.0
