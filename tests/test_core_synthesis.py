@@ -273,19 +273,24 @@ def test_finish_masks_are_straight_bands_or_blocks(hw):
     assert bands >= 20 and blocks >= 10
 
 
-def test_finish_share_of_uneven_draws_and_its_blend():
+@pytest.mark.parametrize("share, kind, bad", [("p_finish", "finish", -0.1), ("p_strip", "strip", 1.5)])
+def test_share_of_uneven_draws_keeps_the_other_streams(share, kind, bad):
     rng = np.random.default_rng(0)
-    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_finish=0.5)
+    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, **{share: 0.5})
     kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
-    assert set(kinds) == {"uneven", "finish"} and 0.35 < kinds.count("finish") / 200 < 0.65
-    # p_finish = 0 draws nothing: the click pools' stream is untouched
+    assert set(kinds) == {"uneven", kind} and 0.35 < kinds.count(kind) / 200 < 0.65
+    # a share of 0 draws nothing: the pools that trained shipped models keep their random stream
     r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
     img, other = texture(3), texture(8)
-    AnomalySynthesizer(p_finish=0.0)(img, r1, others=[other])
+    AnomalySynthesizer(**{share: 0.0})(img, r1, others=[other])
     AnomalySynthesizer()(img, r2, others=[other])
     assert r1.random() == r2.random()
-    with pytest.raises(ValueError, match="p_finish"):
-        AnomalySynthesizer(p_finish=-0.1)
+    with pytest.raises(ValueError, match=share):
+        AnomalySynthesizer(**{share: bad})
+
+
+def test_finish_patch_blend():
+    img = texture(3)
     # mostly a stronger texture (the deviation from the local mean grows inside the patch)
     only = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_finish=1.0)
     stronger = 0
@@ -333,20 +338,8 @@ def test_strip_masks_cross_the_image_without_touching_the_other_sides(hw):
     assert across_width >= 35 and across_height >= 5
 
 
-def test_strip_share_of_uneven_draws_keeps_the_other_streams():
-    rng = np.random.default_rng(0)
-    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=0.5)
-    kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
-    assert set(kinds) == {"uneven", "strip"} and 0.35 < kinds.count("strip") / 200 < 0.65
-    # p_strip = 0 draws nothing: existing pools keep their random stream
-    r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
-    img, other = texture(3), texture(8)
-    AnomalySynthesizer(p_strip=0.0)(img, r1, others=[other])
-    AnomalySynthesizer()(img, r2, others=[other])
-    assert r1.random() == r2.random()
-    with pytest.raises(ValueError, match="p_strip"):
-        AnomalySynthesizer(p_strip=1.5)
-    # the composite changes inside the strip's feathered border only
+def test_strip_blend_stays_near_the_strip():
+    img = texture(3)
     only = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=1.0)
     for seed in range(10):
         out, m = only(img, np.random.default_rng(seed))
