@@ -115,6 +115,12 @@ def uneven_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     return noise > rng.uniform(-0.1, 0.35)
 
 
+def _wave_along(length: int, res: int, rng: np.random.Generator) -> np.ndarray:
+    """A smooth 1-D wave in about [-1, 1] with ``res`` periods, sampled at ``length`` points: the
+    wobble of a band's border along the side it follows."""
+    return perlin_noise((1, 64), (1, res), rng)[0][(np.arange(length) * 63) // max(length - 1, 1)]
+
+
 def _band_from_side(depth: np.ndarray, side: int, span: int) -> np.ndarray:
     """Mask of the pixels less than ``depth`` (one value per position along the side) away from
     ``side`` (0 top, 1 bottom, 2 left, 3 right); ``span``: the image's extent away from it."""
@@ -134,8 +140,8 @@ def edge_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     side = int(rng.integers(4))
     length, span = (w, h) if side in (0, 1) else (h, w)  # along the side, away from it
     t = np.arange(length)
-    wave = perlin_noise((1, 64), (1, int(rng.choice([2, 4, 8]))), rng)[0]
-    depth = rng.uniform(0.05, 0.4) * span * (1 + rng.uniform(0.1, 0.5) * wave[(t * 63) // max(length - 1, 1)])
+    wave = _wave_along(length, int(rng.choice([2, 4, 8])), rng)
+    depth = rng.uniform(0.05, 0.4) * span * (1 + rng.uniform(0.1, 0.5) * wave)
     if rng.random() < 0.5:
         # a chip: the depth falls to zero outside a stretch of the side
         c, half = rng.uniform(0, length), rng.uniform(0.1, 0.4) * length
@@ -154,7 +160,7 @@ def finish_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         side = int(rng.integers(4)) if rng.random() < 0.2 else int(rng.integers(2))
         length, span = (w, h) if side in (0, 1) else (h, w)
         t = np.arange(length) / max(length - 1, 1)
-        wave = perlin_noise((1, 64), (1, 4), rng)[0][(np.arange(length) * 63) // max(length - 1, 1)]
+        wave = _wave_along(length, 4, rng)
         depth = (rng.uniform(0.12, 0.5) * span + np.tan(np.radians(rng.uniform(-12, 12))) * (t - 0.5) * length
                  + 0.02 * span * wave)
         return _band_from_side(depth, side, span)
@@ -219,9 +225,8 @@ def strip_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     margin += abs(slope) * length / 2
     centre = rng.uniform(margin, max(margin, span - margin))
     mid = centre + slope * (t - 0.5) * length
-    idx = (np.arange(length) * 63) // max(length - 1, 1)
-    top = mid - thick / 2 + 0.03 * span * perlin_noise((1, 64), (1, 4), rng)[0][idx]
-    bottom = mid + thick / 2 + 0.03 * span * perlin_noise((1, 64), (1, 4), rng)[0][idx]
+    top = mid - thick / 2 + 0.03 * span * _wave_along(length, 4, rng)
+    bottom = mid + thick / 2 + 0.03 * span * _wave_along(length, 4, rng)
     d = np.arange(span)[:, None]
     m = (d >= top[None, :]) & (d < bottom[None, :])  # span x length
     return m if across_width else m.T
