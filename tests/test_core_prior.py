@@ -24,6 +24,24 @@ def test_click_distances_by_hand():
     assert (d[0, 1] > 1000).all()  # no negative click
 
 
+def test_click_distances_match_brute_force_over_a_batch():
+    # Several clicks per map, maps with no click of a kind, and one image with no click at all:
+    # every cell's distance is the minimum over all touched cells, computed here the slow way.
+    rng = np.random.default_rng(3)
+    clicks = [[Click(int(x), int(y), bool(p)) for x, y, p in zip(rng.integers(0, 64, n), rng.integers(0, 64, n),
+                                                                 rng.random(n) < 0.6)] for n in (0, 1, 3, 6)]
+    maps = encode_clicks(clicks, None, 64, 3.0)
+    d = click_distances(maps, (8, 8))
+    touched = F.adaptive_max_pool2d(maps[:, :2], (8, 8)) > 0
+    cells = torch.stack(torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij"), -1).view(-1, 2)
+    for b in range(len(clicks)):
+        for k in range(2):
+            hit = cells[touched[b, k].flatten()]
+            want = torch.cdist(cells, hit).amin(1) if len(hit) else torch.full((64,), 1e4)
+            torch.testing.assert_close(d[b, k].flatten(), want)
+    assert (d[0] == 1e4).all()  # the image without clicks
+
+
 def test_normalized_magnitude_is_scale_invariant_and_clipped():
     g = torch.Generator().manual_seed(0)
     res = torch.randn(2, 5, 8, 8, generator=g)
