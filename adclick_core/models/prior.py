@@ -10,6 +10,7 @@ from click disks on the grid (differentiable w.r.t. nothing that is learnt, chea
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ def click_distances(click_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     return out.view(-1, 2, h, w)
 
 
-def _touched_cells(touched: torch.Tensor):
+def _touched_cells(touched: torch.Tensor) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
     """Yield ((batch, kind), indices of touched cells) for every click map that has any."""
     b_idx, k_idx, cell_idx = touched.nonzero(as_tuple=True)
     if len(cell_idx) == 0:
