@@ -10,7 +10,7 @@ from click disks on the grid (differentiable w.r.t. nothing that is learnt, chea
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -42,20 +42,11 @@ def click_distances(click_maps: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     out = torch.full(touched.shape, _FAR, dtype=d.dtype, device=d.device)
     # A click touches a handful of cells: gathering their rows of the cached (symmetric) table
     # costs O(h*w x touched) per map, where masking the whole (h*w)^2 table took ~50 ms a batch of 8 on one thread.
-    for (b, k), cells in _touched_cells(touched):
-        out[b, k] = d[cells].amin(0)
+    for b, k in itertools.product(range(touched.shape[0]), range(2)):
+        cells = touched[b, k].nonzero()[:, 0]
+        if len(cells):
+            out[b, k] = d[cells].amin(0)
     return out.view(-1, 2, h, w)
-
-
-def _touched_cells(touched: torch.Tensor) -> Iterator[tuple[tuple[int, int], torch.Tensor]]:
-    """Yield ((batch, kind), indices of touched cells) for every click map that has any."""
-    b_idx, k_idx, cell_idx = touched.nonzero(as_tuple=True)
-    if len(cell_idx) == 0:
-        return
-    key = b_idx * touched.shape[1] + k_idx
-    keys, counts = torch.unique_consecutive(key, return_counts=True)
-    for key_value, cells in zip(keys.tolist(), cell_idx.split(counts.tolist())):
-        yield divmod(key_value, touched.shape[1]), cells
 
 
 def normalized_magnitude(residual: torch.Tensor, quantile: float = 0.995) -> torch.Tensor:
