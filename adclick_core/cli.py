@@ -98,7 +98,8 @@ def cmd_train_click(args) -> dict:
         raise AdclickError(f"--max-extra-clicks must be >= 0, got {args.max_extra_clicks}")
     data = Path(args.data)
     mix = {"p_edge": args.edge_share, "p_uneven": args.uneven_share, "p_finish": args.finish_share,
-           "p_photometric": args.photometric_share, "p_strip": args.strip_share}
+           "p_photometric": args.photometric_share, "p_strip": args.strip_share,
+           "p_faint": args.faint_share}
     try:
         synth = AnomalySynthesizer(**mix)
     except ValueError as exc:
@@ -252,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the uneven ones that are straight-bordered finish patches")
     p.add_argument("--strip-share", type=float, default=0.0,
                    help="share of the other uneven ones that are strips across the image, side to side")
+    p.add_argument("--faint-share", type=float, default=0.0,
+                   help="share of the strips rendered faint (1-6 %% brightness change): the clicks' line must carry them")
     p.add_argument("--photometric-share", type=float, default=0.0,
                    help="share of composites relit as a whole (brighter / higher contrast)")
     p.add_argument("--max-extra-clicks", type=int, default=3,

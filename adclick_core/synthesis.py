@@ -251,6 +251,10 @@ class AnomalySynthesizer:
     p_finish: float = 0.0
     # Share of the other uneven draws that become interior strips (``strip_mask``); 0 draws nothing.
     p_strip: float = 0.0
+    # Share of the strips rendered faint (a 1-6 % change of brightness and texture): MTD's worst
+    # *uneven* bands differ from their surroundings by 1-4 % in mean grey level, too little for
+    # the residual, so the model has to learn to follow the clicks' line; 0 draws nothing extra.
+    p_faint: float = 0.0
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35
     max_uneven_area_frac: float = 0.6
@@ -290,7 +294,7 @@ class AnomalySynthesizer:
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_edge < 1.0:
             raise ValueError(f"p_edge must lie in [0, 1), got {self.p_edge}")
-        for name in ("p_photometric", "p_finish", "p_strip"):
+        for name in ("p_photometric", "p_finish", "p_strip", "p_faint"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         shares = (self.p_perlin, self.p_crack, self.p_uneven)
@@ -345,6 +349,13 @@ class AnomalySynthesizer:
             src = np.clip(other * rng.uniform(0.8, 1.25), 0, 255)
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 3.0))
             beta = rng.uniform(0.6, 1.0)
+        elif kind == "strip" and self.p_faint > 0 and rng.random() < self.p_faint:
+            sigma = rng.uniform(3, 8)
+            mean = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
+            gain = 1.0 + rng.uniform(0.01, 0.06) * (1 if rng.random() < 0.5 else -1)
+            src = np.clip(mean * gain + (img - mean) * rng.uniform(0.85, 1.15), 0, 255)
+            m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 3.0))
+            beta = 1.0
         elif kind == "uneven" or (kind == "strip" and rng.random() < 0.5):
             # a mild brightness / texture change with a feathered border; the label stays the
             # hard region, as annotators paint it

@@ -161,12 +161,12 @@ def test_train_click_records_its_anomaly_mix(tmp_path):
     proc = run_cli("train-click", "--data", str(data), "--out", str(out), "--input-size", "64", "--device", "cpu",
                    "--iterations", "2", "--batch-size", "2", "--per-image", "1", "--embed-dim", "32", "--depth", "1",
                    "--edge-share", "0.5", "--finish-share", "1", "--uneven-share", "0.3",
-                   "--strip-share", "0.4", "--max-extra-clicks", "5", timeout=300)
+                   "--strip-share", "0.4", "--faint-share", "0.25", "--max-extra-clicks", "5", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["pool_size"] == 4
     ckpt = load_checkpoint(out, "adclick_click")
     assert ckpt["trained_on"]["synthesizer"] == {"p_edge": 0.5, "p_uneven": 0.3, "p_finish": 1.0, "p_photometric": 0.0,
-                                                  "p_strip": 0.4}
+                                                  "p_strip": 0.4, "p_faint": 0.25}
     assert ckpt["train_config"]["max_extra_clicks"] == 5
 
 

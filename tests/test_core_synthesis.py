@@ -273,12 +273,14 @@ def test_finish_masks_are_straight_bands_or_blocks(hw):
     assert bands >= 20 and blocks >= 10
 
 
-@pytest.mark.parametrize("share, kind, bad", [("p_finish", "finish", -0.1), ("p_strip", "strip", 1.5)])
+@pytest.mark.parametrize("share, kind, bad", [("p_finish", "finish", -0.1), ("p_strip", "strip", 1.5),
+                                             ("p_faint", None, 2.0)])
 def test_share_of_uneven_draws_keeps_the_other_streams(share, kind, bad):
     rng = np.random.default_rng(0)
-    synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, **{share: 0.5})
-    kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
-    assert set(kinds) == {"uneven", kind} and 0.35 < kinds.count(kind) / 200 < 0.65
+    if kind is not None:  # p_faint changes how strips look, not which kind is drawn
+        synth = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, **{share: 0.5})
+        kinds = [synth.draw((64, 64), rng)[1] for _ in range(200)]
+        assert set(kinds) == {"uneven", kind} and 0.35 < kinds.count(kind) / 200 < 0.65
     # a share of 0 draws nothing: the pools that trained shipped models keep their random stream
     r1, r2 = np.random.default_rng(5), np.random.default_rng(5)
     img, other = texture(3), texture(8)
@@ -347,3 +349,19 @@ def test_strip_blend_stays_near_the_strip():
         far = ~ndimage.binary_dilation(m, iterations=10)
         diff = np.abs(out.astype(np.float32) - img.astype(np.float32)).mean(-1)
         assert diff[far].max() == 0 and diff[m].mean() > 1.0
+
+
+def test_faint_strips_change_the_grey_level_by_a_few_percent_only():
+    img = texture(3)
+    faint = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=1.0, p_faint=1.0)
+    plain = AnomalySynthesizer(p_perlin=0.0, p_crack=0.0, p_uneven=1.0, p_strip=1.0)
+    faint_change, plain_change = [], []
+    for seed in range(12):
+        for synth, changes in ((faint, faint_change), (plain, plain_change)):
+            out, m = synth(img, np.random.default_rng(seed))
+            far = ~ndimage.binary_dilation(m, iterations=10)
+            a, b = out.astype(np.float32).mean(-1), img.astype(np.float32).mean(-1)
+            assert m.any() and np.abs(a - b)[far].max() == 0
+            changes.append(abs(a[m].mean() / b[m].mean() - 1))
+    assert max(faint_change) < 0.08 and np.median(faint_change) > 0.005
+    assert np.median(plain_change) > 2 * np.median(faint_change)  # the plain strips are the visible ones
