@@ -203,6 +203,13 @@ def photometric_jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarra
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def _refinished(image: np.ndarray, sigma: float, gain: float, contrast: float) -> np.ndarray:
+    """``image`` (float H x W x 3) as another surface finish: its local mean (Gaussian, ``sigma``
+    px) scaled by ``gain`` and the texture around it by ``contrast``."""
+    mean = ndimage.gaussian_filter(image, sigma=(sigma, sigma, 0))
+    return np.clip(mean * gain + (image - mean) * contrast, 0, 255)
+
+
 def strip_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     """A strip across the image, side to side, that touches neither of the other two sides:
     8-30 % of the image thick, tilted by up to 8 degrees, each border with its own small wave.
@@ -352,9 +359,8 @@ class AnomalySynthesizer:
             beta = rng.uniform(0.6, 1.0)
         elif kind == "strip" and self.p_faint > 0 and rng.random() < self.p_faint:
             sigma = rng.uniform(3, 8)
-            mean = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
             gain = 1.0 + rng.uniform(0.01, 0.06) * (1 if rng.random() < 0.5 else -1)
-            src = np.clip(mean * gain + (img - mean) * rng.uniform(0.85, 1.15), 0, 255)
+            src = _refinished(img, sigma, gain, rng.uniform(0.85, 1.15))
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(1.0, 3.0))
             beta = 1.0
         elif kind == "uneven" or (kind == "strip" and rng.random() < 0.5):
@@ -368,12 +374,11 @@ class AnomalySynthesizer:
             # the texture around its local mean amplified and the patch a little brighter (a
             # coarser, shinier finish), or the reverse; the border stays sharp, like a machining line
             sigma = rng.uniform(3, 8)
-            mean = ndimage.gaussian_filter(img, sigma=(sigma, sigma, 0))
             if rng.random() < 0.75:
                 gain, contrast = rng.uniform(1.05, 1.45), rng.uniform(1.4, 2.6)
             else:
                 gain, contrast = rng.uniform(0.6, 0.85), rng.uniform(0.3, 0.8)
-            src = np.clip(mean * gain + (img - mean) * contrast, 0, 255)
+            src = _refinished(img, sigma, gain, contrast)
             m = ndimage.gaussian_filter(m, sigma=rng.uniform(0.5, 3.0))
             beta = rng.uniform(0.8, 1.0)
         else:
