@@ -13,6 +13,7 @@ import torch
 
 from .clicks import next_eval_click
 from .data import MVTecFolder
+from .errors import DataError, InputError
 from .predictor import ClickPredictor
 from .reference import ReferenceBank
 
@@ -39,7 +40,15 @@ def bench_clicks(
     clicks_per_image: int = 5,
     bank_images: int | None = None,
 ) -> dict:
+    if n_images < 1 or clicks_per_image < 2:
+        raise InputError(f"bench needs at least 1 image and 2 clicks per image (a cold and a warm click), "
+                         f"got {n_images} and {clicks_per_image}")
     folder = MVTecFolder(data)
+    # an empty mask gives nothing to click on: no latency to measure there
+    samples = [s for s in folder.test_samples(defective_only=True) if s.mask().any()]
+    if not samples or not folder.train_good():
+        raise DataError(f"{data}: bench needs defect-free images (train/good) for the bank and defective "
+                        f"test images with masks (test/<type>, ground_truth/<type>) to click on")
     pred = ClickPredictor.from_checkpoint(checkpoint, device=device)
     dev = pred.device
     normals = folder.train_good()[:bank_images]
@@ -51,7 +60,6 @@ def bench_clicks(
     if bank_path:
         bank.save(bank_path)
     pred = pred.with_bank(bank)
-    samples = folder.test_samples(defective_only=True)
     # Spread the images over the defect types rather than taking the first type only.
     pick = np.linspace(0, len(samples) - 1, num=min(n_images, len(samples))).round().astype(int)
     # One warm-up image so lazy initialisation (allocators, kernels) is not billed to the first click.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdclickError
+from .errors import AdclickError, DataError, InputError
 
 log = logging.getLogger("adclick_core")
 
@@ -62,6 +62,8 @@ def cmd_build_bank(args) -> dict:
 
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
     src = Path(args.images)
+    if not src.is_dir():
+        raise DataError(f"{src} is not a folder (give a folder of defect-free images or an MVTec-style folder)")
     if (src / "train" / "good").is_dir():
         src = src / "train" / "good"
     paths = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -133,11 +135,18 @@ def cmd_train_click(args) -> dict:
     return summary
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise InputError(f"{option} takes whole numbers separated by commas, e.g. 1,3,5; got {text!r}") from None
+
+
 def cmd_eval_click(args) -> dict:
     from .evaluation import evaluate_clicks
 
     result = evaluate_clicks(
-        data=args.data, checkpoint=args.checkpoint, clicks=[int(c) for c in args.clicks.split(",")],
+        data=args.data, checkpoint=args.checkpoint, clicks=_int_list(args.clicks, "--clicks"),
         max_clicks=args.max_clicks, bank_path=args.bank, device=args.device, limit=args.limit,
         residual_overrides={k: getattr(args, k) for k in ("k", "matching", "radius", "pos_weight")
                             if getattr(args, k) is not None},

@@ -9,6 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .backbone import load_image
+from .errors import DataError
 
 __all__ = ["Sample", "MVTecFolder", "load_mask"]
 
@@ -61,7 +62,7 @@ class MVTecFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         if not (self.root / "train" / "good").is_dir():
-            raise FileNotFoundError(f"{self.root} is not an MVTec-style folder (no train/good)")
+            raise DataError(f"{self.root} is not an MVTec-style folder: no train/good folder of defect-free images")
 
     def train_good(self) -> list[Path]:
         return _images(self.root / "train" / "good")
@@ -79,7 +80,7 @@ class MVTecFolder:
             for p in _images(self.root / "test" / dt):
                 mask = self.root / "ground_truth" / dt / f"{p.stem}_mask.png"
                 if not mask.is_file():
-                    raise FileNotFoundError(f"no ground-truth mask {mask} for {p}")
+                    raise DataError(f"no ground-truth mask {mask} for {p}")
                 out.append(Sample(p, dt, mask))
         return out
 

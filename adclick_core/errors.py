@@ -14,6 +14,10 @@ class MissingWeightsError(AdclickError, FileNotFoundError):
     """Pretrained weights or a checkpoint are missing; the message says how to get them."""
 
 
+class DataError(AdclickError, FileNotFoundError):
+    """A data folder or file the caller named is missing or not in the expected (MVTec) layout."""
+
+
 class EmptyBankError(AdclickError, RuntimeError):
     """A reference bank is needed but holds no defect-free image yet."""
 

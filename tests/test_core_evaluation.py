@@ -1,0 +1,245 @@
+"""``eval-click`` and ``bench``: the click protocol (``simulate_clicks``), argument checks, and one
+tiny end-to-end run of each on a toy MVTec folder (64 px, a click checkpoint trained here)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from adclick_core.backbone import BackboneConfig, build_extractor
+from adclick_core.baselines import residual_cut_probability
+from adclick_core.cli import main
+from adclick_core.clicks import Click
+from adclick_core.data import MVTecFolder
+from adclick_core.errors import DataError, InputError
+from adclick_core.evaluation import METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
+from adclick_core.metrics import iou, pixel_ap
+from adclick_core.models import ADClickConfig
+from adclick_core.predictor import ClickPredictor
+from adclick_core.reference import ReferenceBank
+from adclick_core.residuals import ResidualConfig
+from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from tests.images import defective, texture
+
+HW = (48, 64)
+BACKBONE = BackboneConfig(input_size=64)
+RESIDUAL = ResidualConfig(k=3, radius=2.0)
+
+
+def _square_gt(hw=(40, 40), box=(10, 30, 10, 30)) -> np.ndarray:
+    gt = np.zeros(hw, bool)
+    gt[box[0]:box[1], box[2]:box[3]] = True
+    return gt
+
+
+def _painter(radius: int):
+    """A method that answers 1 in a disk around each positive click and 0 elsewhere."""
+    def method(clicks: list[Click], prev):
+        yy, xx = np.mgrid[:40, :40]
+        out = np.zeros((40, 40), np.float32)
+        for c in clicks:
+            if c.positive:
+                out[(yy - c.y) ** 2 + (xx - c.x) ** 2 <= radius ** 2] = 1.0
+        return out
+    return method
+
+
+# ---------------------------------------------------------------- the protocol
+
+
+def test_a_perfect_first_answer_ends_the_run_and_stands_for_later_counts():
+    gt = _square_gt()
+    calls = []
+
+    def oracle(clicks, prev):
+        calls.append(list(clicks))
+        return gt.astype(np.float32)
+
+    ious, kept = simulate_clicks(oracle, gt, max_clicks=20, report_at=[1, 3, 5])
+    assert ious == [1.0] and len(calls) == 1
+    assert calls[0][0].positive and gt[int(calls[0][0].y), int(calls[0][0].x)]  # first click inside the defect
+    assert sorted(kept) == [1, 3, 5]
+    for k in (1, 3, 5):
+        np.testing.assert_array_equal(kept[k] > 0.5, gt)
+
+
+def test_small_answers_run_to_the_cap_and_keep_the_answer_of_each_reported_count():
+    gt = _square_gt()
+    ious, kept = simulate_clicks(_painter(2), gt, max_clicks=6, report_at=[1, 3])
+    assert len(ious) == 6  # never reaches IoU 0.8, so every allowed click is used
+    disk = int((kept[1] > 0.5).sum())
+    assert 9 <= disk <= 13  # one radius-2 disk after the first click
+    assert (kept[3] > 0.5).sum() == pytest.approx(3 * disk, abs=4)  # three disks, nearly disjoint
+    assert ious == sorted(ious)  # each click adds a disk of defect
+    assert ious[0] == pytest.approx(iou(kept[1] > 0.49, gt))
+
+
+def test_a_good_answer_stops_once_the_last_reported_count_is_reached():
+    gt = _square_gt()
+    grown = np.zeros_like(gt)
+    grown[9:31, 9:31] = True  # IoU 400 / 484 = 0.83 from the first click on
+    ious, kept = simulate_clicks(lambda c, p: grown.astype(np.float32), gt, max_clicks=20, report_at=[1, 3])
+    assert len(ious) == 3 and ious[0] == pytest.approx(400 / 484)
+
+
+def test_report_counts_are_checked_against_the_cap():
+    assert report_counts([5, 1, 3, 3], 20) == [1, 3, 5]
+    with pytest.raises(InputError, match=r"1\.\.5"):
+        report_counts([1, 30], 5)
+    with pytest.raises(InputError, match=r"\[0\]"):
+        report_counts([0, 3], 20)
+    with pytest.raises(InputError):
+        report_counts([], 20)
+    with pytest.raises(InputError, match="max_clicks"):
+        report_counts([1], 0)
+
+
+def test_unknown_methods_are_named_with_the_known_ones():
+    assert check_methods(["residual_map", "adclick"]) == ["residual_map", "adclick"]
+    with pytest.raises(InputError) as info:
+        check_methods(["adclick", "grabcut"])
+    assert "grabcut" in str(info.value) and all(m in str(info.value) for m in METHODS)
+
+
+# ---------------------------------------------------------------- end to end on a toy folder
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    """6 defect-free images, 3 + 2 defective ones (bright squares) and one with an empty mask."""
+    root = tmp_path_factory.mktemp("mvtec") / "toy"
+    for sub in ("train/good", "test/good", "test/scratch", "test/stain", "ground_truth/scratch", "ground_truth/stain"):
+        (root / sub).mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(texture(i, HW)).save(root / "train" / "good" / f"{i:03d}.png")
+    Image.fromarray(texture(60, HW)).save(root / "test" / "good" / "000.png")
+    k = 0
+    for t, n in (("scratch", 3), ("stain", 2)):
+        for i in range(n):
+            img, m = defective(k, HW, size_range=(8, 14), margin=3, square_seed=700, texture_seed=300)
+            Image.fromarray(img).save(root / "test" / t / f"{i:03d}.png")
+            Image.fromarray((m * 255).astype(np.uint8)).save(root / "ground_truth" / t / f"{i:03d}_mask.png")
+            k += 1
+    Image.fromarray(texture(61, HW)).save(root / "test" / "stain" / "009.png")
+    Image.fromarray(np.zeros(HW, np.uint8)).save(root / "ground_truth" / "stain" / "009_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, toy) -> Path:
+    """A click model trained a few iterations on the packaged backbone at 64 px (as eval-click loads it)."""
+    torch.manual_seed(0)
+    extractor = build_extractor(BACKBONE, device="cpu")
+    normals = MVTecFolder(toy).train_good()
+    bank = ReferenceBank.build(extractor, normals, names=[p.name for p in normals], progress=False)
+    pool = build_synthetic_pool(extractor, bank, normals, RESIDUAL, per_image=1, seed=0, progress=False,
+                                bank_index=list(range(len(normals))))
+    model = ADClickConfig(in_channels=extractor.feature_dim, embed_dim=16, depth=2, num_heads=2, window_size=4,
+                          grid_size=extractor.grid_size, input_size=64, fine_channels=extractor.fine_channels,
+                          head_channels=8, drop_path=0.0)
+    path = tmp_path_factory.mktemp("click") / "click.pt"
+    train_click(pool, ClickTrainConfig(iterations=3, batch_size=4, lr=3e-3, warmup=1, ema_decay=0.9, model=model),
+                out=path, meta={"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict(),
+                                "bank_fingerprint": bank.fingerprint},
+                device="cpu", progress=False, checkpoint_every=0)
+    return path
+
+
+def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, checkpoint):
+    result = evaluate_clicks(toy, checkpoint, clicks=(3, 1), max_clicks=4, device="cpu", progress=False)
+    assert result["n_images"] == 5
+    assert result["left_out_empty_masks"] == ["stain/009"]
+    assert set(result["methods"]) == set(METHODS)
+    for name, table in result["methods"].items():
+        assert sorted(table) == ["1", "3"], name
+        for row in table.values():
+            for key in ("ap", "aupro", "pixel_auroc", "miou"):
+                assert 0.0 <= row[key] <= 1.0, (name, key, row)
+            assert 1.0 <= row["noc50"] <= row["noc80"] <= 4.0, (name, row)
+    assert set(result["per_defect_type_ap"]["adclick"]) == {"scratch", "stain"}
+    json.dumps(result, allow_nan=False)  # no NaN anywhere: strict JSON
+
+    # The residual-map row recomputed here from the same pieces: the figures belong to the right method.
+    folder = MVTecFolder(toy)
+    pred = ClickPredictor.from_checkpoint(checkpoint, device="cpu")
+    pred = pred.with_bank(folder.reference_bank(pred.extractor, progress=False))
+    samples = [s for s in folder.test_samples(defective_only=True) if s.mask().any()]
+    maps, gts, per_image = [], [], []
+    for s in samples:
+        image, gt = s.image(), s.mask()
+        amap = pred.anomaly_map(pred.set_image(image))
+        ious, kept = simulate_clicks(lambda c, p: residual_cut_probability(amap, c), gt, 4, [1, 3])
+        maps.append(kept[3].astype(np.float32))
+        gts.append(gt)
+        per_image.append((s.name, pixel_ap([maps[-1]], [gt]), ious[min(3, len(ious)) - 1]))
+    assert result["methods"]["residual_map"]["3"]["ap"] == pytest.approx(pixel_ap(maps, gts), abs=1e-4)
+    assert [r["image"] for r in result["per_image"]] == [n for n, _, _ in per_image]
+    for row, (name, ap, last_iou) in zip(result["per_image"], per_image):
+        assert row["clicks"] == 3 and set(row["ap"]) == set(METHODS)
+        assert row["ap"]["residual_map"] == pytest.approx(ap, abs=1e-4), name
+        assert row["iou"]["residual_map"] == pytest.approx(last_iou, abs=1e-4), name
+        assert 0 < row["defect_fraction"] < 0.2
+
+
+def test_eval_click_command_writes_the_json_it_prints(toy, checkpoint, tmp_path, capsys):
+    out = tmp_path / "sub" / "eval.json"
+    code = main(["eval-click", "--data", str(toy), "--checkpoint", str(checkpoint), "--clicks", "1,2",
+                 "--max-clicks", "3", "--methods", "adclick,residual_map", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed
+    assert set(printed["methods"]) == {"adclick", "residual_map"}
+    assert sorted(printed["methods"]["adclick"]) == ["1", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--clicks", "1,a"], "--clicks takes whole numbers"),
+    (["--clicks", "1,9", "--max-clicks", "5"], "must lie in 1..5"),
+    (["--methods", "adclick,grabcut"], "grabcut"),
+    (["--limit", "0"], "no defective test images"),
+])
+def test_eval_click_bad_arguments_are_one_line_errors(toy, args, message, capsys):
+    assert main(["eval-click", "--data", str(toy), "--device", "cpu", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_commands_name_a_folder_that_is_not_a_data_set(tmp_path, capsys):
+    for argv in (["eval-click", "--data", str(tmp_path)], ["bench", "--data", str(tmp_path)],
+                 ["build-bank", str(tmp_path / "missing"), "--out", str(tmp_path / "b.safetensors")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert str(tmp_path) in err and "Traceback" not in err, argv
+
+
+def test_a_mask_of_another_size_is_a_data_error(tmp_path, checkpoint):
+    root = tmp_path / "bad"
+    for sub in ("train/good", "test/dent", "ground_truth/dent"):
+        (root / sub).mkdir(parents=True)
+    Image.fromarray(texture(0, HW)).save(root / "train" / "good" / "000.png")
+    img, m = defective(0, HW)
+    Image.fromarray(img).save(root / "test" / "dent" / "000.png")
+    Image.fromarray((m[:40, :40] * 255).astype(np.uint8)).save(root / "ground_truth" / "dent" / "000_mask.png")
+    with pytest.raises(DataError, match="40x40"):
+        evaluate_clicks(root, checkpoint, device="cpu", progress=False)
+
+
+def test_bench_prints_the_latency_keys(toy, checkpoint, capsys):
+    code = main(["bench", "--data", str(toy), "--checkpoint", str(checkpoint), "--images", "2",
+                 "--clicks-per-image", "3", "--device", "cpu"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    for key in ("cold_click_ms", "warm_click_ms"):
+        assert out[key]["p50"] > 0 and out[key]["p95"] >= out[key]["p50"]
+    assert out["cold_click_ms"]["n"] == 2 and 2 <= out["warm_click_ms"]["n"] <= 4
+    assert out["bank_build_ms_per_image"] > 0 and out["bank_images"] == 6
+    assert out["peak_rss_mb"] > 0 and out["device"] == "cpu"
+
+
+def test_bench_rejects_counts_that_measure_nothing(toy, capsys):
+    assert main(["bench", "--data", str(toy), "--clicks-per-image", "1"]) == 2
+    assert "2 clicks per image" in capsys.readouterr().err
