@@ -2,7 +2,10 @@
 defect-free surface) and the same texture with a bright square pasted in."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+from PIL import Image
 
 
 def texture(seed: int, hw: tuple[int, int] = (64, 64)) -> np.ndarray:
@@ -37,3 +40,24 @@ def defective(
     mask = np.zeros(hw, bool)
     mask[y : y + s, x : x + s] = True
     return img, mask
+
+
+def write_mvtec(
+    root: Path,
+    normals: list[np.ndarray],
+    defects: dict[str, list[tuple[np.ndarray, np.ndarray]]],
+    good_tests: list[np.ndarray] = (),
+) -> Path:
+    """An MVTec-layout folder: ``normals`` in train/good, ``good_tests`` in test/good and per defect
+    type its (image, boolean mask) pairs in test/<type> and ground_truth/<type>/<name>_mask.png."""
+    for sub in ["train/good", "test/good"] + [f"{d}/{t}" for t in defects for d in ("test", "ground_truth")]:
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(normals):
+        Image.fromarray(img).save(root / "train" / "good" / f"{i:03d}.png")
+    for i, img in enumerate(good_tests):
+        Image.fromarray(img).save(root / "test" / "good" / f"{i:03d}.png")
+    for t, pairs in defects.items():
+        for i, (img, mask) in enumerate(pairs):
+            Image.fromarray(img).save(root / "test" / t / f"{i:03d}.png")
+            Image.fromarray((mask * 255).astype(np.uint8)).save(root / "ground_truth" / t / f"{i:03d}_mask.png")
+    return root

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from adclick_core.backbone import BackboneConfig, build_extractor
+from adclick_core.backbone import BackboneConfig
 from adclick_core.baselines import residual_cut_probability
 from adclick_core.cli import main
 from adclick_core.clicks import Click
@@ -18,12 +16,10 @@ from adclick_core.data import MVTecFolder
 from adclick_core.errors import DataError, InputError
 from adclick_core.evaluation import METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
 from adclick_core.metrics import iou, pixel_ap
-from adclick_core.models import ADClickConfig
 from adclick_core.predictor import ClickPredictor
-from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
-from tests.images import defective, texture
+from tests.images import defective, texture, write_mvtec
+from tests.tiny_click import train_tiny_click
 
 HW = (48, 64)
 BACKBONE = BackboneConfig(input_size=64)
@@ -111,48 +107,24 @@ def test_unknown_methods_are_named_with_the_known_ones():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> Path:
     """6 defect-free images, 3 + 2 defective ones (bright squares) and one with an empty mask."""
-    root = tmp_path_factory.mktemp("mvtec") / "toy"
-    for sub in ("train/good", "test/good", "test/scratch", "test/stain", "ground_truth/scratch", "ground_truth/stain"):
-        (root / sub).mkdir(parents=True)
-    for i in range(6):
-        Image.fromarray(texture(i, HW)).save(root / "train" / "good" / f"{i:03d}.png")
-    Image.fromarray(texture(60, HW)).save(root / "test" / "good" / "000.png")
-    k = 0
-    for t, n in (("scratch", 3), ("stain", 2)):
-        for i in range(n):
-            img, m = defective(k, HW, size_range=(8, 14), margin=3, square_seed=700, texture_seed=300)
-            Image.fromarray(img).save(root / "test" / t / f"{i:03d}.png")
-            Image.fromarray((m * 255).astype(np.uint8)).save(root / "ground_truth" / t / f"{i:03d}_mask.png")
-            k += 1
-    Image.fromarray(texture(61, HW)).save(root / "test" / "stain" / "009.png")
-    Image.fromarray(np.zeros(HW, np.uint8)).save(root / "ground_truth" / "stain" / "009_mask.png")
-    return root
+    squares = [defective(k, HW, size_range=(8, 14), margin=3, square_seed=700, texture_seed=300) for k in range(5)]
+    empty = (texture(61, HW), np.zeros(HW, bool))
+    return write_mvtec(tmp_path_factory.mktemp("mvtec") / "toy", [texture(i, HW) for i in range(6)],
+                       {"scratch": squares[:3], "stain": squares[3:] + [empty]}, [texture(60, HW)])
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, toy) -> Path:
     """A click model trained a few iterations on the packaged backbone at 64 px (as eval-click loads it)."""
-    torch.manual_seed(0)
-    extractor = build_extractor(BACKBONE, device="cpu")
-    normals = MVTecFolder(toy).train_good()
-    bank = ReferenceBank.build(extractor, normals, names=[p.name for p in normals], progress=False)
-    pool = build_synthetic_pool(extractor, bank, normals, RESIDUAL, per_image=1, seed=0, progress=False,
-                                bank_index=list(range(len(normals))))
-    model = ADClickConfig(in_channels=extractor.feature_dim, embed_dim=16, depth=2, num_heads=2, window_size=4,
-                          grid_size=extractor.grid_size, input_size=64, fine_channels=extractor.fine_channels,
-                          head_channels=8, drop_path=0.0)
     path = tmp_path_factory.mktemp("click") / "click.pt"
-    train_click(pool, ClickTrainConfig(iterations=3, batch_size=4, lr=3e-3, warmup=1, ema_decay=0.9, model=model),
-                out=path, meta={"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict(),
-                                "bank_fingerprint": bank.fingerprint},
-                device="cpu", progress=False, checkpoint_every=0)
+    train_tiny_click(toy, path, BACKBONE, RESIDUAL, random_init=False, iterations=3)
     return path
 
 
 def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, checkpoint):
     result = evaluate_clicks(toy, checkpoint, clicks=(3, 1), max_clicks=4, device="cpu", progress=False)
     assert result["n_images"] == 5
-    assert result["left_out_empty_masks"] == ["stain/009"]
+    assert result["left_out_empty_masks"] == ["stain/002"]
     assert set(result["methods"]) == set(METHODS)
     for name, table in result["methods"].items():
         assert sorted(table) == ["1", "3"], name
@@ -217,13 +189,8 @@ def test_commands_name_a_folder_that_is_not_a_data_set(tmp_path, capsys):
 
 
 def test_a_mask_of_another_size_is_a_data_error(tmp_path, checkpoint):
-    root = tmp_path / "bad"
-    for sub in ("train/good", "test/dent", "ground_truth/dent"):
-        (root / sub).mkdir(parents=True)
-    Image.fromarray(texture(0, HW)).save(root / "train" / "good" / "000.png")
     img, m = defective(0, HW)
-    Image.fromarray(img).save(root / "test" / "dent" / "000.png")
-    Image.fromarray((m[:40, :40] * 255).astype(np.uint8)).save(root / "ground_truth" / "dent" / "000_mask.png")
+    root = write_mvtec(tmp_path / "bad", [texture(0, HW)], {"dent": [(img, m[:40, :40])]})
     with pytest.raises(DataError, match="40x40"):
         evaluate_clicks(root, checkpoint, device="cpu", progress=False)
 

@@ -9,22 +9,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adclick_core.backbone import BackboneConfig, build_extractor
+from adclick_core.backbone import BackboneConfig
 from adclick_core.data import MVTecFolder, Sample
 from adclick_core.errors import MissingWeightsError
-from adclick_core.models import ADClickConfig
 from adclick_core.predictor import ClickPredictor
 from adclick_core.prompts import TEXT_ENCODER_ENV
-from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
 from adclick_core.seg_evaluation import SEG_MODES, evaluate_seg, mask_boxes, split_folds, weak_items
 from adclick_core.seg_training import item_label_kind
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
-from tests.images import defective, texture as _texture
+from tests.images import defective, texture as _texture, write_mvtec
+from tests.tiny_click import train_tiny_click
 
 BACKBONE = BackboneConfig(input_size=64)
 RESIDUAL = ResidualConfig(k=3, radius=2.0)
@@ -107,26 +104,14 @@ def _square(seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def mvtec(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("mvtec") / "toy"
-    for sub in ("train/good", "test/good", "test/scratch", "test/crack", "ground_truth/scratch", "ground_truth/crack"):
-        (root / sub).mkdir(parents=True)
-    for i in range(6):
-        Image.fromarray(texture(i)).save(root / "train" / "good" / f"{i:03d}.png")
-    for i in range(2):
-        Image.fromarray(texture(50 + i)).save(root / "test" / "good" / f"{i:03d}.png")
-    k = 0
-    for t, n in (("scratch", 3), ("crack", 2)):
-        for i in range(n):
-            img, m = _square(k)
-            if t == "crack":  # two separate defects in one image
-                m2 = np.zeros(HW, bool)
-                m2[40:44, 4:7] = True
-                img[m2] = 10
-                m |= m2
-            Image.fromarray(img).save(root / "test" / t / f"{i:03d}.png")
-            Image.fromarray((m * 255).astype(np.uint8)).save(root / "ground_truth" / t / f"{i:03d}_mask.png")
-            k += 1
-    return root
+    pairs = [_square(k) for k in range(5)]
+    for img, m in pairs[3:]:  # crack: two separate defects in one image
+        m2 = np.zeros(HW, bool)
+        m2[40:44, 4:7] = True
+        img[m2] = 10
+        m |= m2
+    return write_mvtec(tmp_path_factory.mktemp("mvtec") / "toy", [texture(i) for i in range(6)],
+                       {"scratch": pairs[:3], "crack": pairs[3:]}, [texture(50 + i) for i in range(2)])
 
 
 def test_weak_items_masksmask_boxes_tags(mvtec):
@@ -152,20 +137,8 @@ def test_weak_items_masksmask_boxes_tags(mvtec):
 @pytest.fixture(scope="module")
 def click_setup(tmp_path_factory, mvtec):
     """A click checkpoint trained a few iterations on a random 64 px backbone, and its predictor."""
-    torch.manual_seed(0)
-    extractor = build_extractor(BACKBONE, random_init=True, device="cpu")
-    normals = MVTecFolder(mvtec).train_good()
-    bank = ReferenceBank.build(extractor, normals, names=[p.name for p in normals], progress=False)
-    pool = build_synthetic_pool(extractor, bank, normals, RESIDUAL, per_image=1, seed=0, progress=False,
-                                bank_index=list(range(len(normals))))
-    model = ADClickConfig(in_channels=extractor.feature_dim, embed_dim=16, depth=2, num_heads=2, window_size=4,
-                          grid_size=extractor.grid_size, input_size=64, fine_channels=extractor.fine_channels,
-                          head_channels=8, drop_path=0.0)
     path = tmp_path_factory.mktemp("click") / "click.pt"
-    train_click(pool, ClickTrainConfig(iterations=5, batch_size=4, lr=3e-3, warmup=2, ema_decay=0.9, model=model),
-                out=path, meta={"backbone": BACKBONE.to_dict(), "residual_config": RESIDUAL.to_dict(),
-                                "bank_fingerprint": bank.fingerprint},
-                device="cpu", progress=False, checkpoint_every=0)
+    bank = train_tiny_click(mvtec, path, BACKBONE, RESIDUAL, random_init=True)
     torch.manual_seed(0)
     pred = ClickPredictor.from_checkpoint(path, bank, device="cpu", random_init_backbone=True)
     return path, pred
