@@ -197,7 +197,8 @@ def evaluate_clicks(
             for t in sorted(set(types))
         }
     result["per_image"] = [
-        {"image": name, "defect_type": t, "defect_fraction": round(float(gt.mean()), 5), "clicks": k_last,
+        {"image": name, "defect_type": t, "defect_pixels": int(gt.sum()), "defect_fraction": round(float(gt.mean()), 5),
+         "clicks": k_last,
          "ap": {m: _finite(pixel_ap([probs[m][k_last][i].astype(np.float32)], [gt])) for m in ious},
          "iou": {m: _finite(mean_iou_at([ious[m][i]], k_last)) for m in ious}}
         for i, (name, t, gt) in enumerate(zip(names, types, gts))

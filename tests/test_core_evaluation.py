@@ -150,11 +150,12 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
         per_image.append((s.name, pixel_ap([maps[-1]], [gt]), ious[min(3, len(ious)) - 1]))
     assert result["methods"]["residual_map"]["3"]["ap"] == pytest.approx(pixel_ap(maps, gts), abs=1e-4)
     assert [r["image"] for r in result["per_image"]] == [n for n, _, _ in per_image]
-    for row, (name, ap, last_iou) in zip(result["per_image"], per_image):
+    for row, (name, ap, last_iou), gt in zip(result["per_image"], per_image, gts):
         assert row["clicks"] == 3 and set(row["ap"]) == set(METHODS)
         assert row["ap"]["residual_map"] == pytest.approx(ap, abs=1e-4), name
         assert row["iou"]["residual_map"] == pytest.approx(last_iou, abs=1e-4), name
-        assert 0 < row["defect_fraction"] < 0.2
+        assert row["defect_pixels"] == int(gt.sum()) > 0
+        assert row["defect_fraction"] == pytest.approx(gt.mean(), abs=1e-5)
 
 
 def test_eval_click_command_writes_the_json_it_prints(toy, checkpoint, tmp_path, capsys):
