@@ -46,12 +46,12 @@ def bench_clicks(
     folder = MVTecFolder(data)
     # an empty mask gives nothing to click on: no latency to measure there
     samples = [s for s in folder.test_samples(defective_only=True) if s.mask().any()]
-    if not samples or not folder.train_good():
+    normals = folder.train_good()[:bank_images]
+    if not samples or not normals:
         raise DataError(f"{data}: bench needs defect-free images (train/good) for the bank and defective "
                         f"test images with masks (test/<type>, ground_truth/<type>) to click on")
     pred = ClickPredictor.from_checkpoint(checkpoint, device=device)
     dev = pred.device
-    normals = folder.train_good()[:bank_images]
     # Bank build time is always measured (a fresh build); --bank only decides where it is saved.
     t = time.perf_counter()
     bank = ReferenceBank.build(pred.extractor, normals, names=[p.name for p in normals], progress=False)

@@ -90,7 +90,7 @@ def _finite(x: float) -> float | None:
 
 
 def _methods_for(pred: ClickPredictor, state: ImageState, image: np.ndarray, names: Sequence[str]) -> dict[str, ClickMethod]:
-    check_methods(names)
+    """The click methods ``names`` (already checked by ``check_methods``) on one image's state."""
     out: dict[str, ClickMethod] = {}
     if "adclick" in names:
         out["adclick"] = lambda clicks, prev: pred.predict(state, clicks, prev_mask=prev)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from adclick_core.cli import build_parser, main
 from adclick_core.reference import ReferenceBank
+from tests.images import write_mvtec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,12 +146,8 @@ def test_config_overrides_are_typed_like_the_defaults():
 
 
 def _tiny_mvtec(root: Path, n: int = 4) -> Path:
-    good = root / "train" / "good"
-    good.mkdir(parents=True)
     rng = np.random.default_rng(1)
-    for i in range(n):
-        Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(good / f"{i:03d}.png")
-    return root
+    return write_mvtec(root, [(rng.random((48, 48, 3)) * 255).astype(np.uint8) for _ in range(n)], {})
 
 
 def test_train_click_records_its_anomaly_mix(tmp_path):
