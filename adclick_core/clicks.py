@@ -66,14 +66,14 @@ def _error_click(
     With ``rng`` (training) a random pixel whose distance exceeds half the maximum is taken;
     without it (evaluation) the argmax, so evaluation is deterministic.
     """
-    # Padding makes the image border count as "outside the error", as RITM does.
-    fn_dt = ndimage.distance_transform_edt(np.pad(fn & not_clicked, 1))[1:-1, 1:-1]
-    fp_dt = ndimage.distance_transform_edt(np.pad(fp & not_clicked, 1))[1:-1, 1:-1]
-    fn_max, fp_max = float(fn_dt.max()), float(fp_dt.max())
+    fn_dt, fn_off = _distance_inside(fn & not_clicked)
+    fp_dt, fp_off = _distance_inside(fp & not_clicked)
+    fn_max = float(fn_dt.max()) if fn_dt.size else 0.0
+    fp_max = float(fp_dt.max()) if fp_dt.size else 0.0
     if max(fn_max, fp_max) <= 0:
         return None
     positive = fn_max >= fp_max
-    dt = fn_dt if positive else fp_dt
+    dt, (oy, ox) = (fn_dt, fn_off) if positive else (fp_dt, fp_off)
     dmax = fn_max if positive else fp_max
     if rng is None:
         y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
@@ -81,7 +81,22 @@ def _error_click(
         ys, xs = np.nonzero(dt > dmax / 2.0)
         i = int(rng.integers(len(ys)))
         y, x = ys[i], xs[i]
-    return Click(float(x), float(y), bool(positive))
+    return Click(float(x + ox), float(y + oy), bool(positive))
+
+
+def _distance_inside(region: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Euclidean distance of each pixel of ``region`` to the nearest pixel outside it or to the
+    image border (which counts as outside, as in RITM), on the region's bounding box only, with
+    the box's (row, column) offset. Exact: a one-pixel ring of outside pixels surrounds the box,
+    and for any outside pixel beyond it a ring pixel lies at least as close. The whole-image
+    transform cost tens of ms per click on megapixel images for a few hundred error pixels."""
+    rows = np.flatnonzero(region.any(axis=1))
+    if not len(rows):
+        return np.zeros((0, 0)), (0, 0)
+    cols = np.flatnonzero(region.any(axis=0))
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = np.pad(region[y0:y1, x0:x1], 1)
+    return ndimage.distance_transform_edt(box)[1:-1, 1:-1], (int(y0), int(x0))
 
 
 def _clicked_mask(clicks: Sequence[Click], hw: tuple[int, int], radius: float) -> np.ndarray:

@@ -236,3 +236,51 @@ def test_encode_clicks_shape_and_channels():
     assert not y.requires_grad
     torch.testing.assert_close(y[:, 2:], prev.detach())
     torch.testing.assert_close(y[:, :2], x[:, :2])
+
+
+def _whole_image_click(gt, pred, clicks=(), rng=None):
+    """The click protocol with the distance transform over the whole (padded) image: the
+    reference the bounding-box transform must reproduce exactly."""
+    from scipy import ndimage
+
+    from adclick_core.clicks import _clicked_mask
+
+    not_clicked = ~_clicked_mask(list(clicks), gt.shape, 5.0) if clicks else np.ones_like(gt)
+    fn = ndimage.distance_transform_edt(np.pad(gt & ~pred & not_clicked, 1))[1:-1, 1:-1]
+    fp = ndimage.distance_transform_edt(np.pad(pred & ~gt & not_clicked, 1))[1:-1, 1:-1]
+    if max(fn.max(), fp.max()) <= 0:
+        return None
+    positive = fn.max() >= fp.max()
+    dt = fn if positive else fp
+    if rng is None:
+        y, x = np.unravel_index(int(np.argmax(dt)), dt.shape)
+    else:
+        ys, xs = np.nonzero(dt > dt.max() / 2.0)
+        i = int(rng.integers(len(ys)))
+        y, x = ys[i], xs[i]
+    return Click(float(x), float(y), bool(positive))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_error_click_on_the_bounding_box_equals_the_whole_image_transform(seed):
+    rng = np.random.default_rng(seed)
+    hw = (int(rng.integers(30, 90)), int(rng.integers(30, 90)))
+    yy, xx = np.mgrid[: hw[0], : hw[1]]
+
+    def blobs(n):
+        m = np.zeros(hw, bool)
+        for _ in range(n):
+            cy, cx, r = rng.integers(0, hw[0]), rng.integers(0, hw[1]), rng.integers(2, 12)
+            m |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r  # some touch the image border
+        return m
+
+    gt, pred = blobs(3), blobs(2)
+    clicks = []
+    for _ in range(4):
+        nxt = next_eval_click(gt, pred, clicks)
+        assert nxt == _whole_image_click(gt, pred, clicks)
+        if nxt is None:
+            break
+        clicks.append(nxt)
+    assert next_training_click(gt, pred, np.random.default_rng(seed)) == \
+        _whole_image_click(gt, pred, rng=np.random.default_rng(seed))
