@@ -143,15 +143,18 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def cmd_eval_click(args) -> dict:
-    from .evaluation import evaluate_clicks
+    from .evaluation import evaluate_click_sets, format_click_tables
 
-    result = evaluate_clicks(
-        data=args.data, checkpoint=args.checkpoint, clicks=_int_list(args.clicks, "--clicks"),
-        max_clicks=args.max_clicks, bank_path=args.bank, device=args.device, limit=args.limit,
+    result = evaluate_click_sets(
+        args.data, checkpoint=args.checkpoint, bank_paths=args.bank, device=args.device,
         residual_overrides={k: getattr(args, k) for k in ("k", "matching", "radius", "pos_weight")
                             if getattr(args, k) is not None},
+        clicks=_int_list(args.clicks, "--clicks"), max_clicks=args.max_clicks, limit=args.limit,
         methods=args.methods.split(","),
     )
+    if len(args.data) == 1:  # one set: the same JSON as always, its tables too
+        result = next(iter(result["sets"].values()))
+    print(format_click_tables(result), file=sys.stderr)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -283,14 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_combine_click)
 
     p = sub.add_parser("eval-click", help="simulated-click evaluation against two baselines")
-    p.add_argument("--data", required=True, help="MVTec-style folder (train/good = references, test = evaluation)")
+    p.add_argument("--data", required=True, action="append",
+                   help="MVTec-style folder (train/good = references, test = evaluation); repeat it for several "
+                        "data sets: one table per set and their mean")
     p.add_argument("--checkpoint", default=None, help="click checkpoint (default: the shipped one)")
     p.add_argument("--clicks", default="1,3,5", help="click counts to report")
     p.add_argument("--max-clicks", type=int, default=20, help="clicks simulated at most (NoC cap)")
     p.add_argument("--methods", default="adclick,adclick_raw,random_walker,residual_map",
                    help="adclick (shipped behaviour), adclick_raw (no boundary refinement), random_walker, residual_map")
-    p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images")
+    p.add_argument("--bank", default=None, action="append",
+                   help="reference bank file to reuse / create (one per --data, in the same order)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images of each set")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--device", default="auto")
     _add_residual_args(p)

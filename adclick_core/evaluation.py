@@ -22,10 +22,12 @@ from .errors import DataError, InputError
 from .metrics import iou, mean_iou_at, noc, pixel_ap, segmentation_report
 from .predictor import ClickPredictor, ImageState
 
-__all__ = ["evaluate_clicks", "simulate_clicks", "report_counts", "check_methods", "METHODS", "THRESHOLD"]
+__all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
+           "report_counts", "check_methods", "METHODS", "THRESHOLD", "NOC_TARGETS"]
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.49
+NOC_TARGETS = (0.5, 0.8, 0.85)  # NoC@50, NoC@80, NoC@85
 # "adclick_raw": the click model without boundary refinement (refinement.py), for the ablation
 METHODS = ("adclick", "adclick_raw", "random_walker", "residual_map")
 
@@ -38,7 +40,8 @@ def simulate_clicks(
 ) -> tuple[list[float], dict[int, np.ndarray]]:
     """Run the click protocol for one image. Returns IoU after each click and the probability
     maps after the clicks listed in ``report_at``. Stops early once every reported count is done
-    and IoU reached 0.8 (NoC@80 is then known), or when no error is left to click on."""
+    and IoU reached the highest NoC target (every NoC is then known), or when no error is left to
+    click on."""
     clicks: list[Click] = []
     prob: np.ndarray | None = None
     ious: list[float] = []
@@ -54,7 +57,7 @@ def simulate_clicks(
         ious.append(iou(prob > THRESHOLD, gt))
         if k in report_at:
             kept[k] = prob.astype(np.float16)
-        if k >= last_report and max(ious) >= 0.8:
+        if k >= last_report and max(ious) >= max(NOC_TARGETS):
             break
     for k in sorted(report_at):  # an image that stopped early keeps its last answer
         if k not in kept:
@@ -105,6 +108,27 @@ def _methods_for(pred: ClickPredictor, state: ImageState, image: np.ndarray, nam
     return out
 
 
+def _load_predictor(checkpoint, device: str, residual_overrides: dict | None) -> ClickPredictor:
+    pred = ClickPredictor.from_checkpoint(checkpoint, device=device)
+    for k, v in (residual_overrides or {}).items():
+        setattr(pred.residual_config, k, v)
+    return pred
+
+
+def _defective_samples(data: str | Path, limit: int | None) -> list:
+    samples = MVTecFolder(data).test_samples(defective_only=True)[:limit]
+    if not samples:
+        raise DataError(f"{data}: no defective test images to evaluate (test/<defect type>/ with "
+                        f"ground_truth/<defect type>/<name>_mask.png)"
+                        + (f" among the first {limit}" if limit is not None else ""))
+    return samples
+
+
+def _noc_row(per_image_ious: Sequence[Sequence[float]], max_clicks: int) -> dict[str, float]:
+    return {f"noc{int(round(t * 100))}": float(np.mean([noc(v, t, max_clicks) for v in per_image_ious]))
+            for t in NOC_TARGETS}
+
+
 def evaluate_clicks(
     data: str | Path,
     checkpoint: str | Path | None = None,
@@ -116,24 +140,20 @@ def evaluate_clicks(
     residual_overrides: dict | None = None,
     methods: Sequence[str] = METHODS,
     progress: bool = True,
+    predictor: ClickPredictor | None = None,
 ) -> dict:
-    """The ``eval-click`` command: metrics per method and click count (fractions in [0, 1]), and
-    per image the AP and IoU of each method after the last reported count (``per_image``: where a
-    model fails). Bad arguments are an InputError / DataError before anything is loaded."""
+    """The ``eval-click`` command on one data set: metrics per method and click count (fractions
+    in [0, 1]), the same per defect type, and per image the AP and IoU of each method after the
+    last reported count (``per_image``: where a model fails). ``predictor``: an already loaded
+    click model to reuse (its bank is replaced by this folder's). Bad arguments are an
+    InputError / DataError before anything is loaded."""
     t0 = time.time()
     report_at = report_counts(clicks, max_clicks)
     k_last = report_at[-1]
     methods = check_methods(methods)
-    folder = MVTecFolder(data)
-    samples = folder.test_samples(defective_only=True)[:limit]
-    if not samples:
-        raise DataError(f"{data}: no defective test images to evaluate (test/<defect type>/ with "
-                        f"ground_truth/<defect type>/<name>_mask.png)"
-                        + (f" among the first {limit}" if limit is not None else ""))
-    pred = ClickPredictor.from_checkpoint(checkpoint, device=device)
-    for k, v in (residual_overrides or {}).items():
-        setattr(pred.residual_config, k, v)
-    pred = pred.with_bank(folder.reference_bank(pred.extractor, bank_path, progress=progress))
+    samples = _defective_samples(data, limit)
+    pred = predictor or _load_predictor(checkpoint, device, residual_overrides)
+    pred = pred.with_bank(MVTecFolder(data).reference_bank(pred.extractor, bank_path, progress=progress))
     probs: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
     ious: dict[str, list[list[float]]] = defaultdict(list)
     gts: list[np.ndarray] = []
@@ -141,7 +161,7 @@ def evaluate_clicks(
     names: list[str] = []
     empty: list[str] = []
     seconds: dict[str, float] = defaultdict(float)
-    for sample in tqdm(samples, desc="eval-click", unit="img", disable=not progress):
+    for sample in tqdm(samples, desc=f"eval-click {Path(data).name}", unit="img", disable=not progress):
         image = sample.image()
         gt = sample.mask(image.shape[:2])
         if gt.shape != image.shape[:2]:
@@ -177,25 +197,32 @@ def evaluate_clicks(
                     f"threshold {THRESHOLD}, at most {max_clicks} clicks",
         "residual_config": pred.residual_config.to_dict(),
         "methods": {},
+        "per_defect_type": {},
         "per_defect_type_ap": {},
     }
+    kinds = sorted(set(types))
     for name in ious:
-        noc50 = float(np.mean([noc(v, 0.5, max_clicks) for v in ious[name]]))
-        noc80 = float(np.mean([noc(v, 0.8, max_clicks) for v in ious[name]]))
+        nocs = _noc_row(ious[name], max_clicks)
         table = {}
         for k in report_at:
-            maps = [p.astype(np.float32) for p in probs[name][k]]
-            row = segmentation_report(maps, gts)
+            row = segmentation_report([p.astype(np.float32) for p in probs[name][k]], gts)
             row["miou"] = mean_iou_at(ious[name], k)
-            row["noc50"] = noc50
-            row["noc80"] = noc80
+            row.update(nocs)
             table[str(k)] = {m: _finite(v) for m, v in row.items()}
         result["methods"][name] = table
-        result["per_defect_type_ap"][name] = {
-            t: _finite(pixel_ap([p.astype(np.float32) for p, tt in zip(probs[name][k_last], types) if tt == t],
-                                [g for g, tt in zip(gts, types) if tt == t]))
-            for t in sorted(set(types))
-        }
+        by_type = {}
+        for kind in kinds:
+            idx = [i for i, tt in enumerate(types) if tt == kind]
+            row = {"n_images": len(idx)}
+            for k in report_at:
+                row[str(k)] = {
+                    "ap": _finite(pixel_ap([probs[name][k][i].astype(np.float32) for i in idx], [gts[i] for i in idx])),
+                    "miou": _finite(mean_iou_at([ious[name][i] for i in idx], k)),
+                }
+            row.update({m: _finite(v) for m, v in _noc_row([ious[name][i] for i in idx], max_clicks).items()})
+            by_type[kind] = row
+        result["per_defect_type"][name] = by_type
+        result["per_defect_type_ap"][name] = {kind: by_type[kind][str(k_last)]["ap"] for kind in kinds}
     result["per_image"] = [
         {"image": name, "defect_type": t, "defect_pixels": int(gt.sum()), "defect_fraction": round(float(gt.mean()), 5),
          "clicks": k_last,
@@ -206,3 +233,86 @@ def evaluate_clicks(
     result["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result["seconds"]["total"] = round(time.time() - t0, 1)
     return result
+
+
+SUMMARY_METRICS = ("ap", "miou", "noc80", "noc85")
+
+
+def evaluate_click_sets(
+    datas: Sequence[str | Path],
+    checkpoint: str | Path | None = None,
+    bank_paths: Sequence[str | None] | None = None,
+    device: str = "auto",
+    residual_overrides: dict | None = None,
+    **kwargs,
+) -> dict:
+    """``evaluate_clicks`` on several data sets with one loaded model: ``{"sets": {name: result},
+    "mean": {method: {count: {metric: mean over the sets}}}}`` (each set weighs the same, however
+    many images it has). ``bank_paths``: one bank file per data set, or None."""
+    datas = list(datas)
+    if not datas:
+        raise InputError("no data set to evaluate")
+    bank_paths = list(bank_paths) if bank_paths else [None] * len(datas)
+    if len(bank_paths) != len(datas):
+        raise InputError(f"{len(bank_paths)} bank files for {len(datas)} data sets: give one --bank per --data")
+    labels = _set_labels(datas)
+    report_counts(kwargs.get("clicks", (1, 3, 5)), kwargs.get("max_clicks", 20))
+    check_methods(kwargs.get("methods", METHODS))
+    for data in datas:  # every folder is checked before the model loads
+        _defective_samples(data, kwargs.get("limit"))
+    pred = _load_predictor(checkpoint, device, residual_overrides)
+    sets = {label: evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred, **kwargs)
+            for label, data, bank in zip(labels, datas, bank_paths)}
+    return {"sets": sets, "mean": mean_over_sets(list(sets.values()))}
+
+
+def _set_labels(datas: Sequence[str | Path]) -> list[str]:
+    """Folder names, made unique with their parent's name where two sets share one."""
+    names = [Path(d).resolve().name for d in datas]
+    return [n if names.count(n) == 1 else f"{Path(d).resolve().parent.name}/{n}" for n, d in zip(names, datas)]
+
+
+def mean_over_sets(results: Sequence[dict]) -> dict:
+    """Per method and count, the mean of ``SUMMARY_METRICS`` over the data sets that have them."""
+    out: dict = {}
+    methods = [m for m in results[0]["methods"] if all(m in r["methods"] for r in results)]
+    for m in methods:
+        out[m] = {}
+        for k in results[0]["methods"][m]:
+            vals = {metric: [r["methods"][m][k][metric] for r in results] for metric in SUMMARY_METRICS}
+            out[m][k] = {metric: (round(float(np.mean(v)), 4) if all(x is not None for x in v) else None)
+                         for metric, v in vals.items()}
+    return out
+
+
+def format_click_tables(result: dict) -> str:
+    """Markdown tables for people: one per data set (per method and count, then per defect type
+    after the last count) and, for several sets, their mean."""
+    sets = result["sets"] if "sets" in result else {Path(result["data"]).name: result}
+    lines: list[str] = []
+
+    def fmt(v) -> str:
+        return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) and v > 1 else f"{v:.3f}")
+
+    for label, r in sets.items():
+        lines += [f"### {label} ({r['n_images']} defective images)", "",
+                  "| method | clicks | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|"]
+        for m, table in r["methods"].items():
+            for k, row in table.items():
+                lines.append(f"| {m} | {k} | " + " | ".join(fmt(row[x]) for x in SUMMARY_METRICS) + " |")
+        k_last = list(next(iter(r["methods"].values())))[-1]
+        lines += ["", f"per defect type after {k_last} clicks:", "",
+                  "| method | type | images | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|---|"]
+        for m, by_type in r["per_defect_type"].items():
+            for kind, row in by_type.items():
+                lines.append(f"| {m} | {kind} | {row['n_images']} | {fmt(row[k_last]['ap'])} | "
+                             f"{fmt(row[k_last]['miou'])} | {fmt(row['noc80'])} | {fmt(row['noc85'])} |")
+        lines.append("")
+    if len(sets) > 1:
+        lines += [f"### mean over {len(sets)} data sets", "",
+                  "| method | clicks | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|"]
+        for m, table in result["mean"].items():
+            for k, row in table.items():
+                lines.append(f"| {m} | {k} | " + " | ".join(fmt(row[x]) for x in SUMMARY_METRICS) + " |")
+        lines.append("")
+    return "\n".join(lines)

@@ -77,9 +77,17 @@ def test_small_answers_run_to_the_cap_and_keep_the_answer_of_each_reported_count
 def test_a_good_answer_stops_once_the_last_reported_count_is_reached():
     gt = _square_gt()
     grown = np.zeros_like(gt)
-    grown[9:31, 9:31] = True  # IoU 400 / 484 = 0.83 from the first click on
+    grown[10:31, 10:31] = True  # IoU 400 / 441 = 0.91 from the first click on
     ious, kept = simulate_clicks(lambda c, p: grown.astype(np.float32), gt, max_clicks=20, report_at=[1, 3])
-    assert len(ious) == 3 and ious[0] == pytest.approx(400 / 484)
+    assert len(ious) == 3 and ious[0] == pytest.approx(400 / 441)
+
+
+def test_the_run_goes_on_until_the_highest_noc_target_is_reached():
+    gt = _square_gt()
+    grown = np.zeros_like(gt)
+    grown[9:31, 9:31] = True  # IoU 400 / 484 = 0.83: NoC@80 is known, NoC@85 is not
+    ious, _ = simulate_clicks(lambda c, p: grown.astype(np.float32), gt, max_clicks=7, report_at=[1, 3])
+    assert len(ious) == 7
 
 
 def test_report_counts_are_checked_against_the_cap():
@@ -131,8 +139,13 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
         for row in table.values():
             for key in ("ap", "aupro", "pixel_auroc", "miou"):
                 assert 0.0 <= row[key] <= 1.0, (name, key, row)
-            assert 1.0 <= row["noc50"] <= row["noc80"] <= 4.0, (name, row)
+            assert 1.0 <= row["noc50"] <= row["noc80"] <= row["noc85"] <= 4.0, (name, row)
     assert set(result["per_defect_type_ap"]["adclick"]) == {"scratch", "stain"}
+    for name, by_type in result["per_defect_type"].items():
+        assert {t: r["n_images"] for t, r in by_type.items()} == {"scratch": 3, "stain": 2}
+        for kind, row in by_type.items():
+            assert result["per_defect_type_ap"][name][kind] == row["3"]["ap"]
+            assert 1.0 <= row["noc80"] <= row["noc85"] <= 4.0
     json.dumps(result, allow_nan=False)  # no NaN anywhere: strict JSON
 
     # The residual-map row recomputed here from the same pieces: the figures belong to the right method.
@@ -140,15 +153,19 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
     pred = ClickPredictor.from_checkpoint(checkpoint, device="cpu")
     pred = pred.with_bank(folder.reference_bank(pred.extractor, progress=False))
     samples = [s for s in folder.test_samples(defective_only=True) if s.mask().any()]
-    maps, gts, per_image = [], [], []
+    maps, gts, per_image, per_image_ious = [], [], [], []
     for s in samples:
         image, gt = s.image(), s.mask()
         amap = pred.anomaly_map(pred.set_image(image))
         ious, kept = simulate_clicks(lambda c, p: residual_cut_probability(amap, c), gt, 4, [1, 3])
+        per_image_ious.append(ious)
         maps.append(kept[3].astype(np.float32))
         gts.append(gt)
         per_image.append((s.name, pixel_ap([maps[-1]], [gt]), ious[min(3, len(ious)) - 1]))
     assert result["methods"]["residual_map"]["3"]["ap"] == pytest.approx(pixel_ap(maps, gts), abs=1e-4)
+    scratch = [i for i, s in enumerate(samples) if s.defect_type == "scratch"]
+    assert result["per_defect_type"]["residual_map"]["scratch"]["1"]["miou"] == pytest.approx(
+        np.mean([per_image_ious[i][0] for i in scratch]), abs=1e-4)
     assert [r["image"] for r in result["per_image"]] == [n for n, _, _ in per_image]
     for row, (name, ap, last_iou), gt in zip(result["per_image"], per_image, gts):
         assert row["clicks"] == 3 and set(row["ap"]) == set(METHODS)
@@ -167,6 +184,31 @@ def test_eval_click_command_writes_the_json_it_prints(toy, checkpoint, tmp_path,
     assert json.loads(out.read_text()) == printed
     assert set(printed["methods"]) == {"adclick", "residual_map"}
     assert sorted(printed["methods"]["adclick"]) == ["1", "2"]
+
+
+def test_eval_click_on_two_sets_gives_a_table_per_set_and_their_mean(toy, checkpoint, tmp_path, capsys):
+    other = write_mvtec(tmp_path / "other", [texture(10 + i, HW) for i in range(4)],
+                        {"dent": [defective(9, HW, size_range=(8, 14), margin=3, square_seed=701, texture_seed=301)]})
+    code = main(["eval-click", "--data", str(toy), "--data", str(other), "--checkpoint", str(checkpoint),
+                 "--clicks", "1,2", "--max-clicks", "3", "--methods", "adclick,residual_map", "--device", "cpu"])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert list(printed["sets"]) == ["toy", "other"]
+    assert printed["sets"]["other"]["n_images"] == 1
+    for method in ("adclick", "residual_map"):
+        for k in ("1", "2"):
+            for metric in ("ap", "miou", "noc80", "noc85"):
+                values = [printed["sets"][s]["methods"][method][k][metric] for s in ("toy", "other")]
+                assert printed["mean"][method][k][metric] == pytest.approx(np.mean(values), abs=1e-4)
+    assert "### toy (5 defective images)" in captured.err and "### other (1 defective images)" in captured.err
+    assert "### mean over 2 data sets" in captured.err
+
+
+def test_eval_click_wants_one_bank_per_data_set(toy, tmp_path, capsys):
+    assert main(["eval-click", "--data", str(toy), "--data", str(toy), "--bank", str(tmp_path / "b.safetensors"),
+                 "--device", "cpu"]) == 2
+    assert "give one --bank per --data" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [

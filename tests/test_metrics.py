@@ -55,6 +55,24 @@ def test_pixel_ap_matches_sklearn_on_random_pooled_maps():
     assert pixel_auroc(scores, masks) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_float16_maps_give_the_sklearn_figures(seed):
+    """eval-click's answers are float16: they are grouped by a bincount over the float16 values,
+    negative values, -0.0 and ties included, and must give sklearn's AP / AUROC and the slow AU-PRO."""
+    rng = np.random.default_rng(seed)
+    shapes = [(30, 41), (25, 25)]
+    masks = [ndimage.gaussian_filter(rng.random(sh), 1.5) > 0.55 for sh in shapes]
+    masks[0][0, 0] = True
+    scores = [(rng.normal(size=sh) + 1.5 * m).astype(np.float16).astype(np.float32) for sh, m in zip(shapes, masks)]
+    scores[1][:3, :3] = -0.0
+    scores[1][3:6, :3] = 0.0
+    y = np.concatenate([m.ravel() for m in masks])
+    flat = np.concatenate([x.ravel() for x in scores])
+    assert pixel_ap(scores, masks) == pytest.approx(average_precision_score(y, flat), abs=1e-12)
+    assert pixel_auroc(scores, masks) == pytest.approx(roc_auc_score(y, flat), abs=1e-12)
+    assert aupro(scores, masks, 0.3) == pytest.approx(_slow_aupro(scores, masks, 0.3), rel=1e-9)
+
+
 def test_pixel_ap_nan_without_positive_pixels():
     assert math.isnan(pixel_ap([np.zeros((3, 3))], [np.zeros((3, 3), bool)]))
 
