@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clicks", default="1,3,5", help="click counts to report")
     p.add_argument("--max-clicks", type=int, default=20, help="clicks simulated at most (NoC cap)")
     p.add_argument("--methods", default="adclick,adclick_raw,random_walker,residual_map",
-                   help="adclick (shipped behaviour), adclick_raw (no boundary refinement), random_walker, residual_map")
+                   help="adclick (shipped behaviour), adclick_raw (no boundary refinement), adclick_global (no "
+                        "zoom-in), random_walker, residual_map")
     p.add_argument("--bank", default=None, action="append",
                    help="reference bank file to reuse / create (one per --data, in the same order)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images of each set")

@@ -91,9 +91,12 @@ class MVTecFolder:
 
         if cache and Path(cache).is_file():
             bank = ReferenceBank.load(cache, device=extractor.device)
-            if bank.backbone.fingerprint() == extractor.config.fingerprint():
+            if bank.backbone.fingerprint() != extractor.config.fingerprint():
+                log.warning("bank %s was built with another backbone; rebuilding", cache)
+            elif not bank.has_sources:
+                log.warning("bank %s keeps no reference pixels (an older format: no zoom-in); rebuilding", cache)
+            else:
                 return bank
-            log.warning("bank %s was built with another backbone; rebuilding", cache)
         paths = self.train_good()
         bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
         if cache:

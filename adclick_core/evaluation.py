@@ -23,13 +23,15 @@ from .metrics import iou, mean_iou_at, noc, pixel_ap, segmentation_report
 from .predictor import ClickPredictor, ImageState
 
 __all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
-           "report_counts", "check_methods", "METHODS", "THRESHOLD", "NOC_TARGETS"]
+           "report_counts", "check_methods", "METHODS", "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS"]
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.49
 NOC_TARGETS = (0.5, 0.8, 0.85)  # NoC@50, NoC@80, NoC@85
-# "adclick_raw": the click model without boundary refinement (refinement.py), for the ablation
-METHODS = ("adclick", "adclick_raw", "random_walker", "residual_map")
+# "adclick_raw": the click model without boundary refinement (refinement.py); "adclick_global":
+# without zoom-in (zoom.py), on the whole image only; both for ablations.
+METHODS = ("adclick", "adclick_raw", "adclick_global", "random_walker", "residual_map")
+DEFAULT_METHODS = ("adclick", "adclick_raw", "random_walker", "residual_map")
 
 # (clicks so far, previous probability or None) -> probability map at image size
 ClickMethod = Callable[[list[Click], "np.ndarray | None"], np.ndarray]
@@ -100,6 +102,9 @@ def _methods_for(pred: ClickPredictor, state: ImageState, image: np.ndarray, nam
     if "adclick_raw" in names:
         raw = pred.with_refinement(None)
         out["adclick_raw"] = lambda clicks, prev: raw.predict(state, clicks, prev_mask=prev)
+    if "adclick_global" in names:
+        whole = pred.with_zoom(None)
+        out["adclick_global"] = lambda clicks, prev: whole.predict(state, clicks, prev_mask=prev)
     if "random_walker" in names:
         out["random_walker"] = lambda clicks, prev: random_walker_probability(image, clicks)
     if "residual_map" in names:
@@ -138,7 +143,7 @@ def evaluate_clicks(
     device: str = "auto",
     limit: int | None = None,
     residual_overrides: dict | None = None,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] = DEFAULT_METHODS,
     progress: bool = True,
     predictor: ClickPredictor | None = None,
 ) -> dict:
@@ -257,7 +262,7 @@ def evaluate_click_sets(
         raise InputError(f"{len(bank_paths)} bank files for {len(datas)} data sets: give one --bank per --data")
     labels = _set_labels(datas)
     report_counts(kwargs.get("clicks", (1, 3, 5)), kwargs.get("max_clicks", 20))
-    check_methods(kwargs.get("methods", METHODS))
+    check_methods(kwargs.get("methods", DEFAULT_METHODS))
     for data in datas:  # every folder is checked before the model loads
         _defective_samples(data, kwargs.get("limit"))
     pred = _load_predictor(checkpoint, device, residual_overrides)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import copy
 import math
 import os
-from dataclasses import asdict, dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +21,8 @@ from .errors import CheckpointError, InputError
 from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
 from .refinement import RefineConfig, refine_answer
-from .residuals import ResidualConfig, compute_residuals
+from .residuals import ResidualConfig, compute_residuals, match_residuals
+from .zoom import Box, ZoomConfig, relative_crop, to_canvas, zoom_box
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
            "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
@@ -38,10 +41,16 @@ class ImageState:
     image_key: str
     bank_fingerprint: str
     gray: np.ndarray | None = None  # H x W uint8, original size: boundary refinement (click states only)
+    neighbours: list[int] = field(default_factory=list)  # bank positions of the nearest references
+    canvas: np.ndarray | None = None  # the image at zoom-in's working size (click states only)
+    # zoom-in crop -> its own state; filled by ClickPredictor, bounded by ZoomConfig.cache
+    zooms: "OrderedDict[Box, ImageState]" = field(default_factory=OrderedDict, repr=False)
+    zoom_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def nbytes(self) -> int:
-        extra = self.gray.nbytes if self.gray is not None else 0
+        extra = sum(a.nbytes for a in (self.gray, self.canvas) if a is not None)
+        extra += sum(z.nbytes for z in list(self.zooms.values()))
         return extra + sum(t.numel() * t.element_size() for t in (self.residual, self.fine, self.distance))
 
 
@@ -220,6 +229,7 @@ class _ResidualPredictor:
             distance=res.distance[0],
             image_key=image_fingerprint(arr),
             bank_fingerprint=self.bank.fingerprint,
+            neighbours=[int(i) for i in res.neighbours[0].tolist()],
         )
 
     def anomaly_map(self, state: ImageState) -> np.ndarray:
@@ -230,24 +240,35 @@ class _ResidualPredictor:
 class ClickPredictor(_ResidualPredictor):
     """ADClick inference: residual state per image, then clicks -> probability map at image size.
 
-    Small answers get their edges refined on the full-resolution image (``refinement.py``);
-    ``with_refinement(None)`` gives the model's raw answer.
+    Answers whose defect is small against the image are recomputed on a crop around it at up to
+    the image's own resolution (``zoom.py``; ``with_zoom(None)``: whole image only). Small answers
+    get their edges refined on the full-resolution image (``refinement.py``;
+    ``with_refinement(None)``: the model's raw answer).
     """
 
     refinement: RefineConfig | None = RefineConfig()
+    zoom: ZoomConfig | None = ZoomConfig()
 
     def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
-        """The residual state plus the grayscale copy that boundary refinement reads (Seg states
-        go without it)."""
+        """The residual state plus the grayscale copy that boundary refinement reads and the
+        canvas that zoom-in crops (Seg states go without them)."""
         arr = load_image(image)
         state = super().set_image(arr)
         state.gray = np.round(gray_image(arr) * 255.0).astype(np.uint8)
+        if self.zoom is not None:
+            state.canvas = to_canvas(arr, self.zoom.canvas_side)
         return state
 
     def with_refinement(self, config: RefineConfig | None) -> "ClickPredictor":
         """A predictor sharing these weights whose answers are refined with ``config`` (None: raw)."""
         other = copy.copy(self)
         other.refinement = config
+        return other
+
+    def with_zoom(self, config: ZoomConfig | None) -> "ClickPredictor":
+        """A predictor sharing these weights that zooms with ``config`` (None: whole image only)."""
+        other = copy.copy(self)
+        other.zoom = config
         return other
 
     @classmethod
@@ -282,21 +303,110 @@ class ClickPredictor(_ResidualPredictor):
         for c in clicks:
             if not (np.isfinite(c.x) and np.isfinite(c.y) and 0 <= c.x <= w and 0 <= c.y <= h):
                 raise InputError(f"click ({c.x:.1f}, {c.y:.1f}) lies outside the {w}x{h} image")
-        s = self.model.config.input_size
         prev = None
         if prev_mask is not None:
-            pm = np.asarray(prev_mask, dtype=np.float32)
-            if pm.shape != (h, w):
-                raise InputError(f"prev_mask has shape {pm.shape}, expected {(h, w)}")
-            if pm.max(initial=0) > 1:
-                pm = pm / 255.0
-            prev = _upsample(torch.from_numpy(pm)[None, None], (s, s))
-        maps = encode_clicks([scale_clicks(clicks, (h, w), (s, s))], prev, s, self.model.config.click_radius)
+            prev = np.asarray(prev_mask, dtype=np.float32)
+            if prev.shape != (h, w):
+                raise InputError(f"prev_mask has shape {prev.shape}, expected {(h, w)}")
+            if prev.max(initial=0) > 1:
+                prev = prev / 255.0
+        if self.zoom is None or state.canvas is None or not any(c.positive for c in clicks):
+            return self._answer(state, clicks, prev, state.gray)
+        # The crop goes around the current answer: the previous one, or (first click) the whole-image
+        # one, whose refinement waits until it is known to be the answer.
+        whole = None if prev is not None else self._answer(state, clicks, None, None)
+        zoomed = self._zoomed_answer(state, clicks, prev, (prev if whole is None else whole) > THRESHOLD_FOR_ZOOM)
+        if zoomed is not None:
+            return zoomed
+        if whole is None:
+            return self._answer(state, clicks, prev, state.gray)
+        if self.refinement is None or state.gray is None:
+            return whole
+        return refine_answer(whole, state.gray, clicks, self.refinement)
+
+    def _answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
+                gray: np.ndarray | None) -> np.ndarray:
+        """The model's answer on one state (whole image or crop) at its ``original_hw``, refined
+        on ``gray`` (None: raw)."""
+        h, w = state.original_hw
+        s = self.model.config.input_size
+        prev_t = None if prev is None else _upsample(torch.from_numpy(prev)[None, None], (s, s))
+        maps = encode_clicks([scale_clicks(clicks, (h, w), (s, s))], prev_t, s, self.model.config.click_radius)
         logits = self.model(state.residual, maps.to(self.device), state.fine)
         prob = torch.sigmoid(_upsample(logits, (h, w)))[0, 0].float().cpu().numpy()
-        if self.refinement is not None and state.gray is not None:
-            prob = refine_answer(prob, state.gray, clicks, self.refinement)
+        if self.refinement is not None and gray is not None:
+            prob = refine_answer(prob, gray, clicks, self.refinement)
         return prob
+
+    def _zoomed_answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
+                       region: np.ndarray) -> np.ndarray | None:
+        """The answer recomputed on the crop around ``region`` and the positive clicks, pasted into
+        an otherwise empty map at the original size; None where the crop would be most of the
+        image or the bank keeps no reference pixels to crop."""
+        assert self.zoom is not None and state.canvas is not None
+        h, w = state.original_hw
+        ch, cw = state.canvas.shape[:2]
+        on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
+        region_c = region if (ch, cw) == (h, w) else _resize_mask(region, (ch, cw))
+        box = zoom_box(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
+        if box is None:
+            return None
+        crop_state = self._crop_state(state, box)
+        if crop_state is None:
+            return None
+        y0, x0, bh, bw = box
+        inside = [Click(c.x - x0, c.y - y0, c.positive) for c in on_canvas
+                  if x0 <= c.x <= x0 + bw and y0 <= c.y <= y0 + bh]
+        crop_prev = None
+        if prev is not None:
+            prev_c = prev if (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
+            crop_prev = np.ascontiguousarray(prev_c[y0:y0 + bh, x0:x0 + bw])
+        answer = self._answer(crop_state, inside, crop_prev, crop_state.gray)
+        full = np.zeros((ch, cw), np.float32)
+        full[y0:y0 + bh, x0:x0 + bw] = answer
+        return full if (ch, cw) == (h, w) else _resize_map(full, (h, w))
+
+    def _crop_state(self, state: ImageState, box: Box) -> ImageState | None:
+        """The residual state of ``box`` on the canvas: the crop's features matched against the same
+        crop of the image's nearest references (cached per image). None without reference pixels."""
+        with state.zoom_lock:
+            if box in state.zooms:
+                state.zooms.move_to_end(box)
+                return state.zooms[box]
+        assert self.zoom is not None and state.canvas is not None
+        refs = [self.bank.source(i) for i in state.neighbours if self.bank.sources[i] is not None][: self.zoom.k]
+        if not refs:
+            return None
+        y0, x0, bh, bw = box
+        crop = np.ascontiguousarray(state.canvas[y0:y0 + bh, x0:x0 + bw])
+        ref_crops = [relative_crop(r, box, state.canvas.shape[:2]) for r in refs]
+        feats = self.extractor(self.extractor.preprocess([crop] + ref_crops))
+        residual = match_residuals(feats.grid[0].float(), feats.grid[1:].float(), self.residual_config)[None]
+        crop_state = ImageState(
+            original_hw=(bh, bw), residual=residual, fine=feats.fine[:1], distance=residual.norm(dim=1)[0],
+            image_key=f"{state.image_key}:{box}", bank_fingerprint=state.bank_fingerprint,
+            gray=np.round(gray_image(crop) * 255.0).astype(np.uint8),
+        )
+        with state.zoom_lock:
+            state.zooms[box] = crop_state
+            while len(state.zooms) > self.zoom.cache:
+                state.zooms.popitem(last=False)
+        return crop_state
+
+
+THRESHOLD_FOR_ZOOM = 0.5  # the answer's mask (as the backend cuts it) sets the crop
+
+
+def _resize_map(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    return _upsample(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None], hw)[0, 0].numpy()
+
+
+def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """A boolean mask at another size, keeping thin parts (max over the covered pixels)."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    if hw[0] < mask.shape[0] or hw[1] < mask.shape[1]:
+        return F.adaptive_max_pool2d(t, hw)[0, 0].numpy() > 0.5
+    return F.interpolate(t, size=hw, mode="nearest")[0, 0].numpy() > 0.5
 
 
 class SegPredictor(_ResidualPredictor):

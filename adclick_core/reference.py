@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,10 +19,14 @@ from tqdm.auto import tqdm
 
 from .backbone import BackboneConfig, FeatureExtractor, load_image, resolve_device
 from .errors import CheckpointError, EmptyBankError
+from .zoom import SOURCE_SIDE, decode_source, encode_source
 
 __all__ = ["ReferenceBank", "BANK_FORMAT_VERSION", "image_fingerprint"]
 
-BANK_FORMAT_VERSION = 1
+# 2: each reference's pixels (``zoom.encode_source``) are stored beside its features, for zoom-in.
+# Banks of format 1 still load; they answer on whole images only.
+BANK_FORMAT_VERSION = 2
+_DECODED_SOURCES = 32  # decoded reference images kept in memory per bank (a few MB each)
 
 
 def image_fingerprint(image: np.ndarray) -> str:
@@ -33,7 +38,9 @@ def image_fingerprint(image: np.ndarray) -> str:
 
 
 class ReferenceBank:
-    """Residual-grid features (N x d_f x g x g, float16) and descriptors (N x c1 x q x q) of normals."""
+    """Residual-grid features (N x d_f x g x g, float16) and descriptors (N x c1 x q x q) of normals,
+    and each normal's pixels (JPEG bytes at a longer side of at most ``SOURCE_SIDE``, or None for
+    banks written before they were kept) for zoom-in crops."""
 
     def __init__(
         self,
@@ -42,12 +49,18 @@ class ReferenceBank:
         descriptors: torch.Tensor | None = None,
         names: Sequence[str] = (),
         hashes: Sequence[str] = (),
+        sources: Sequence[np.ndarray | None] | None = None,
     ):
         self.backbone = backbone
         self.features = features
         self.descriptors = descriptors
         self.names: list[str] = list(names)
         self.hashes: list[str] = list(hashes)
+        self.sources: list[np.ndarray | None] = list(sources) if sources is not None else [None] * len(self.names)
+        if len(self.sources) != len(self.names):
+            raise ValueError(f"{len(self.sources)} sources for {len(self.names)} bank images")
+        self._decoded: dict[int, np.ndarray] = {}
+        self._decoded_lock = threading.Lock()  # clicks of several annotators share one bank
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -80,7 +93,7 @@ class ReferenceBank:
             names = [str(img) if isinstance(img, (str, os.PathLike)) else f"image-{start + i}" for i, img in enumerate(images)]
         names = list(names)
         known = set(self.hashes)
-        feats, descs, new_names, new_hashes = [], [], [], []
+        feats, descs, new_names, new_hashes, new_sources = [], [], [], [], []
         batch: list[np.ndarray] = []
         bar = tqdm(total=len(images), desc="reference bank", unit="img", disable=not progress)
 
@@ -101,6 +114,7 @@ class ReferenceBank:
             batch.append(arr)
             new_names.append(name)
             new_hashes.append(key)
+            new_sources.append(encode_source(arr, SOURCE_SIDE))
             if len(batch) == batch_size:
                 flush()
         flush()
@@ -116,6 +130,7 @@ class ReferenceBank:
         self.descriptors = d.to(dev) if self.descriptors is None else torch.cat([self.descriptors, d.to(dev)])
         self.names += new_names
         self.hashes += new_hashes
+        self.sources += new_sources
         return len(new_hashes)
 
     # ---------------------------------------------------------------- properties
@@ -132,6 +147,27 @@ class ReferenceBank:
         for k in self.hashes:
             h.update(k.encode())
         return h.hexdigest()[:16]
+
+    @property
+    def has_sources(self) -> bool:
+        """Whether any reference's pixels are kept (zoom-in needs them)."""
+        return any(src is not None for src in self.sources)
+
+    def source(self, index: int) -> np.ndarray | None:
+        """Reference ``index``'s pixels (H x W x 3 uint8, at most ``SOURCE_SIDE`` on the longer
+        side), or None where the bank does not keep them. The last few decoded stay in memory."""
+        src = self.sources[index]
+        if src is None:
+            return None
+        with self._decoded_lock:
+            image = self._decoded.pop(index, None)
+        if image is None:
+            image = decode_source(src)
+        with self._decoded_lock:
+            self._decoded[index] = image  # most recently used last
+            while len(self._decoded) > _DECODED_SOURCES:
+                self._decoded.pop(next(iter(self._decoded)))
+        return image
 
     def require_nonempty(self) -> None:
         if len(self) == 0:
@@ -162,12 +198,14 @@ class ReferenceBank:
             self.descriptors[idx.to(self.device)],
             [self.names[i] for i in idx.tolist()],
             [self.hashes[i] for i in idx.tolist()],
+            [self.sources[i] for i in idx.tolist()],
         )
 
     def nbytes(self) -> int:
         if self.features is None:
             return 0
-        return self.features.numel() * self.features.element_size() + self.descriptors.numel() * 4
+        kept = sum(src.nbytes for src in self.sources if src is not None)
+        return self.features.numel() * self.features.element_size() + self.descriptors.numel() * 4 + kept
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike) -> Path:
@@ -181,13 +219,14 @@ class ReferenceBank:
             "backbone": json.dumps(self.backbone.to_dict()),
             "names": json.dumps(self.names),
             "hashes": json.dumps(self.hashes),
+            "source_side": str(SOURCE_SIDE),
         }
+        tensors = {"features": self.features.contiguous().cpu(), "descriptors": self.descriptors.contiguous().cpu()}
+        for i, src in enumerate(self.sources):
+            if src is not None:
+                tensors[f"source.{i}"] = torch.from_numpy(src)
         tmp = path.with_name(path.name + ".tmp")
-        save_file(
-            {"features": self.features.contiguous().cpu(), "descriptors": self.descriptors.contiguous().cpu()},
-            str(tmp),
-            metadata=meta,
-        )
+        save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
         return path
 
@@ -208,11 +247,14 @@ class ReferenceBank:
             raise CheckpointError(f"{path} is not an ADClick reference bank")
         if int(meta.get("format_version", "0")) > BANK_FORMAT_VERSION:
             raise CheckpointError(f"{path} was written by a newer version (format {meta['format_version']})")
+        names = json.loads(meta["names"])
+        sources = [tensors[f"source.{i}"].numpy() if f"source.{i}" in tensors else None for i in range(len(names))]
         bank = cls(
             BackboneConfig.from_dict(json.loads(meta["backbone"])),
             tensors["features"],
             tensors["descriptors"],
-            json.loads(meta["names"]),
+            names,
             json.loads(meta["hashes"]),
+            sources,
         )
         return bank.to(device)

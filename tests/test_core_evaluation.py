@@ -14,7 +14,7 @@ from adclick_core.cli import main
 from adclick_core.clicks import Click
 from adclick_core.data import MVTecFolder
 from adclick_core.errors import DataError, InputError
-from adclick_core.evaluation import METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
+from adclick_core.evaluation import DEFAULT_METHODS, METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
 from adclick_core.metrics import iou, pixel_ap
 from adclick_core.predictor import ClickPredictor
 from adclick_core.residuals import ResidualConfig
@@ -133,7 +133,7 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
     result = evaluate_clicks(toy, checkpoint, clicks=(3, 1), max_clicks=4, device="cpu", progress=False)
     assert result["n_images"] == 5
     assert result["left_out_empty_masks"] == ["stain/002"]
-    assert set(result["methods"]) == set(METHODS)
+    assert set(result["methods"]) == set(DEFAULT_METHODS)
     for name, table in result["methods"].items():
         assert sorted(table) == ["1", "3"], name
         for row in table.values():
@@ -168,7 +168,7 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
         np.mean([per_image_ious[i][0] for i in scratch]), abs=1e-4)
     assert [r["image"] for r in result["per_image"]] == [n for n, _, _ in per_image]
     for row, (name, ap, last_iou), gt in zip(result["per_image"], per_image, gts):
-        assert row["clicks"] == 3 and set(row["ap"]) == set(METHODS)
+        assert row["clicks"] == 3 and set(row["ap"]) == set(DEFAULT_METHODS)
         assert row["ap"]["residual_map"] == pytest.approx(ap, abs=1e-4), name
         assert row["iou"]["residual_map"] == pytest.approx(last_iou, abs=1e-4), name
         assert row["defect_pixels"] == int(gt.sum()) > 0

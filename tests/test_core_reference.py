@@ -44,7 +44,8 @@ def test_build_len_shapes_names(bank, extractor):
     assert len(set(bank.hashes)) == 4
     assert bank.hashes[0] == image_fingerprint(texture(0))
     assert bank.backbone == extractor.config
-    assert bank.nbytes() == 4 * 256 * 64 * 2 + 4 * 24 * 64 * 4
+    kept = sum(src.nbytes for src in bank.sources)
+    assert bank.nbytes() == 4 * 256 * 64 * 2 + 4 * 24 * 64 * 4 + kept
     # The stored features are the extractor's features of those images.
     want = extractor(extractor.preprocess([texture(2)])).grid.half()
     torch.testing.assert_close(bank.features[2:3], want)
@@ -167,3 +168,38 @@ def test_add_with_other_backbone_rejected(bank, extractor):
     with pytest.raises(CheckpointError):
         ReferenceBank(BackboneConfig(input_size=64, feature_dim=128)).add(extractor, [texture(20)])
     assert len(bank) == 4  # nothing was added
+
+
+def test_the_bank_keeps_each_reference_s_pixels_for_zoom_in(bank, tmp_path):
+    assert bank.has_sources and len(bank.sources) == 4
+    for i in range(4):
+        pixels = bank.source(i)
+        assert pixels.shape == texture(i).shape and pixels.dtype == np.uint8
+        # JPEG at quality 95: close to the image, not another image
+        err = np.abs(pixels.astype(float) - texture(i).astype(float)).mean()
+        assert err < 4.0 and err < np.abs(pixels.astype(float) - texture((i + 1) % 4).astype(float)).mean() / 3
+    again = ReferenceBank.load(bank.save(tmp_path / "b.safetensors"))
+    assert all(np.array_equal(a, b) for a, b in zip(again.sources, bank.sources))
+    part = bank.subset([2, 0])
+    assert np.array_equal(part.source(0), bank.source(2)) and np.array_equal(part.source(1), bank.source(0))
+
+
+def test_a_bank_written_before_pixels_were_kept_loads_without_them(bank, tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "v1.safetensors"
+    save_file({"features": bank.features.contiguous(), "descriptors": bank.descriptors.contiguous()}, str(old),
+              metadata={"format": "adclick-reference-bank", "format_version": "1",
+                        "backbone": json.dumps(bank.backbone.to_dict()), "names": json.dumps(bank.names),
+                        "hashes": json.dumps(bank.hashes)})
+    loaded = ReferenceBank.load(old)
+    assert len(loaded) == 4 and not loaded.has_sources and loaded.source(1) is None
+    assert loaded.fingerprint == bank.fingerprint
+
+
+def test_large_references_are_kept_at_the_source_side(extractor):
+    from adclick_core.zoom import SOURCE_SIDE
+
+    wide = np.tile(texture(3), (1, 32, 1))  # 48 x 1536 -> 32 x 1024
+    one = ReferenceBank.build(extractor, [wide], progress=False)
+    assert one.source(0).shape == (32, SOURCE_SIDE, 3)

@@ -1,0 +1,136 @@
+"""Zoom-in for the residual click model (RITM / SimpleClick "ZoomIn"), and the reference pixels it needs.
+
+The click model sees every image as a 256 x 256 input: a 1024 x 417 spindle photo is squashed 4x
+across, so a 26 px pitting becomes one or two feature cells and no model can trace it. Once the
+user has clicked, the defect's neighbourhood is known: the answer is recomputed on a square crop
+around the clicks and the current mask, at up to the image's own resolution (never magnified past
+it), and pasted back. The residual of a crop needs the *same* crop of the reference images, so a
+``ReferenceBank`` keeps each reference's pixels (``encode_source``) beside its features.
+
+All crops live on the *canvas*: the image downscaled to a longer side of at most
+``ZoomConfig.canvas_side``, the size the bank stores its references at, so query and reference
+crops always have the same resolution.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .clicks import Click
+
+__all__ = ["ZoomConfig", "Box", "canvas_shape", "to_canvas", "zoom_box", "relative_crop", "encode_source",
+           "decode_source", "SOURCE_SIDE"]
+
+SOURCE_SIDE = 1024  # longer side at which a bank stores reference pixels (and the default canvas)
+_SOURCE_QUALITY = 95
+
+Box = tuple[int, int, int, int]  # (y0, x0, height, width) on the canvas
+
+
+@dataclass(frozen=True)
+class ZoomConfig:
+    """When and where the click answer is recomputed on a crop."""
+
+    canvas_side: int = SOURCE_SIDE  # work on the image at a longer side of at most this
+    expansion: float = 2.0  # crop side = this x the larger side of the box around mask and clicks
+    min_side: int | None = None  # crop side at least this (canvas px; None: the model input, never magnify)
+    k: int = 5  # reference crops the crop is matched against (the image's nearest references)
+    max_cover: float = 0.6  # a crop covering more of the canvas than this: answer on the whole image
+    cache: int = 4  # crop states kept per image
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def canvas_shape(hw: tuple[int, int], side: int) -> tuple[int, int]:
+    """The canvas size of an ``hw`` image: longer side at most ``side``, aspect kept, never enlarged."""
+    h, w = hw
+    scale = min(1.0, side / max(h, w))
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+def to_canvas(image: np.ndarray, side: int) -> np.ndarray:
+    """``image`` (H x W x 3 uint8) at its canvas size (antialiased); the image itself if it fits."""
+    ch, cw = canvas_shape(image.shape[:2], side)
+    if (ch, cw) == image.shape[:2]:
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def encode_source(image: np.ndarray, side: int = SOURCE_SIDE) -> np.ndarray:
+    """A reference image's pixels as stored in a bank: its canvas, JPEG-encoded (uint8 bytes).
+
+    JPEG at quality 95 keeps a 1024 x 417 photo at ~100-200 kB (a bank of 200 references: tens of
+    MB) and changes the backbone's features far less than the residuals it has to find."""
+    buf = io.BytesIO()
+    Image.fromarray(to_canvas(image, side)).save(buf, format="JPEG", quality=_SOURCE_QUALITY)
+    return np.frombuffer(buf.getvalue(), dtype=np.uint8).copy()
+
+
+def decode_source(data: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``encode_source``'s bytes -> H x W x 3 uint8."""
+    raw = data.numpy().tobytes() if isinstance(data, torch.Tensor) else np.asarray(data, np.uint8).tobytes()
+    with Image.open(io.BytesIO(raw)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _side_ladder(side: float, base: int) -> int:
+    """``side`` rounded up to base x 1.25^n: nearby requests share one crop (and its cached state)."""
+    if side <= base:
+        return base
+    return int(math.ceil(base * 1.25 ** math.ceil(math.log(side / base, 1.25) - 1e-9)))
+
+
+def zoom_box(
+    region: np.ndarray | None,
+    clicks: Sequence[Click],
+    canvas_hw: tuple[int, int],
+    config: ZoomConfig,
+    input_size: int,
+) -> Box | None:
+    """The crop to answer on: a square around ``region`` (canvas-size bool mask of the current
+    answer, or None) and the positive ``clicks`` (canvas px), ``config.expansion`` x their larger
+    side and at least ``config.min_side``, snapped to a coarse grid so that the next clicks reuse
+    it; shifted inside the canvas and cut to it where the canvas is narrower. None where there is
+    nothing to zoom on or the crop would cover more than ``config.max_cover`` of the canvas."""
+    ch, cw = canvas_hw
+    ys = [c.y for c in clicks if c.positive]
+    xs = [c.x for c in clicks if c.positive]
+    if region is not None and region.any():
+        rows = np.flatnonzero(region.any(axis=1))
+        cols = np.flatnonzero(region.any(axis=0))
+        ys += [float(rows[0]), float(rows[-1] + 1)]
+        xs += [float(cols[0]), float(cols[-1] + 1)]
+    if not ys:
+        return None
+    base = config.min_side or input_size
+    side = _side_ladder(config.expansion * max(max(ys) - min(ys), max(xs) - min(xs), 1.0), base)
+    h, w = min(side, ch), min(side, cw)
+    if h * w > config.max_cover * ch * cw:
+        return None
+    step = max(1, side // 8)
+    cy, cx = (min(ys) + max(ys)) / 2.0, (min(xs) + max(xs)) / 2.0
+    y0 = int(np.clip(round((cy - h / 2.0) / step) * step, 0, ch - h))
+    x0 = int(np.clip(round((cx - w / 2.0) / step) * step, 0, cw - w))
+    return y0, x0, h, w
+
+
+def relative_crop(image: np.ndarray, box: Box, canvas_hw: tuple[int, int]) -> np.ndarray:
+    """The part of ``image`` (any size) that ``box`` covers on a canvas of ``canvas_hw``: how a
+    reference of another size is cropped at the same place as the query."""
+    y0, x0, h, w = box
+    ch, cw = canvas_hw
+    ih, iw = image.shape[:2]
+    ry0, rx0 = int(round(y0 * ih / ch)), int(round(x0 * iw / cw))
+    ry1 = max(ry0 + 1, min(ih, int(round((y0 + h) * ih / ch))))
+    rx1 = max(rx0 + 1, min(iw, int(round((x0 + w) * iw / cw))))
+    return image[ry0:ry1, rx0:rx1]

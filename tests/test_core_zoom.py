@@ -1,0 +1,152 @@
+"""Zoom-in: the crop rule (zoom.py) and ClickPredictor answering small defects on a crop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from adclick_core.backbone import BackboneConfig
+from adclick_core.clicks import Click
+from adclick_core.predictor import ClickPredictor
+from adclick_core.reference import ReferenceBank
+from adclick_core.residuals import ResidualConfig
+from adclick_core.zoom import ZoomConfig, canvas_shape, relative_crop, to_canvas, zoom_box
+from tests.images import texture, write_mvtec
+from tests.tiny_click import train_tiny_click
+
+BACKBONE = BackboneConfig(input_size=64)
+RESIDUAL = ResidualConfig(k=3, radius=2.0)
+WIDE = (96, 384)  # a wide part: squashed 6x across into the 64 px model input
+
+
+# ---------------------------------------------------------------- the crop rule
+
+
+def _region(hw, box):
+    m = np.zeros(hw, bool)
+    m[box[0]:box[1], box[2]:box[3]] = True
+    return m
+
+
+def test_the_crop_is_a_square_around_mask_and_clicks_never_smaller_than_the_model_input():
+    cfg = ZoomConfig()
+    box = zoom_box(_region((400, 1000), (200, 210, 500, 512)), [Click(505, 204, True)], (400, 1000), cfg, 256)
+    y0, x0, h, w = box
+    assert h == w == 256  # 12 px of defect x 2 is less than the input: no magnification past native
+    assert y0 <= 200 and y0 + h >= 210 and x0 <= 500 and x0 + w >= 512
+    big = zoom_box(_region((1000, 1000), (100, 300, 100, 300)), [Click(200, 200, True)], (1000, 1000), cfg, 256)
+    assert big[2] == big[3] >= 2 * 200  # expansion x the box's larger side
+
+
+def test_nearby_answers_share_one_crop_and_a_negative_click_does_not_move_it():
+    cfg = ZoomConfig()
+    hw = (400, 1000)
+    a = zoom_box(_region(hw, (200, 210, 500, 512)), [Click(505, 204, True)], hw, cfg, 256)
+    b = zoom_box(_region(hw, (199, 212, 499, 514)), [Click(505, 204, True), Click(508, 210, True)], hw, cfg, 256)
+    c = zoom_box(_region(hw, (200, 210, 500, 512)), [Click(505, 204, True), Click(900, 50, False)], hw, cfg, 256)
+    assert a == b == c
+
+
+def test_the_crop_stays_inside_the_canvas_and_is_cut_where_the_canvas_is_narrower():
+    cfg = ZoomConfig()
+    y0, x0, h, w = zoom_box(None, [Click(3, 3, True)], (100, 1000), cfg, 64)
+    assert (y0, x0) == (0, 0) and h == w == 64
+    y0, x0, h, w = zoom_box(None, [Click(990, 50, True)], (100, 1000), cfg, 128)
+    assert h == 100 and w == 128 and x0 + w == 1000 and y0 == 0
+
+
+def test_no_crop_without_a_positive_click_or_when_it_would_cover_most_of_the_image():
+    cfg = ZoomConfig()
+    assert zoom_box(None, [Click(5, 5, False)], (100, 100), cfg, 32) is None
+    assert zoom_box(None, [Click(50, 50, True)], (300, 300), cfg, 256) is None  # 256^2 > 0.6 x 300^2
+    assert zoom_box(_region((1000, 1000), (0, 900, 0, 900)), [Click(1, 1, True)], (1000, 1000), cfg, 256) is None
+
+
+def test_canvas_keeps_small_images_and_shrinks_large_ones():
+    small = texture(0, (50, 80))
+    assert to_canvas(small, 1024) is small
+    big = texture(1, (300, 1200))
+    c = to_canvas(big, 600)
+    assert c.shape == (150, 600, 3) == (*canvas_shape((300, 1200), 600), 3)
+    assert abs(float(c.mean()) - float(big.mean())) < 2
+
+
+def test_a_reference_of_another_size_is_cropped_at_the_same_place():
+    ref = np.arange(200 * 400).reshape(200, 400)
+    part = relative_crop(ref, (50, 100, 25, 50), (100, 200))  # canvas 100 x 200, the reference 2x larger
+    assert part.shape == (50, 100) and part[0, 0] == ref[100, 200]
+
+
+# ---------------------------------------------------------------- the predictor
+
+
+@pytest.fixture(scope="module")
+def wide_world(tmp_path_factory):
+    """Wide textured parts (96 x 384) as references and a tiny click model trained on them."""
+    root = write_mvtec(tmp_path_factory.mktemp("wide") / "parts", [texture(i, WIDE) for i in range(5)], {})
+    ckpt = root.parent / "click.pt"
+    bank = train_tiny_click(root, ckpt, BACKBONE, RESIDUAL, random_init=False, iterations=2)
+    pred = ClickPredictor.from_checkpoint(ckpt, bank, device="cpu", residual_config=RESIDUAL)
+    image = texture(40, WIDE)
+    image[40:48, 200:208] = 250  # an 8 px defect: under one cell of the squashed whole image
+    return pred, bank, image
+
+
+SMALL = _region(WIDE, (40, 48, 200, 208))  # the previous answer: the 8 px defect itself
+CLICKS = [Click(203.5, 43.5, True), Click(205.5, 45.5, True)]
+
+
+def test_a_small_defect_is_answered_on_a_crop_and_nothing_outside_it(wide_world):
+    pred, _, image = wide_world
+    state = pred.set_image(image)
+    prob = pred.predict(state, CLICKS, prev_mask=SMALL)
+    assert prob.shape == WIDE and len(state.zooms) == 1
+    (y0, x0, h, w), = state.zooms.keys()
+    assert (h, w) == (64, 64) and x0 <= 200 and 208 <= x0 + w  # the model input size on the canvas
+    outside = np.ones(WIDE, bool)
+    outside[y0:y0 + h, x0:x0 + w] = False
+    assert prob[outside].max() == 0.0 and prob[~outside].max() > 0.5
+    whole = pred.with_zoom(None)
+    assert not np.allclose(prob, whole.predict(whole.set_image(image), CLICKS, prev_mask=SMALL))
+
+
+def test_the_next_clicks_reuse_the_crop_state(wide_world):
+    pred, _, image = wide_world
+    state = pred.set_image(image)
+    first = pred.predict(state, CLICKS[:1], prev_mask=SMALL)
+    crop = next(iter(state.zooms.values()))
+    second = pred.predict(state, CLICKS, prev_mask=np.minimum(first, SMALL))
+    assert second.shape == WIDE and len(state.zooms) == 1 and next(iter(state.zooms.values())) is crop
+    assert state.nbytes > crop.nbytes  # the crop counts in the image's memory
+
+
+def test_a_first_answer_that_covers_much_of_the_image_stays_the_answer(wide_world):
+    pred, _, image = wide_world  # this barely trained model answers a quarter of the image at first
+    state = pred.set_image(image)
+    prob = pred.predict(state, CLICKS[:1])
+    whole = pred.with_zoom(None)
+    np.testing.assert_array_equal(prob, whole.predict(whole.set_image(image), CLICKS[:1]))
+    assert not state.zooms
+
+
+def test_the_crop_residual_is_the_crop_matched_against_the_same_crop_of_the_references(wide_world):
+    pred, bank, _ = wide_world
+    reference = bank.source(2)  # a reference itself, as a query: its own crop matches it
+    state = pred.set_image(reference)
+    assert 2 in state.neighbours
+    pred.predict(state, CLICKS, prev_mask=SMALL)
+    crop = next(iter(state.zooms.values()))
+    elsewhere = pred.set_image(texture(41, WIDE))
+    pred.predict(elsewhere, CLICKS, prev_mask=SMALL)
+    other = next(iter(elsewhere.zooms.values()))
+    assert float(crop.distance.mean()) < 0.2 * float(other.distance.mean())
+
+
+def test_a_bank_without_reference_pixels_answers_on_the_whole_image(wide_world):
+    pred, bank, image = wide_world
+    no_pixels = ReferenceBank(bank.backbone, bank.features, bank.descriptors, bank.names, bank.hashes)
+    old = pred.with_bank(no_pixels)
+    state = old.set_image(image)
+    prob = old.predict(state, CLICKS, prev_mask=SMALL)
+    whole = old.with_zoom(None)
+    np.testing.assert_array_equal(prob, whole.predict(whole.set_image(image), CLICKS, prev_mask=SMALL))
+    assert not state.zooms
