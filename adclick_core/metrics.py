@@ -59,7 +59,8 @@ def _as_pairs(scores: MapsLike, masks: MapsLike) -> list[tuple[np.ndarray, np.nd
         raise InputError(f"{len(scores)} score maps but {len(masks)} masks")
     pairs = []
     for i, (s, m) in enumerate(zip(scores, masks)):
-        s = np.asarray(s, dtype=np.float64)
+        s = np.asarray(s)
+        s = s.astype(np.float32 if s.dtype in (np.float16, np.float32) else np.float64, copy=False)
         m = _as_mask(m)
         if s.shape != m.shape:
             raise InputError(f"image {i}: score map shape {s.shape} != mask shape {m.shape}")
@@ -70,7 +71,10 @@ def _as_pairs(scores: MapsLike, masks: MapsLike) -> list[tuple[np.ndarray, np.nd
 
 
 def _pooled(scores: MapsLike, masks: MapsLike) -> tuple[np.ndarray, np.ndarray]:
-    pairs = _as_pairs(scores, masks)
+    return _pooled_pairs(_as_pairs(scores, masks))
+
+
+def _pooled_pairs(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     if not pairs:
         return np.zeros(0), np.zeros(0, dtype=bool)
     return (
@@ -106,6 +110,20 @@ def _sums_per_score(score: np.ndarray, *selections: np.ndarray, weight: np.ndarr
     return out
 
 
+def _ap_from(counts: np.ndarray, positives: np.ndarray) -> float:
+    """Step-wise AP from per-score pixel and positive counts (``_sums_per_score``, highest first)."""
+    precision = np.cumsum(positives, dtype=np.float64) / np.cumsum(counts, dtype=np.float64)
+    return float(np.sum(positives / float(positives.sum()) * precision))
+
+
+def _auroc_from(counts: np.ndarray, positives: np.ndarray) -> float:
+    """Trapezoidal ROC AUC from per-score pixel and positive counts (highest score first)."""
+    negatives = counts - positives
+    tpr = np.concatenate(([0.0], np.cumsum(positives, dtype=np.float64) / positives.sum()))
+    fpr = np.concatenate(([0.0], np.cumsum(negatives, dtype=np.float64) / negatives.sum()))
+    return float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1])) / 2.0)
+
+
 def pixel_ap(scores: MapsLike, masks: MapsLike) -> float:
     """Step-wise average precision over pooled pixels (as sklearn's ``average_precision_score``:
     sum over thresholds of precision x recall gained).
@@ -116,11 +134,7 @@ def pixel_ap(scores: MapsLike, masks: MapsLike) -> float:
     s, m = _pooled(scores, masks)
     if not m.any():
         return float("nan")
-    counts, positives = _sums_per_score(s, m)
-    tp = np.cumsum(positives, dtype=np.float64)
-    precision = tp / np.cumsum(counts, dtype=np.float64)
-    gained = positives / float(positives.sum())
-    return float(np.sum(gained * precision))
+    return _ap_from(*_sums_per_score(s, m))
 
 
 def pixel_auroc(scores: MapsLike, masks: MapsLike) -> float:
@@ -129,11 +143,7 @@ def pixel_auroc(scores: MapsLike, masks: MapsLike) -> float:
     s, m = _pooled(scores, masks)
     if not m.any() or m.all():
         return float("nan")
-    counts, positives = _sums_per_score(s, m)
-    tpr = np.concatenate(([0.0], np.cumsum(positives, dtype=np.float64) / positives.sum()))
-    negatives = counts - positives
-    fpr = np.concatenate(([0.0], np.cumsum(negatives, dtype=np.float64) / negatives.sum()))
-    return float(np.sum((fpr[1:] - fpr[:-1]) * (tpr[1:] + tpr[:-1])) / 2.0)
+    return _auroc_from(*_sums_per_score(s, m))
 
 
 def image_auroc(image_scores: Sequence[float], labels: Sequence[Union[int, bool]]) -> float:
@@ -164,15 +174,10 @@ def _partial_trapezoid(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1])) / 2.0)
 
 
-def pro_curve(scores: MapsLike, masks: MapsLike) -> tuple[np.ndarray, np.ndarray, int]:
-    """The exact PRO curve over all thresholds: ``(fpr, pro, n_regions)``, starting at (0, 0).
-
-    One point per distinct score (threshold ``score >= t``), from the highest score down.
-    Empty arrays when there is no region or no normal pixel.
-    """
-    pairs = _as_pairs(scores, masks)
-    score_parts, weight_parts, normal_parts = [], [], []
-    n_regions = 0
+def _region_weights(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, int]:
+    """Per pooled pixel 1 / |its ground-truth region| (0 for normal pixels), and the number of
+    regions: regions are each image's 8-connected components, as MVTec AD's AU-PRO counts them."""
+    parts, n_regions = [], 0
     for i, (s, m) in enumerate(pairs):
         if s.ndim != 2:
             raise InputError(f"image {i}: AU-PRO needs 2-D maps, got shape {s.shape}")
@@ -181,26 +186,38 @@ def pro_curve(scores: MapsLike, masks: MapsLike) -> tuple[np.ndarray, np.ndarray
         inv_size = np.zeros(n + 1)
         if n:
             inv_size[1:] = 1.0 / np.bincount(flat, minlength=n + 1)[1:]
-        score_parts.append(s.ravel())
-        # Each pixel carries 1/|its region|; dividing the cumulative sum by the number of
-        # regions then gives the mean covered fraction over regions at every threshold.
-        weight_parts.append(inv_size[flat])
-        normal_parts.append(flat == 0)
+        parts.append(inv_size[flat])
         n_regions += n
+    return (np.concatenate(parts) if parts else np.zeros(0)), n_regions
+
+
+def _pro_from(counts: np.ndarray, positives: np.ndarray, covered: np.ndarray,
+              n_regions: int) -> tuple[np.ndarray, np.ndarray]:
+    """The PRO curve ``(fpr, pro)`` from per-score counts and summed region weights (highest
+    score first): one point per distinct score, starting at (0, 0). Each pixel carries
+    1/|its region|, so the cumulative sum over the number of regions is the mean covered
+    fraction over regions at every threshold."""
+    negatives = counts - positives
+    # Clipping removes float round-off above 1 in the cumulative sums.
+    fpr = np.concatenate(([0.0], np.minimum(np.cumsum(negatives, dtype=np.float64) / negatives.sum(), 1.0)))
+    pro = np.concatenate(([0.0], np.minimum(np.cumsum(covered) / n_regions, 1.0)))
+    return fpr, pro
+
+
+def pro_curve(scores: MapsLike, masks: MapsLike) -> tuple[np.ndarray, np.ndarray, int]:
+    """The exact PRO curve over all thresholds: ``(fpr, pro, n_regions)``, starting at (0, 0).
+
+    One point per distinct score (threshold ``score >= t``), from the highest score down.
+    Empty arrays when there is no region or no normal pixel.
+    """
+    pairs = _as_pairs(scores, masks)
+    weight, n_regions = _region_weights(pairs)
     if not pairs:
         return np.zeros(0), np.zeros(0), 0
-    normal = np.concatenate(normal_parts)
-    n_normal = int(normal.sum())
-    if n_regions == 0 or n_normal == 0:
+    s, m = _pooled_pairs(pairs)
+    if n_regions == 0 or m.all():
         return np.zeros(0), np.zeros(0), n_regions
-    score = np.concatenate(score_parts)
-    weight = np.concatenate(weight_parts)
-    del score_parts, weight_parts, normal_parts
-    # A threshold takes every pixel with that score: one point per distinct score.
-    _, normals, covered = _sums_per_score(score, normal, weight=weight)
-    # Clipping removes float round-off above 1 in the cumulative sums.
-    fpr = np.concatenate(([0.0], np.minimum(np.cumsum(normals, dtype=np.float64) / n_normal, 1.0)))
-    pro = np.concatenate(([0.0], np.minimum(np.cumsum(covered) / n_regions, 1.0)))
+    fpr, pro = _pro_from(*_sums_per_score(s, m, weight=weight), n_regions)
     return fpr, pro, n_regions
 
 
@@ -215,6 +232,10 @@ def aupro(scores: MapsLike, masks: MapsLike, fpr_limit: float = 0.3) -> float:
     if not 0.0 < fpr_limit <= 1.0:
         raise InputError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     fpr, pro, _ = pro_curve(scores, masks)
+    return _aupro_of(fpr, pro, fpr_limit)
+
+
+def _aupro_of(fpr: np.ndarray, pro: np.ndarray, fpr_limit: float) -> float:
     if fpr.size == 0:
         return float("nan")
     return _partial_trapezoid(fpr, pro, fpr_limit) / fpr_limit
@@ -271,13 +292,18 @@ def best_f1_threshold(scores: MapsLike, masks: MapsLike) -> tuple[float, float]:
 
 
 def segmentation_report(scores: MapsLike, masks: MapsLike) -> dict[str, float]:
-    """The usual bundle for evaluation commands: ``{"ap", "aupro", "pixel_auroc"}``."""
+    """The usual bundle for evaluation commands: ``{"ap", "aupro", "pixel_auroc"}``, from one
+    grouping of the pooled pixels by score."""
     pairs = _as_pairs(scores, masks)
-    s = [p[0] for p in pairs]
-    m = [p[1] for p in pairs]
+    weight, n_regions = _region_weights(pairs)
+    s, m = _pooled_pairs(pairs)
+    if not m.any():
+        return {"ap": float("nan"), "aupro": float("nan"), "pixel_auroc": float("nan")}
+    counts, positives, covered = _sums_per_score(s, m, weight=weight)
+    if m.all():
+        return {"ap": _ap_from(counts, positives), "aupro": float("nan"), "pixel_auroc": float("nan")}
     return {
-        "ap": pixel_ap(s, m),
-        "aupro": aupro(s, m),
-        "pixel_auroc": pixel_auroc(s, m),
+        "ap": _ap_from(counts, positives),
+        "aupro": _aupro_of(*_pro_from(counts, positives, covered, n_regions), 0.3),
+        "pixel_auroc": _auroc_from(counts, positives),
     }
-
