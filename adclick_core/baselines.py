@@ -66,9 +66,14 @@ def gray_image(image: np.ndarray) -> np.ndarray:
 
 def click_disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
     """Pixels within ``radius`` of (x, y), always including the pixel the click falls in."""
-    yy = np.arange(hw[0], dtype=np.float64)[:, None]
-    xx = np.arange(hw[1], dtype=np.float64)[None, :]
-    disk = (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+    disk = np.zeros(hw, dtype=bool)
+    r = int(np.ceil(max(radius, 0.0)))
+    y0, y1 = max(0, int(np.floor(y)) - r), min(hw[0], int(np.ceil(y)) + r + 1)
+    x0, x1 = max(0, int(np.floor(x)) - r), min(hw[1], int(np.ceil(x)) + r + 1)
+    if y0 < y1 and x0 < x1:  # only the window around the click: full-image grids cost ms per click
+        yy = np.arange(y0, y1, dtype=np.float64)[:, None]
+        xx = np.arange(x0, x1, dtype=np.float64)[None, :]
+        disk[y0:y1, x0:x1] = (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
     disk[min(max(int(round(y)), 0), hw[0] - 1), min(max(int(round(x)), 0), hw[1] - 1)] = True
     return disk
 

@@ -20,7 +20,7 @@ from .clicks import Click, encode_clicks, scale_clicks
 from .errors import CheckpointError, InputError
 from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
-from .refinement import RefineConfig, refine_answer
+from .refinement import ClickConsistency, RefineConfig, keep_clicks, refine_answer
 from .residuals import ResidualConfig, compute_residuals, match_residuals
 from .zoom import Box, ZoomConfig, relative_crop, to_canvas, zoom_box
 
@@ -248,6 +248,7 @@ class ClickPredictor(_ResidualPredictor):
 
     refinement: RefineConfig | None = RefineConfig()
     zoom: ZoomConfig | None = ZoomConfig()
+    consistency: ClickConsistency | None = ClickConsistency()
 
     def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
         """The residual state plus the grayscale copy that boundary refinement reads and the
@@ -263,6 +264,13 @@ class ClickPredictor(_ResidualPredictor):
         """A predictor sharing these weights whose answers are refined with ``config`` (None: raw)."""
         other = copy.copy(self)
         other.refinement = config
+        return other
+
+    def with_consistency(self, config: ClickConsistency | None) -> "ClickPredictor":
+        """A predictor sharing these weights whose answers honour the clicks with ``config``
+        (None: the answer as the model and refinement give it)."""
+        other = copy.copy(self)
+        other.consistency = config
         return other
 
     def with_zoom(self, config: ZoomConfig | None) -> "ClickPredictor":
@@ -299,6 +307,10 @@ class ClickPredictor(_ResidualPredictor):
         ``prev_mask``: the previous answer (H x W, probabilities or 0/1), or None.
         ``defect_type`` selects the language prompt once the language branch is enabled.
         """
+        prob = self._predict(state, clicks, prev_mask)
+        return prob if self.consistency is None else keep_clicks(prob, clicks, self.consistency)
+
+    def _predict(self, state: ImageState, clicks: Sequence[Click], prev_mask: np.ndarray | None) -> np.ndarray:
         h, w = state.original_hw
         for c in clicks:
             if not (np.isfinite(c.x) and np.isfinite(c.y) and 0 <= c.x <= w and 0 <= c.y <= h):

@@ -22,10 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from scipy import ndimage
 
 from .clicks import Click
 
-__all__ = ["ZoomConfig", "Box", "canvas_shape", "to_canvas", "zoom_box", "relative_crop", "encode_source",
+__all__ = ["ZoomConfig", "Box", "canvas_shape", "to_canvas", "zoom_box", "clicked_parts", "relative_crop",
+           "encode_source",
            "decode_source", "SOURCE_SIDE"]
 
 SOURCE_SIDE = 1024  # longer side at which a bank stores reference pixels (and the default canvas)
@@ -97,14 +99,20 @@ def zoom_box(
     config: ZoomConfig,
     input_size: int,
 ) -> Box | None:
-    """The crop to answer on: a square around ``region`` (canvas-size bool mask of the current
-    answer, or None) and the positive ``clicks`` (canvas px), ``config.expansion`` x their larger
-    side and at least ``config.min_side``, snapped to a coarse grid so that the next clicks reuse
-    it; shifted inside the canvas and cut to it where the canvas is narrower. None where there is
-    nothing to zoom on or the crop would cover more than ``config.max_cover`` of the canvas."""
+    """The crop to answer on: a square around the parts of ``region`` (canvas-size bool mask of
+    the current answer, or None) that a positive click touches, and the positive ``clicks``
+    (canvas px); ``config.expansion`` x their larger side and at least ``config.min_side``, snapped
+    to a coarse grid so that the next clicks reuse it; shifted inside the canvas and cut to it
+    where the canvas is narrower. None where there is nothing to zoom on or the crop would cover
+    more than ``config.max_cover`` of the canvas.
+
+    Parts no click touches do not count: a first answer on an unfamiliar product is often
+    scattered over the whole image, and its stray parts would make every crop the whole image."""
     ch, cw = canvas_hw
     ys = [c.y for c in clicks if c.positive]
     xs = [c.x for c in clicks if c.positive]
+    if region is not None:
+        region = clicked_parts(region, clicks)
     if region is not None and region.any():
         rows = np.flatnonzero(region.any(axis=1))
         cols = np.flatnonzero(region.any(axis=0))
@@ -122,6 +130,25 @@ def zoom_box(
     y0 = int(np.clip(round((cy - h / 2.0) / step) * step, 0, ch - h))
     x0 = int(np.clip(round((cx - w / 2.0) / step) * step, 0, cw - w))
     return y0, x0, h, w
+
+
+def clicked_parts(mask: np.ndarray, clicks: Sequence[Click], reach: float = 3.0) -> np.ndarray:
+    """The 8-connected parts of ``mask`` that lie within ``reach`` px of a positive click."""
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return np.zeros_like(mask, dtype=bool)
+    h, w = mask.shape
+    r = int(math.ceil(reach))
+    touched: set[int] = set()
+    for c in clicks:
+        if not c.positive:
+            continue
+        y, x = int(c.y), int(c.x)
+        win = labels[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+        yy, xx = np.mgrid[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+        near = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= reach * reach  # pixel (row i, column j) sits at (j, i), as in click_maps
+        touched.update(int(v) for v in np.unique(win[near]) if v)
+    return np.isin(labels, sorted(touched)) if touched else np.zeros_like(mask, dtype=bool)
 
 
 def relative_crop(image: np.ndarray, box: Box, canvas_hw: tuple[int, int]) -> np.ndarray:

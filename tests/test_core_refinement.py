@@ -133,3 +133,32 @@ def test_clicks_in_separate_regions_are_not_joined():
     answer[70:80, 95:105] = 0.02  # the answer splits the line in two
     traced = refine_answer(answer, gray, [Click(100, 32, True), Click(100, 117, True)])
     assert (traced[72:78, 99:101] < 0.5).all()
+
+
+# ---------------------------------------------------------------- click consistency
+
+
+def test_every_click_pixel_carries_its_label_and_the_last_click_wins():
+    from adclick_core.refinement import ClickConsistency, keep_clicks
+
+    prob = np.full((40, 60), 0.3, np.float32)
+    prob[10:20, 10:20] = 0.95  # the clicked defect
+    out = keep_clicks(prob, [Click(30, 30, True), Click(15, 15, False), Click(31, 30, False)])
+    assert out[30, 30] <= 0.05  # the later negative click overrides the positive one beside it
+    assert out[15, 15] <= 0.05 and out[30, 28] >= 0.9
+    cfg = ClickConsistency(radius=0.0)
+    assert keep_clicks(np.zeros((5, 5), np.float32), [Click(2.4, 1.6, True)], cfg)[2, 2] >= 0.9
+    untouched = keep_clicks(prob, [])
+    np.testing.assert_array_equal(untouched, prob)
+
+
+def test_mask_parts_no_positive_click_touches_drop_out_of_the_mask():
+    from adclick_core.refinement import keep_clicks
+
+    prob = np.zeros((40, 60), np.float32)
+    prob[5:12, 5:12] = 0.8  # clicked
+    prob[25:35, 40:55] = 0.9  # stray
+    out = keep_clicks(prob, [Click(8, 8, True), Click(47, 30, False)])
+    assert (out[5:12, 5:12] >= 0.8).all()
+    stray = out[25:35, 40:55]
+    assert stray.max() < 0.49 and (stray > 0).sum() > 100  # still ranked, out of the mask (also at 0.49)

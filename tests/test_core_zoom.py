@@ -9,7 +9,7 @@ from adclick_core.clicks import Click
 from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.zoom import ZoomConfig, canvas_shape, relative_crop, to_canvas, zoom_box
+from adclick_core.zoom import ZoomConfig, canvas_shape, clicked_parts, relative_crop, to_canvas, zoom_box
 from tests.images import texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -59,6 +59,17 @@ def test_no_crop_without_a_positive_click_or_when_it_would_cover_most_of_the_ima
     assert zoom_box(None, [Click(5, 5, False)], (100, 100), cfg, 32) is None
     assert zoom_box(None, [Click(50, 50, True)], (300, 300), cfg, 256) is None  # 256^2 > 0.6 x 300^2
     assert zoom_box(_region((1000, 1000), (0, 900, 0, 900)), [Click(1, 1, True)], (1000, 1000), cfg, 256) is None
+
+
+def test_parts_of_the_answer_no_click_touches_do_not_widen_the_crop():
+    hw = (400, 1000)
+    answer = _region(hw, (200, 210, 500, 512)) | _region(hw, (20, 60, 20, 60)) | _region(hw, (300, 390, 900, 990))
+    clicks = [Click(505, 204, True), Click(40, 40, False)]  # a negative click on a stray part
+    assert np.array_equal(clicked_parts(answer, clicks), _region(hw, (200, 210, 500, 512)))
+    assert zoom_box(answer, clicks, hw, ZoomConfig(), 256) == zoom_box(_region(hw, (200, 210, 500, 512)), clicks, hw,
+                                                                      ZoomConfig(), 256)
+    near = clicked_parts(_region(hw, (200, 210, 500, 512)), [Click(513.5, 205, True)])  # 2.5 px from column 511
+    assert near.sum() == 120 and not clicked_parts(answer, [Click(530, 205, True)]).any()
 
 
 def test_canvas_keeps_small_images_and_shrinks_large_ones():
