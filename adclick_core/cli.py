@@ -161,6 +161,28 @@ def cmd_eval_click(args) -> dict:
     return result
 
 
+def cmd_adapt_click(args) -> dict:
+    from .adaptation import AdaptConfig, adapt_click
+    from .data import IMAGE_SUFFIXES, cached_bank
+    from .predictor import ClickPredictor
+
+    src = Path(args.data)
+    if not src.is_dir():
+        raise DataError(f"{src} is not a folder (give a folder of defect-free images or an MVTec-style folder)")
+    if (src / "train" / "good").is_dir():
+        src = src / "train" / "good"
+    images = sorted(p for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"no images found in {src}")
+    cfg = AdaptConfig(iterations=args.iterations, lr=args.lr, per_image=args.per_image, zoom_share=args.zoom_share,
+                      max_images=args.max_images, member=args.member, seed=args.seed)
+    pred = ClickPredictor.from_checkpoint(args.checkpoint, device=args.device)
+    bank = cached_bank(pred.extractor, images, args.bank)
+    summary = adapt_click(pred.with_bank(bank), args.out, cfg, normals=images)
+    ClickPredictor.from_checkpoint(args.out, device=args.device)  # a file that does not load is an error now
+    return summary
+
+
 def cmd_bench(args) -> dict:
     from .benchmark import bench_clicks
 
@@ -278,6 +300,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     _add_residual_args(p)
     p.set_defaults(func=cmd_train_click)
+
+    p = sub.add_parser("adapt-click", help="fine-tune the click model on one product's defect-free images (minutes)")
+    p.add_argument("--data", required=True, help="folder of defect-free images, or an MVTec-style folder (train/good)")
+    p.add_argument("--out", required=True, help="adapted checkpoint to write")
+    p.add_argument("--checkpoint", default=None, help="click model to start from (default: the shipped one)")
+    p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
+    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--per-image", type=int, default=2, help="synthetic anomalies per reference image")
+    p.add_argument("--zoom-share", type=float, default=0.5, help="share of them on zoom-in crops")
+    p.add_argument("--max-images", type=int, default=200, help="reference images used at most")
+    p.add_argument("--member", type=int, default=0, help="the ensemble member to start from")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_adapt_click)
 
     p = sub.add_parser("combine-click", help="several click checkpoints -> one ensemble checkpoint (mean probability)")
     p.add_argument("checkpoints", nargs="+", help="click checkpoints of one architecture, backbone and bank")

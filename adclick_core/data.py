@@ -85,20 +85,24 @@ class MVTecFolder:
         return out
 
     def reference_bank(self, extractor, cache: str | Path | None = None, progress: bool = True):
-        """The folder's ReferenceBank (train/good): loaded from ``cache`` if it exists and fits
-        the extractor's backbone, else built (and written to ``cache`` when given)."""
-        from .reference import ReferenceBank
+        """The folder's ReferenceBank (train/good): see ``cached_bank``."""
+        return cached_bank(extractor, self.train_good(), cache, progress)
 
-        if cache and Path(cache).is_file():
-            bank = ReferenceBank.load(cache, device=extractor.device)
-            if bank.backbone.fingerprint() != extractor.config.fingerprint():
-                log.warning("bank %s was built with another backbone; rebuilding", cache)
-            elif not bank.has_sources:
-                log.warning("bank %s keeps no reference pixels (an older format: no zoom-in); rebuilding", cache)
-            else:
-                return bank
-        paths = self.train_good()
-        bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
-        if cache:
-            bank.save(cache)
-        return bank
+
+def cached_bank(extractor, paths: list[Path], cache: str | Path | None = None, progress: bool = True):
+    """The ReferenceBank of ``paths``: loaded from ``cache`` if it exists, fits the extractor's
+    backbone and keeps its references' pixels, else built (and written to ``cache`` when given)."""
+    from .reference import ReferenceBank
+
+    if cache and Path(cache).is_file():
+        bank = ReferenceBank.load(cache, device=extractor.device)
+        if bank.backbone.fingerprint() != extractor.config.fingerprint():
+            log.warning("bank %s was built with another backbone; rebuilding", cache)
+        elif not bank.has_sources:
+            log.warning("bank %s keeps no reference pixels (an older format: no zoom-in); rebuilding", cache)
+        else:
+            return bank
+    bank = ReferenceBank.build(extractor, paths, names=[p.name for p in paths], progress=progress)
+    if cache:
+        bank.save(cache)
+    return bank

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,8 +20,9 @@ from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .models.embeddings import residual_features
 from .reference import ReferenceBank
-from .residuals import ResidualConfig, compute_residuals, similar_bank_images
+from .residuals import ResidualConfig, compute_residuals, match_residuals, retrieve_neighbours, similar_bank_images
 from .synthesis import AnomalySynthesizer
+from .zoom import ZoomConfig, relative_crop, to_canvas
 
 __all__ = ["SyntheticPool", "build_synthetic_pool", "ClickTrainConfig", "train_click", "ProgressFn"]
 
@@ -52,13 +53,26 @@ def build_synthetic_pool(
     batch_size: int = 8,
     synthesizer: AnomalySynthesizer | None = None,
     exclude_similar: int = 0,
+    zoom_share: float = 0.0,
+    zoom: ZoomConfig | None = None,
 ) -> SyntheticPool:
     """Paste ``per_image`` synthetic anomalies on every normal image and compute their residuals.
 
     ``bank_index[i]`` is the bank position of ``normals[i]`` (if it is in the bank): that image is
     excluded from its own retrieval, otherwise its residual would be trivially small, and so are
     the ``exclude_similar`` bank images most like it (``residuals.similar_bank_images``).
+
+    A ``zoom_share`` of the samples are zoom-in crops instead of whole images (as
+    ``ClickPredictor`` answers small defects): a random square of the image's canvas, between the
+    model input and the canvas's shorter side, with the anomaly pasted on it and its residual
+    against the same crop of the image's ``zoom.k`` nearest references (the bank must keep their
+    pixels). The model then learns defects at their own size, not only squashed into one cell.
     """
+    if not 0.0 <= zoom_share <= 1.0:
+        raise ValueError(f"zoom_share must lie in [0, 1], got {zoom_share}")
+    zoom = zoom or ZoomConfig()
+    if zoom_share > 0 and not bank.has_sources:
+        raise ValueError("zoom-in samples need a bank that keeps its references' pixels (rebuild the bank)")
     rng = np.random.default_rng(seed)
     synth = synthesizer or AnomalySynthesizer()
     s = extractor.config.input_size
@@ -76,19 +90,66 @@ def build_synthetic_pool(
             resized_cache[i] = img[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
         return resized_cache[i]
 
+    canvas_cache: dict[int, np.ndarray] = {}
+
+    def canvas(i: int) -> np.ndarray:
+        if i not in canvas_cache:
+            canvas_cache[i] = to_canvas(load_image(normals[i]), zoom.canvas_side)
+        return canvas_cache[i]
+
+    def exclusions(i: int) -> list[int]:
+        return left_out[int(bank_index[i])] if bank_index is not None and bank_index[i] >= 0 else []
+
+    # The crop or the whole image of each sample, drawn up front so the random stream of the
+    # whole-image samples does not depend on the pixels.
+    crops: dict[int, tuple[int, int, int, int]] = {}
+    if zoom_share > 0:
+        for j, (i, _) in enumerate(jobs):
+            if rng.random() >= zoom_share:
+                continue
+            ch, cw = canvas(i).shape[:2]
+            short = min(ch, cw)
+            if short <= s:
+                continue  # the whole image is already at its own resolution
+            side = int(round(math.exp(rng.uniform(math.log(s), math.log(short)))))
+            crops[j] = (int(rng.integers(0, ch - side + 1)), int(rng.integers(0, cw - side + 1)), side, side)
+    k_zoom = replace(residual_config, k=zoom.k)
+
     for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
+        chunk = list(enumerate(jobs[start : start + batch_size], start=start))
         images, excl = [], []
-        for i, _ in chunk:
+        for j, (i, _) in chunk:
+            if j in crops:
+                continue
             other = resized(int(rng.integers(len(normals))))
             img, mask = synth(resized(i), rng, others=[other])
             images.append(img)
             masks.append(mask)
-            excl.append(left_out[int(bank_index[i])] if bank_index is not None and bank_index[i] >= 0 else [])
-        feats = extractor(extractor.preprocess(images))
-        res = compute_residuals(feats.grid, feats.descriptor, bank, residual_config, exclude=excl)
-        residuals.append(res.residual.half().cpu())
-        fines.append(feats.fine.half().cpu())
+            excl.append(exclusions(i))
+        if images:
+            feats = extractor(extractor.preprocess(images))
+            res = compute_residuals(feats.grid, feats.descriptor, bank, residual_config, exclude=excl)
+            residuals.append(res.residual.half().cpu())
+            fines.append(feats.fine.half().cpu())
+        for j, (i, _) in chunk:
+            if j not in crops:
+                continue
+            box = crops[j]
+            y0, x0, h, w = box
+            cv = canvas(i)
+            crop = np.ascontiguousarray(cv[y0:y0 + h, x0:x0 + w])
+            crop = F.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None].float(), size=(s, s), mode="bilinear",
+                                 antialias=True, align_corners=False)[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+            other = resized(int(rng.integers(len(normals))))
+            img, mask = synth(crop, rng, others=[other])
+            whole = extractor(extractor.preprocess([resized(i)]))
+            near = retrieve_neighbours(bank, whole.descriptor, k_zoom, exclude=[exclusions(i)])[0].tolist()
+            refs = [relative_crop(bank.source(r), box, cv.shape[:2]) for r in near if bank.sources[r] is not None]
+            feats = extractor(extractor.preprocess([img] + refs))
+            residuals.append(match_residuals(feats.grid[0].float(), feats.grid[1:].float(), residual_config)[None]
+                             .half().cpu())
+            fines.append(feats.fine[:1].half().cpu())
+            masks.append(mask)
         bar.update(len(chunk))
     bar.close()
     return SyntheticPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
@@ -158,13 +219,20 @@ def train_click(
     progress: bool = True,
     callback: ProgressFn | None = None,
     checkpoint_every: int = 500,
+    init_state: dict | None = None,
 ) -> tuple[ADClick, dict]:
-    """Train ADClick on a synthetic pool. Returns the EMA model and a summary; writes ``out``."""
+    """Train ADClick on a synthetic pool. Returns the EMA model and a summary; writes ``out``.
+
+    ``init_state``: weights to start from (fine-tuning, e.g. ``adaptation.adapt_click``) instead
+    of a fresh model; the input scale is measured on this pool either way, so a product whose
+    residuals run larger or smaller reaches the network at the scale it learnt on."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     device = torch.device(device)
     mcfg = config.model
     model = ADClick(mcfg).to(device)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
     model.residual_embed.input_scale.copy_(
         input_scale(pool.residual, torch.from_numpy(pool.masks), mcfg.residual_input).to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
