@@ -64,8 +64,7 @@ def box_clicks_and_probability(
     pixel (at most ``max_negative``).
 
     The click model's raw answers are used, not the boundary-refined ones: the box already bounds
-    the defect, and refinement made these labels worse (scripts/box_label_probe.py at commit
-    72652e3, 49 images: pixel AP 0.841 raw vs 0.669 refined, mean IoU 0.475 vs 0.419).
+    the defect, and refinement made these labels worse (49 MTD images: pixel AP 0.841 raw vs 0.669 refined, mean IoU 0.475 vs 0.419).
     """
     predictor = predictor.with_refinement(None)
     h, w = state.original_hw

@@ -39,7 +39,7 @@ __all__ = ["RefineConfig", "refine_answer", "ClickConsistency", "keep_clicks"]
 class RefineConfig:
     """Defaults chosen on 64 MTD test images with 30 references (IoU >= 0.5 after 3 clicks: 26 of
     64 raw, 39 with the walker alone, 45 with the anchored cut of large answers as well, mean IoU
-    0.579 -> 0.583 with traced clicks; scripts/refine_probe.py)."""
+    0.579 -> 0.583 with traced clicks)."""
 
     max_area_frac: float = 0.03  # refine only answers (> 0.5) covering less than this of the image
     low: float = 0.2  # answer below this: background seed

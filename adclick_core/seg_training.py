@@ -242,13 +242,13 @@ UNSUPERVISED_PHOTOMETRIC_FRACTION = 0.9
 # Unsupervised pool only: share of uneven anomalies (default 0.2) and the share of those that are
 # straight-bordered finish patches (synthesis.finish_mask) rather than soft blobs. Measured on MTD,
 # 2000 iterations, pixel AP (folds 0 / 1) of the model alone (gated) / fused with the training-free
-# map (SegTrainConfig.map_fusion_weight), throwaway-script runs in session 14: soft blobs 0.301 /
+# map (SegTrainConfig.map_fusion_weight): soft blobs 0.301 /
 # 0.321 and 0.358 / 0.342; finish patches 0.238 / 0.281 and 0.403 / 0.375; finish patches at
 # share 0.35 0.307 / 0.271 and 0.442 / 0.366. With `train-seg --mode unsupervised` itself (another
 # random stream): fused 0.403 / 0.335. On their own the patches make the model fire on bright
-# streaky normal areas too; fused with the map they lift the large uneven defects. Session 15,
+# streaky normal areas too; fused with the map they lift the large uneven defects.
 # `train-seg --mode unsupervised`, fused, share 0.35 -> 0.4 (all that is left after perlin 0.35 and
-# crack 0.25: no spots; session 15 set 0.5, which the draw cut to 0.4, the same random stream):
+# crack 0.25: no spots; a share of 0.5 is cut to 0.4 by the same draw):
 # seed 0 0.381 -> 0.395 (eval-seg: 0.416 / 0.373), seed 1 0.346 -> 0.364 (means over the folds).
 UNSUPERVISED_UNEVEN_FRACTION = 0.4
 UNSUPERVISED_FINISH_FRACTION = 1.0

@@ -218,7 +218,7 @@ def strip_mask(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     Bands from a side (``edge_mask``, ``finish_mask``) and soft blobs (``uneven_mask``) leave out
     the interior band: a model that never saw one grows each click on such a band into a blob
     that spills over it (MTD *uneven*: full-width bands in the middle of the tile). Measured on
-    MTD (README, sessions 19-20): at 1200 iterations the best single click model but no better
+    MTD: at 1200 iterations the best single click model but no better
     ensemble; trained 2000 iterations (``--strip-share 0.5``) it is the shipped ensemble's second
     member."""
     h, w = hw
@@ -261,7 +261,7 @@ class AnomalySynthesizer:
     # Share of the strips rendered faint (a 1-6 % change of brightness and texture): two of MTD's
     # four worst *uneven* bands differ from the rest of the tile by 1 % and 4 % in mean grey level, too
     # little for the residual, so there the model has to follow the clicks' line. Measured on MTD
-    # (README, session 22): the best single click model, no better ensemble. 0 draws nothing extra.
+    # : the best single click model, no better ensemble. 0 draws nothing extra.
     p_faint: float = 0.0
     min_area_frac: float = 0.0008
     max_area_frac: float = 0.35

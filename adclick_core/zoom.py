@@ -44,7 +44,10 @@ class ZoomConfig:
     expansion: float = 2.0  # crop side = this x the larger side of the box around mask and clicks
     min_side: int | None = None  # crop side at least this (canvas px; None: the model input, never magnify)
     k: int = 5  # reference crops the crop is matched against (the image's nearest references)
-    max_cover: float = 0.6  # a crop covering more of the canvas than this: answer on the whole image
+    # A crop covering more of the canvas than this answers on the whole image: below ~4x fewer
+    # pixels the crop gains less than 2x resolution and loses the context the model was trained
+    # with (on 300-500 px MTD photos, 0.6 lowered the e2e IoU after 3 clicks from 0.65 to 0.57).
+    max_cover: float = 0.25
     cache: int = 4  # crop states kept per image
 
     def to_dict(self) -> dict:

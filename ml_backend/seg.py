@@ -207,7 +207,7 @@ class SegJob:
     @staticmethod
     def _click_replay(pred):
         """(image, clicks, defect type) -> the click model's answer after the last click, replayed
-        click by click with the previous answer as the interactive session did."""
+        click by click with the previous answer as the annotator did."""
         last: list = [None, None]  # (image, state): one image's state serves all its labels
 
         def replay(image, clicks, defect_type):

@@ -57,7 +57,10 @@ def test_the_crop_stays_inside_the_canvas_and_is_cut_where_the_canvas_is_narrowe
 def test_no_crop_without_a_positive_click_or_when_it_would_cover_most_of_the_image():
     cfg = ZoomConfig()
     assert zoom_box(None, [Click(5, 5, False)], (100, 100), cfg, 32) is None
-    assert zoom_box(None, [Click(50, 50, True)], (300, 300), cfg, 256) is None  # 256^2 > 0.6 x 300^2
+    assert zoom_box(None, [Click(50, 50, True)], (300, 300), cfg, 256) is None  # 256^2 > 0.25 x 300^2
+    # A 470 x 369 tile gains less than 2x resolution from a 256 crop: whole image; a 1024 x 417 spindle zooms.
+    assert zoom_box(None, [Click(200, 200, True)], (369, 470), cfg, 256) is None
+    assert zoom_box(None, [Click(500, 200, True)], (417, 1024), cfg, 256) is not None
     assert zoom_box(_region((1000, 1000), (0, 900, 0, 900)), [Click(1, 1, True)], (1000, 1000), cfg, 256) is None
 
 

@@ -1,9 +1,11 @@
 """End-to-end fixtures: a REAL Label Studio 1.23.2 (from .lsvenv) and OUR backend under gunicorn,
-both on 127.0.0.1 at free ports, started once per session and stopped after.
+both on 127.0.0.1 at free ports, started once per test run and stopped after.
 
 Label Studio comes from ``.lsvenv`` (created by ``scripts/install_label_studio.sh``, which this
-fixture runs when the venv is missing: ~1-2 min, once). The MTD data must be at
-``<repo>/../shared/data/mtd``; if it is missing the tests FAIL with a message (nothing is skipped).
+fixture runs when the venv is missing: ~1-2 min, once). The images are the committed MTD sample
+``tests/data/mtd_sample`` (see its SOURCE.md), or any MVTec-style MTD folder named by
+``ADCLICK_E2E_DATA`` (e.g. the full set); a folder that lacks train/good or ground_truth FAILS the
+tests with a message (nothing is skipped).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ import requests
 from .helpers import SEG_ITERATIONS
 
 REPO = Path(__file__).resolve().parents[2]
-MTD = REPO.parent / "shared" / "data" / "mtd"
+MTD_SAMPLE = REPO / "tests" / "data" / "mtd_sample"
+MTD = Path(os.environ.get("ADCLICK_E2E_DATA") or MTD_SAMPLE).resolve()
 LS_VERSION = "1.23.2"
 LS_START_TIMEOUT_S = 180
 BACKEND_START_TIMEOUT_S = 120
@@ -64,7 +67,7 @@ def mtd_dir() -> Path:
     if not (MTD / "train" / "good").is_dir() or not (MTD / "ground_truth").is_dir():
         pytest.fail(
             f"the MTD data set is missing: expected {MTD} with train/good, test/<defect> and "
-            "ground_truth/<defect> (the repository's parent folder must hold shared/data/mtd)",
+            f"ground_truth/<defect> (unset ADCLICK_E2E_DATA to use the committed sample {MTD_SAMPLE})",
             pytrace=False,
         )
     return MTD
@@ -221,7 +224,7 @@ def mtd_project(label_studio, backend_server, mtd_dir):
     """A project with label_config/interactive_weak.xml, a Local Storage on the MTD folder,
     N_REFERENCES train/good images with an OK verdict (the references), 2 images per defect type
     and one task whose file does not exist; our backend connected as interactive."""
-    from .helpers import CONFIG, MISSING_URL, import_tasks, local_url, pick_defects, pick_references, verdict_result
+    from .helpers import CONFIG, import_tasks, local_url, missing_url, pick_defects, pick_references, verdict_result
 
     ls = label_studio
     pid = ls.api("POST", "/api/projects", json={"title": "ADClick e2e", "label_config": CONFIG})["id"]
@@ -232,14 +235,14 @@ def mtd_project(label_studio, backend_server, mtd_dir):
     tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
              for g in refs]
     tasks += [{"data": {"image": local_url(img, mtd_dir), "defect": d}} for d, img, _ in defects]
-    tasks.append({"data": {"image": MISSING_URL}})
+    tasks.append({"data": {"image": missing_url(mtd_dir)}})
     by_url = import_tasks(ls, pid, tasks)
     ml = ls.api("POST", "/api/ml", json={"url": backend_server.url, "project": pid, "is_interactive": True,
                                          "title": "ADClick"})
     return {
         "id": pid, "ml_id": ml["id"], "ml": ml, "by_url": by_url, "n_refs": len(refs), "refs": list(refs),
         "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],
-        "missing_task": by_url[MISSING_URL],
+        "missing_task": by_url[missing_url(mtd_dir)],
         "any_task": by_url[local_url(defects[0][1], mtd_dir)],
         "goods_unused": [g for g in sorted((mtd_dir / "train" / "good").glob("*.jpg")) if g not in refs],
     }

@@ -10,7 +10,6 @@ CONFIG = (REPO / "label_config" / "interactive_weak.xml").read_text()
 DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
 N_REFERENCES = 30
 PER_TYPE = 2
-MISSING_URL = "/data/local-files/?d=mtd/test/crack/this_file_does_not_exist.jpg"
 # Start Training in the end-to-end tests: iterations of the backend's ADClick-Seg training
 # (ADCLICK_SEG_ITERATIONS of the backend fixture) and images annotated per defect type.
 SEG_ITERATIONS = int(os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "300"))
@@ -20,6 +19,11 @@ ANNOTATED_PER_TYPE = 4
 def local_url(path: Path, mtd: Path) -> str:
     """The Local Storage URL Label Studio uses for a file under the document root (mtd's parent)."""
     return f"/data/local-files/?d={path.relative_to(mtd.parent).as_posix()}"
+
+
+def missing_url(mtd: Path) -> str:
+    """A Local Storage URL under the document root whose file does not exist."""
+    return local_url(mtd / "test" / "crack" / "this_file_does_not_exist.jpg", mtd)
 
 
 def verdict_result(value: str = "OK") -> list[dict]:

@@ -1,5 +1,5 @@
 """End to end through the web page: headless Chromium (Debian's ``/usr/bin/chromium``, driven by npm
-``playwright-core`` from ``tests/e2e/browser``; no browser is downloaded) logs into the session's
+``playwright-core`` from ``tests/e2e/browser``; no browser is downloaded) logs into the test run's
 real Label Studio, opens a defect task, switches on *Auto-Annotation*, picks the smart KeyPoint
 label, clicks the defect (the ground-truth mask's centroid, mapped onto the scaled image) and waits
 for our backend's BrushLabels suggestion. A screenshot of the labeling page is saved.

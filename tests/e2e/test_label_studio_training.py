@@ -2,7 +2,7 @@
 (real models, ``helpers.SEG_ITERATIONS`` iterations), then batch pre-annotation answers masks
 stamped with the new model version that beat the training-free map on images nobody annotated.
 
-Runs after test_label_studio_clicks.py (same session project: 30 OK-tagged references, the 10 e2e
+Runs after test_label_studio_clicks.py (the same test-run project: 30 OK-tagged references, the 10 e2e
 defect images, 2 per type, which nobody annotates: they are the held-out set). The test imports
 ``ANNOTATED_PER_TYPE`` more images per defect type and annotates them from their ground truth, as
 an annotator would submit them: the first of each type with rectangles around the mask's blobs
@@ -144,7 +144,7 @@ def test_start_training_then_preannotate_with_the_new_model(label_studio, mtd_pr
     # with, its masks beat the training-free map clearly ...
     assert ap_train > free_train + 0.1, (ap_train, free_train)
     # ... and on the 10 images nobody annotated they are above it (the floor; measured 0.123 vs
-    # 0.119 since session 9, 0.177 before. A wider held-out set or another seed can put it below: README).
+    # 0.119 on the full MTD set's images; a wider held-out set or another seed can put it below).
     assert ap_held > free_held, (
         f"pre-annotation on the {len(held_out)} held-out images (AP {ap_held:.3f}) is not above the training-free "
         f"map ({free_held:.3f})")
