@@ -36,6 +36,18 @@ ADCLICK_SEG_THRESHOLD     Pre-annotation: probability above which a pixel is in 
 ADCLICK_TRAIN_EVERY       Also start a training after every N new annotations (default 0 = only on
                           Start Training). One training per project at a time.
 ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).
+BASIC_AUTH_USER           With BASIC_AUTH_PASS: HTTP Basic credentials every endpoint wants (Label
+BASIC_AUTH_PASS           Studio: Connect Model > Use authentication); /health without credentials
+                          answers only {"status": "UP"}. Unset (default): no authentication.
+ADCLICK_ALLOWED_HOSTS     Image hosts besides Label Studio the backend may download from: comma-
+                          separated names, *.example.com for a domain, * for every public host.
+                          Loopback/private/link-local addresses only when listed by name (default:
+                          none; Label Studio's own cloud-storage redirects to public hosts are allowed).
+ADCLICK_MAX_REQUEST_MB    Largest request body (default 20; 413 above).
+ADCLICK_MAX_IMAGE_MB      Largest image download or data: URL (default 50; 413 above).
+ADCLICK_MAX_IMAGE_PIXELS  Largest image in pixels (default 50e6; 413 above, before decoding).
+ADCLICK_MAX_CLICKS        Most KeyPoints in one interactive request (default 100).
+ADCLICK_MAX_TASKS         Most tasks in one /predict (default 1000).
 ADCLICK_PRELOAD           1 (default) loads the click model at start in the background; 0 on first use.
 ADCLICK_LOG_LEVEL         DEBUG | INFO (default) | WARNING.
 """

@@ -1,5 +1,10 @@
 """The Label Studio ML-backend HTTP protocol (Flask): /health /setup /predict /webhook /versions.
 
+With ``BASIC_AUTH_USER`` / ``BASIC_AUTH_PASS`` set (Label Studio's *Connect Model* dialog sends
+them: "Use authentication"), every endpoint wants them; ``/health`` without an Authorization
+header answers only ``{"status": "UP"}``, so a load balancer can probe it. Request bodies stop at
+``ADCLICK_MAX_REQUEST_MB`` (413).
+
 Every bad input gets a 4xx JSON ``{"error": "..."}``; an unexpected exception a 500 JSON with a
 message (and a logged traceback); the worker never dies on a request.
 
@@ -9,9 +14,14 @@ sent as the HTTP reason phrase (ASCII, one line, shortened).
 """
 from __future__ import annotations
 
+import base64
+import hmac
 import logging
+import os
 import re
 import time
+from dataclasses import dataclass
+
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -63,6 +73,34 @@ def _core_error_status(e: Exception) -> tuple[int, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP Basic credentials every request must carry."""
+
+    user: str
+    password: str
+
+    @classmethod
+    def from_env(cls) -> "BasicAuth | None":
+        user, password = os.environ.get("BASIC_AUTH_USER", ""), os.environ.get("BASIC_AUTH_PASS", "")
+        if bool(user) != bool(password):
+            raise RuntimeError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        return cls(user, password) if user else None
+
+    def accepts(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries these credentials (constant time)."""
+        scheme, _, encoded = (header or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        ok_user = hmac.compare_digest(user.encode(), self.user.encode())
+        ok_pass = hmac.compare_digest(password.encode(), self.password.encode())
+        return bool(sep) and ok_user and ok_pass
+
+
 def _json_body() -> dict:
     data = request.get_json(silent=True, force=True)
     if data is None:
@@ -78,6 +116,24 @@ def create_app(backend: Backend | None = None) -> Flask:
     app.json.sort_keys = False
     backend = backend or Backend()
     app.config["ADCLICK_BACKEND"] = backend
+    app.config["MAX_CONTENT_LENGTH"] = int(float(os.environ.get("ADCLICK_MAX_REQUEST_MB", "20")) * 1024 * 1024)
+    auth = BasicAuth.from_env()
+    max_tasks = int(float(os.environ.get("ADCLICK_MAX_TASKS", "1000")))
+
+    @app.before_request
+    def _authenticate():
+        request.environ["adclick.authenticated"] = auth is None or auth.accepts(request.headers.get("Authorization"))
+        if request.environ["adclick.authenticated"]:
+            return None
+        if request.path in ("/", "/health") and "Authorization" not in request.headers:
+            return None  # a probe; wrong credentials get their 401, which Label Studio explains
+        backend.stats["errors_4xx"] += 1
+        logger.warning("%s %s -> 401: no or wrong Basic credentials from %s", request.method, request.path,
+                       request.remote_addr)
+        resp = error_response(401, "this ML backend needs HTTP Basic credentials (BASIC_AUTH_USER / "
+                                   "BASIC_AUTH_PASS): in Label Studio, Model > Connect Model > Use authentication")
+        resp.headers["WWW-Authenticate"] = 'Basic realm="ADClick ML backend", charset="UTF-8"'
+        return resp
 
     @app.errorhandler(BackendError)
     def _backend_error(e: BackendError):
@@ -93,7 +149,10 @@ def create_app(backend: Backend | None = None) -> Flask:
     def _http_error(e: HTTPException):
         code = e.code or 500
         msg = e.description or e.name
-        if code == 404:
+        if code == 413:
+            msg = (f"the request body is above ADCLICK_MAX_REQUEST_MB "
+                   f"({(app.config['MAX_CONTENT_LENGTH'] or 0) / 2**20:.0f} MB)")
+        elif code == 404:
             msg = f"no such endpoint {request.path}; this ML backend serves /health /setup /predict /webhook /versions"
         elif code == 405:
             msg = f"{request.method} is not allowed on {request.path}"
@@ -114,6 +173,8 @@ def create_app(backend: Backend | None = None) -> Flask:
     @app.get("/")
     @app.get("/health")
     def health():
+        if not request.environ.get("adclick.authenticated"):
+            return jsonify({"status": "UP", "auth": "Basic credentials required for details"})
         return jsonify(backend.health())
 
     @app.post("/setup")
@@ -143,6 +204,8 @@ def create_app(backend: Backend | None = None) -> Flask:
         tasks = data.get("tasks")
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
+        if len(tasks) > max_tasks:
+            raise BadRequest(f"{len(tasks)} tasks in one /predict, above ADCLICK_MAX_TASKS ({max_tasks})", status=413)
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         context = params.get("context", data.get("context"))
         project = data.get("project")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -26,6 +27,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from adclick_core.clicks import Click
 
 from .errors import BadRequest
+
+# Bounds on what one request may make the backend decode (each a clear 4xx when passed).
+MAX_CLICKS = int(float(os.environ.get("ADCLICK_MAX_CLICKS", "100")))
+MAX_IMAGE_PIXELS = int(float(os.environ.get("ADCLICK_MAX_IMAGE_PIXELS", "50e6")))
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's decompression-bomb guard stays on, at our bound
 
 logger = logging.getLogger(__name__)
 
@@ -291,6 +297,8 @@ def context_clicks(context: Any, cfg: LabelConfig, width: int | None, height: in
         labels = (item.get("value") or {}).get("keypointlabels") or []
         return str(labels[0]) if labels else cfg.keypoint.labels[0]
 
+    if len(points) > MAX_CLICKS:
+        raise BadRequest(f"{len(points)} clicks in one request, above ADCLICK_MAX_CLICKS ({MAX_CLICKS})")
     label = label_of(points[-1])
     clicks: list[Click] = []
     for idx, item in enumerate(points):
@@ -377,6 +385,15 @@ def _open(data: bytes) -> Image.Image:
         raise BadRequest("the image is empty (0 bytes)")
     try:
         im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadRequest(f"the image is too large: {e} (ADCLICK_MAX_IMAGE_PIXELS)", status=413) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadRequest(f"the image is corrupt or not a supported format: {e}") from None
+    w, h = im.size
+    if w * h > MAX_IMAGE_PIXELS:
+        raise BadRequest(f"the image is {w}x{h} = {w * h:,} pixels, above ADCLICK_MAX_IMAGE_PIXELS "
+                         f"({MAX_IMAGE_PIXELS:,})", status=413)
+    try:
         im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

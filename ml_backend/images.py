@@ -11,6 +11,8 @@ http(s)). We add what users of the official SAM backend kept tripping over:
 * errors: 401/403 -> 424 naming LABEL_STUDIO_API_KEY, 404 -> 404 naming the URL, an unreachable
   host -> 424 naming LABEL_STUDIO_URL; never a bare traceback.
 * a timeout on every download (the helper has none by default).
+* the download policy of ``url_policy.py`` (no SSRF: Label Studio host, its cloud-storage
+  redirects and ``ADCLICK_ALLOWED_HOSTS`` only; the token only to Label Studio; bounded bytes).
 * the helper's file cache is kept per (host, token) and bounded in size, so a wrong token
   never gets a file another token downloaded, and the disk does not fill up.
 """
@@ -30,6 +32,7 @@ from urllib.parse import urlparse
 import requests
 
 from .errors import BadRequest, ImageAccessDenied, ImageNotFound
+from .url_policy import PolicySession, TooLarge, UrlPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +64,6 @@ class Credentials:
     @property
     def key(self) -> str:
         return hashlib.sha1(f"{self.hostname}\0{self.token}".encode()).hexdigest()[:12]
-
-
-class _TimeoutSession(requests.Session):
-    def request(self, method, url, **kwargs):  # noqa: D401 - requests API
-        kwargs.setdefault("timeout", DOWNLOAD_TIMEOUT_S)
-        return super().request(method, url, **kwargs)
 
 
 class _AccessTokens:
@@ -174,8 +171,13 @@ class ImageLoader:
         if not isinstance(url, str) or not url.strip():
             raise BadRequest("the task has no image URL")
         url = url.strip()
+        policy = UrlPolicy.from_env(creds.hostname)
         if url.startswith("data:"):
-            return _data_uri_bytes(url)
+            data = _data_uri_bytes(url)
+            if len(data) > policy.max_bytes:
+                raise TooLarge(f"the data: image is {len(data) / 2**20:.1f} MB, above ADCLICK_MAX_IMAGE_MB "
+                               f"({policy.max_bytes / 2**20:.0f} MB)")
+            return data
         is_ls_path = url.startswith("/data/") or url.startswith("data/") or url.startswith("/storage-data/") \
             or url.startswith("upload") or url.startswith("/upload") or url.startswith(("s3:", "gs:", "azure-blob:"))
         parsed = urlparse(url)
@@ -193,7 +195,7 @@ class ImageLoader:
         if creds.token and creds.hostname:
             token = ACCESS_TOKENS.header_token(creds)
         try:
-            with ls_io.http_session(_TimeoutSession()):
+            with ls_io.http_session(PolicySession(policy, DOWNLOAD_TIMEOUT_S)):
                 path = ls_io.get_local_path(
                     url,
                     cache_dir=str(self._cache_dir(creds)),
@@ -202,6 +204,9 @@ class ImageLoader:
                     download_resources=True,
                     task_id=task_id,
                 )
+            if os.path.getsize(path) > policy.max_bytes:
+                raise TooLarge(f"the image {url} is {os.path.getsize(path) / 2**20:.1f} MB, above "
+                               f"ADCLICK_MAX_IMAGE_MB ({policy.max_bytes / 2**20:.0f} MB)")
             with open(path, "rb") as fh:
                 data = fh.read()
         except requests.HTTPError as e:

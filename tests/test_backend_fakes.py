@@ -157,6 +157,7 @@ class FakeLabelStudio:
         self.files: dict[str, bytes] = {}
         self.exports: dict[str, list] = {}
         self.requests: list[str] = []
+        self.redirects: dict[str, str] = {}  # path -> Location (cloud storage: LS answers a presigned URL)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -176,6 +177,12 @@ class FakeLabelStudio:
                 key = u.path
                 if u.path.startswith("/storage-data/uploaded"):
                     key = "/data/" + parse_qs(u.query).get("filepath", [""])[0]
+                if key in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[key])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
                 if key in outer.files:
                     return self._send(200, outer.files[key], "image/png")
                 return self._send(404, b"not found", "text/plain")

@@ -1,0 +1,173 @@
+"""Where the backend may download images from, and how much it reads.
+
+A task's image URL is chosen by whoever writes tasks, so the backend must not become a proxy into
+the factory network (SSRF). Allowed destinations:
+
+* the Label Studio host (``LABEL_STUDIO_URL``, else the one ``/setup`` named): any address;
+* a redirect that the Label Studio host itself answered with (cloud storage: Label Studio
+  resolves ``s3://`` etc. to a presigned URL), when the target is a public address;
+* hosts listed in ``ADCLICK_ALLOWED_HOSTS`` (comma-separated names, ``*.example.com`` for a domain,
+  or ``*`` for every public host).
+
+Loopback, private, link-local (cloud metadata 169.254.169.254), multicast and reserved addresses are
+refused unless the host is the Label Studio host or listed by name. Names are resolved and every
+address they resolve to is checked, on every redirect hop (redirects are followed here, not by
+requests, so each hop is checked). The Label Studio token only ever goes to the Label Studio host.
+Downloads stop at ``max_bytes``.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlparse
+
+import requests
+
+from .errors import BackendError
+
+MAX_REDIRECTS = 5
+
+
+class UrlRefused(BackendError):
+    """An image URL outside the download policy (403: the request is understood and refused)."""
+
+    status = 403
+
+
+class TooLarge(BackendError):
+    """A request body or image above the configured bounds."""
+
+    status = 413
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    p = urlparse(url)
+    if p.scheme not in ("http", "https") or not p.hostname:
+        return None
+    try:
+        port = p.port or (443 if p.scheme == "https" else 80)
+    except ValueError:
+        return None
+    return p.scheme, p.hostname.lower(), port
+
+
+def _public(addr: str) -> bool:
+    ip = ipaddress.ip_address(addr.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
+                or ip.is_reserved or ip.is_unspecified)
+
+
+def resolve_addresses(host: str, port: int) -> list[str]:
+    """Every address ``host`` resolves to (an IP literal: itself)."""
+    try:
+        return [str(ipaddress.ip_address(host.strip("[]")))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise UrlRefused(f"cannot resolve the image host {host!r}: {e.strerror or e}", status=424) from None
+    return sorted({info[4][0] for info in infos})
+
+
+@dataclass(frozen=True)
+class UrlPolicy:
+    """The download policy for one Label Studio host (``ls_url``, "" = unknown)."""
+
+    ls_url: str = ""
+    allowed_hosts: tuple[str, ...] = ()
+    max_bytes: int = 50 * 1024 * 1024
+
+    @classmethod
+    def from_env(cls, ls_url: str) -> "UrlPolicy":
+        hosts = tuple(h.strip().lower() for h in os.environ.get("ADCLICK_ALLOWED_HOSTS", "").split(",") if h.strip())
+        mb = float(os.environ.get("ADCLICK_MAX_IMAGE_MB", "50"))
+        return cls(ls_url=ls_url, allowed_hosts=hosts, max_bytes=int(mb * 1024 * 1024))
+
+    def is_label_studio(self, url: str) -> bool:
+        ls = _origin(self.ls_url) if self.ls_url else None
+        return ls is not None and _origin(url) == ls
+
+    def _listed(self, host: str) -> str | None:
+        """'name' (listed by name), 'any' (``*``: public hosts) or None."""
+        for h in self.allowed_hosts:
+            if h == host or (h.startswith("*.") and host.endswith(h[1:])):
+                return "name"
+        return "any" if "*" in self.allowed_hosts else None
+
+    def check(self, url: str, redirected_by_label_studio: bool = False) -> None:
+        """Raise ``UrlRefused`` unless ``url`` may be fetched."""
+        origin = _origin(url)
+        if origin is None:
+            raise UrlRefused(f"image URL {url!r} is refused: only http(s) URLs are downloaded")
+        if self.is_label_studio(url):
+            return
+        _, host, port = origin
+        listed = self._listed(host)
+        if listed is None and not redirected_by_label_studio:
+            raise UrlRefused(
+                f"image URL {url} is refused: {host} is not the Label Studio host "
+                f"({self.ls_url or 'LABEL_STUDIO_URL is not set'}); list it in ADCLICK_ALLOWED_HOSTS "
+                "(comma-separated, '*.example.com' for a domain) to allow downloads from it"
+            )
+        if listed == "name":
+            return
+        private = [a for a in resolve_addresses(host, port) if not _public(a)]
+        if private:
+            raise UrlRefused(
+                f"image URL {url} is refused: {host} resolves to the non-public address {private[0]} "
+                "(loopback, private or link-local); list the host by name in ADCLICK_ALLOWED_HOSTS "
+                "if the backend should download from it"
+            )
+
+
+class PolicySession(requests.Session):
+    """A requests session that applies a ``UrlPolicy`` to every hop, sends the Authorization
+    header only to the Label Studio host, times out, and reads at most ``policy.max_bytes``."""
+
+    def __init__(self, policy: UrlPolicy, timeout_s: float):
+        super().__init__()
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.trust_env = False  # a proxy from the environment would bypass the address check
+
+    def request(self, method, url, **kwargs):  # noqa: D401 - requests API
+        kwargs.setdefault("timeout", self.timeout_s)
+        kwargs["allow_redirects"] = False
+        kwargs["stream"] = True
+        headers = dict(kwargs.pop("headers", None) or {})
+        from_ls = False
+        for _ in range(MAX_REDIRECTS + 1):
+            self.policy.check(url, redirected_by_label_studio=from_ls)
+            hop_headers = dict(headers)
+            if not self.policy.is_label_studio(url):
+                hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
+            resp = super().request(method, url, headers=hop_headers, **kwargs)
+            if not resp.is_redirect:
+                self._read_bounded(resp, url)
+                return resp
+            from_ls = self.policy.is_label_studio(url)
+            url = urljoin(url, resp.headers.get("location", ""))
+            resp.close()
+        raise UrlRefused(f"more than {MAX_REDIRECTS} redirects downloading the image", status=400)
+
+    def _read_bounded(self, resp: requests.Response, url: str) -> None:
+        limit = self.policy.max_bytes
+        declared = resp.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            resp.close()
+            raise TooLarge(f"the image at {url} is {int(declared) / 2**20:.1f} MB, above ADCLICK_MAX_IMAGE_MB "
+                           f"({limit / 2**20:.0f} MB)")
+        chunks, total = [], 0
+        for chunk in resp.iter_content(1 << 16):
+            total += len(chunk)
+            if total > limit:
+                resp.close()
+                raise TooLarge(f"the image at {url} is above ADCLICK_MAX_IMAGE_MB ({limit / 2**20:.0f} MB)")
+            chunks.append(chunk)
+        resp._content = b"".join(chunks)  # requests' own slot: .content then serves these bytes
+        resp._content_consumed = True

@@ -1,0 +1,242 @@
+"""Authentication, the outbound URL policy (no SSRF) and input bounds, through Flask's test client
+against the fake Label Studio (real HTTP on 127.0.0.1) and a second, foreign image server."""
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import socketserver
+import threading
+
+import pytest
+from PIL import Image
+
+from ml_backend import convert
+from ml_backend.api import create_app
+from ml_backend.url_policy import PolicySession, TooLarge, UrlPolicy, UrlRefused
+from tests.test_backend_api import CONFIG, assert_error, backend, client, env, kp, ls, predict, refs_dir, task  # noqa: F401
+from tests.test_backend_fakes import TOKEN, png_bytes
+
+USER, PASS = "annotator", "s3cret-pass"
+
+
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+class ForeignServer:
+    """An image server that is not Label Studio: serves ``files`` to anyone, records the headers
+    it was sent, and answers ``redirects`` with a 302."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.redirects: dict[str, str] = {}
+        self.seen: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                outer.seen.append((self.path, self.headers.get("Authorization")))
+                if self.path in outer.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", outer.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = outer.files.get(self.path)
+                self.send_response(200 if body is not None else 404)
+                body = body if body is not None else b"not found"
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        # "localhost", not the Label Studio host's "127.0.0.1": another origin on a loopback address
+        self.url = f"http://localhost:{self.port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def foreign():
+    s = ForeignServer()
+    s.files["/defect.png"] = png_bytes(64, 48, seed=1)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def auth_client(backend, monkeypatch):
+    monkeypatch.setenv("BASIC_AUTH_USER", USER)
+    monkeypatch.setenv("BASIC_AUTH_PASS", PASS)
+    return create_app(backend).test_client()
+
+
+# ---------------------------------------------------------------- authentication
+
+
+@pytest.mark.parametrize("headers", [{}, basic(USER, "wrong"), basic("someone", PASS), {"Authorization": "Basic !!"},
+                                     {"Authorization": f"Bearer {PASS}"}, basic(USER, PASS + "x")])
+@pytest.mark.parametrize("method,path", [("POST", "/predict"), ("POST", "/setup"), ("POST", "/webhook"),
+                                         ("POST", "/train"), ("GET", "/versions"), ("POST", "/validate")])
+def test_every_endpoint_wants_the_credentials(auth_client, headers, method, path):
+    r = auth_client.open(path, method=method, json={"project": "1.1", "tasks": [task()]}, headers=headers)
+    assert_error(r, 401, "BASIC_AUTH_USER", "Use authentication")
+    assert r.headers["WWW-Authenticate"].startswith("Basic realm=")
+
+
+def test_right_credentials_get_a_mask(auth_client):
+    body = {"tasks": [task()], "project": "1.1700000000", "label_config": CONFIG,
+            "params": {"context": {"result": [kp(30, 40)]}}}
+    r = auth_client.post("/predict", json=body, headers=basic(USER, PASS))
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json()["results"][0]["result"][0]["type"] == "brushlabels"
+
+
+def test_health_without_credentials_says_only_up(auth_client):
+    open_health = auth_client.get("/health").get_json()
+    assert open_health["status"] == "UP" and "projects" not in open_health and "click_model" not in open_health
+    full = auth_client.get("/health", headers=basic(USER, PASS)).get_json()
+    assert full["status"] == "UP" and "click_model" in full
+    # Wrong credentials are a 401 on /health too: Label Studio's Connect Model then says so.
+    assert_error(auth_client.get("/health", headers=basic(USER, "nope")), 401, "BASIC_AUTH_USER")
+
+
+def test_half_configured_auth_refuses_to_start(backend, monkeypatch):
+    monkeypatch.setenv("BASIC_AUTH_USER", USER)
+    monkeypatch.delenv("BASIC_AUTH_PASS", raising=False)
+    with pytest.raises(RuntimeError, match="BASIC_AUTH_PASS"):
+        create_app(backend)
+
+
+def test_without_auth_configured_the_backend_is_open(client):
+    assert client.get("/versions").status_code == 200
+
+
+# ---------------------------------------------------------------- URL policy, unit level
+
+
+@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.5/a.png",
+                                 "http://192.168.1.1/a.png", "http://[::1]:8080/a.png", "http://127.0.0.2/a.png",
+                                 "http://0.0.0.0/a.png", "http://[::ffff:169.254.169.254]/a.png"])
+def test_non_public_addresses_are_refused_even_when_any_public_host_is_allowed(url):
+    policy = UrlPolicy("http://127.0.0.1:8080", allowed_hosts=("*",))
+    with pytest.raises(UrlRefused, match="non-public address"):
+        policy.check(url)
+    with pytest.raises(UrlRefused, match="non-public address"):  # a redirect from Label Studio, too
+        policy.check(url, redirected_by_label_studio=True)
+
+
+def test_policy_allows_the_label_studio_host_and_listed_names_only():
+    policy = UrlPolicy("http://127.0.0.1:8080", allowed_hosts=("images.example.com", "*.cdn.example.org"))
+    policy.check("http://127.0.0.1:8080/data/upload/1/a.png")
+    policy.check("https://images.example.com/a.png")
+    policy.check("https://eu.cdn.example.org/a.png")
+    for url in ("http://127.0.0.1:8081/a.png", "https://evil.example.net/a.png", "https://cdn.example.org.evil.net/a"):
+        with pytest.raises(UrlRefused, match="ADCLICK_ALLOWED_HOSTS"):
+            policy.check(url)
+    for url in ("file:///etc/passwd", "gopher://127.0.0.1:8080/", "ftp://images.example.com/a.png"):
+        with pytest.raises(UrlRefused, match="only http"):
+            policy.check(url)
+
+
+def test_an_unresolvable_host_is_a_424():
+    with pytest.raises(UrlRefused) as e:
+        UrlPolicy("", allowed_hosts=("*",)).check("http://no-such-host.invalid/a.png")
+    assert e.value.status == 424
+
+
+def test_the_token_goes_to_label_studio_only_and_redirects_are_rechecked(foreign, ls):
+    policy = UrlPolicy(ls.url, allowed_hosts=("localhost",), max_bytes=1 << 20)
+    s = PolicySession(policy, timeout_s=5)
+    r = s.get(foreign.url + "/defect.png", headers={"Authorization": "Token secret"})
+    assert r.status_code == 200 and r.content == foreign.files["/defect.png"]
+    assert foreign.seen[-1] == ("/defect.png", None)
+    # A listed host redirecting to the metadata address is refused at the hop.
+    foreign.redirects["/hop"] = "http://169.254.169.254/latest/meta-data/"
+    with pytest.raises(UrlRefused, match="ADCLICK_ALLOWED_HOSTS"):
+        s.get(foreign.url + "/hop")
+    # Label Studio redirecting to another loopback origin (a "presigned URL" into the LAN) is refused
+    # unless listed by name: listed here, so it is followed, without the token.
+    ls.redirects["/cloud"] = foreign.url + "/defect.png"
+    r = s.get(ls.url + "/cloud", headers={"Authorization": f"Token {TOKEN}"})
+    assert r.status_code == 200 and foreign.seen[-1] == ("/defect.png", None)
+    strict = PolicySession(UrlPolicy(ls.url), timeout_s=5)
+    with pytest.raises(UrlRefused, match="non-public address"):
+        strict.get(ls.url + "/cloud", headers={"Authorization": f"Token {TOKEN}"})
+
+
+def test_downloads_stop_at_the_byte_bound(foreign):
+    foreign.files["/big.png"] = b"\0" * (3 << 20)
+    s = PolicySession(UrlPolicy("", allowed_hosts=("localhost",), max_bytes=1 << 20), timeout_s=5)
+    with pytest.raises(TooLarge, match="ADCLICK_MAX_IMAGE_MB"):
+        s.get(foreign.url + "/big.png")
+
+
+# ---------------------------------------------------------------- through the HTTP API
+
+
+def test_ssrf_urls_in_tasks_are_refused_with_the_variable_to_set(client, foreign, monkeypatch):
+    for url in ("http://169.254.169.254/latest/meta-data/iam", foreign.url + "/defect.png",
+                "http://10.1.2.3/x.png"):
+        err = assert_error(predict(client, [kp(10, 10)], url=url), 403, "refused", "ADCLICK_ALLOWED_HOSTS")
+        assert url.split("/")[2].split(":")[0] in err
+    assert not foreign.seen, "a refused URL must not be fetched at all"
+    monkeypatch.setenv("ADCLICK_ALLOWED_HOSTS", "localhost")
+    assert predict(client, [kp(10, 10)], url=foreign.url + "/defect.png").status_code == 200
+    assert foreign.seen and foreign.seen[-1][1] is None, "the Label Studio token leaked to a foreign host"
+
+
+def test_label_studio_redirect_into_the_network_is_refused(client, ls, foreign):
+    ls.redirects["/data/upload/1/moved.png"] = foreign.url + "/defect.png"
+    assert_error(predict(client, [kp(10, 10)], url="/data/upload/1/moved.png"), 403, "non-public address",
+                 "ADCLICK_ALLOWED_HOSTS")
+    assert not foreign.seen
+
+
+def test_request_body_bound(backend, monkeypatch):
+    monkeypatch.setenv("ADCLICK_MAX_REQUEST_MB", "1")
+    c = create_app(backend).test_client()
+    r = c.post("/predict", data=b"{" + b" " * (2 << 20) + b"}", content_type="application/json")
+    assert_error(r, 413, "ADCLICK_MAX_REQUEST_MB")
+
+
+def test_image_byte_bound(client, ls, monkeypatch):
+    monkeypatch.setenv("ADCLICK_MAX_IMAGE_MB", "0.01")
+    ls.add_file("/data/upload/1/large.png", png_bytes(64, 48, seed=1) + b"\0" * 20000)
+    assert_error(predict(client, [kp(10, 10)], url="/data/upload/1/large.png"), 413, "ADCLICK_MAX_IMAGE_MB")
+    data_url = "data:image/png;base64," + base64.b64encode(b"\0" * 20000).decode()
+    assert_error(predict(client, [kp(10, 10)], url=data_url), 413, "ADCLICK_MAX_IMAGE_MB")
+
+
+def test_image_pixel_bound(client, ls, monkeypatch):
+    ls.add_file("/data/upload/1/wide.png", png_bytes(200, 48, seed=3))
+    monkeypatch.setattr(convert, "MAX_IMAGE_PIXELS", 64 * 48)  # the 64x48 references pass
+    assert_error(predict(client, [kp(10, 10)], url="/data/upload/1/wide.png"), 413, "ADCLICK_MAX_IMAGE_PIXELS",
+                 "200x48")
+
+
+def test_decompression_bomb_is_a_413_without_decoding(client, ls):
+    buf = io.BytesIO()
+    Image.new("L", (20000, 20000)).save(buf, format="PNG")  # 400 MP, a few hundred kB
+    ls.add_file("/data/upload/1/bomb.png", buf.getvalue())
+    assert_error(predict(client, [kp(10, 10)], url="/data/upload/1/bomb.png"), 413, "ADCLICK_MAX_IMAGE_PIXELS")
+
+
+def test_click_and_task_count_bounds(client, backend, monkeypatch):
+    monkeypatch.setattr(convert, "MAX_CLICKS", 5)
+    assert_error(predict(client, [kp(10 + i, 10) for i in range(6)]), 400, "ADCLICK_MAX_CLICKS", "6 clicks")
+    assert predict(client, [kp(10 + i, 10) for i in range(5)]).status_code == 200
+    monkeypatch.setenv("ADCLICK_MAX_TASKS", "3")
+    c = create_app(backend).test_client()
+    assert_error(predict(c, None, tasks=[task(tid=i) for i in range(4)]), 413, "ADCLICK_MAX_TASKS")
