@@ -130,8 +130,11 @@ def create_app(backend: Backend | None = None) -> Flask:
         backend.stats["errors_4xx"] += 1
         logger.warning("%s %s -> 401: no or wrong Basic credentials from %s", request.method, request.path,
                        request.remote_addr)
-        resp = error_response(401, "this ML backend needs HTTP Basic credentials (BASIC_AUTH_USER / "
-                                   "BASIC_AUTH_PASS): in Label Studio, Model > Connect Model > Use authentication")
+        where = ("Label Studio sends webhooks without them: add the header 'Authorization: Basic ...' to this "
+                 "backend's webhook in Settings > Webhooks" if request.path == "/webhook"
+                 else "in Label Studio, Model > Connect Model > Use authentication")
+        resp = error_response(401, f"this ML backend needs HTTP Basic credentials (BASIC_AUTH_USER / "
+                                   f"BASIC_AUTH_PASS): {where}")
         resp.headers["WWW-Authenticate"] = 'Basic realm="ADClick ML backend", charset="UTF-8"'
         return resp
 

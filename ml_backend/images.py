@@ -9,7 +9,8 @@ http(s)). We add what users of the official SAM backend kept tripping over:
   refresh token) is exchanged for a short-lived access token first, as the SDK client does;
   a legacy token is sent as ``Token``.
 * errors: 401/403 -> 424 naming LABEL_STUDIO_API_KEY, 404 -> 404 naming the URL, an unreachable
-  host -> 424 naming LABEL_STUDIO_URL; never a bare traceback.
+  host -> 424 naming LABEL_STUDIO_URL, no answer in time -> 504 naming ADCLICK_DOWNLOAD_TIMEOUT;
+  never a bare traceback.
 * a timeout on every download (the helper has none by default).
 * the download policy of ``url_policy.py`` (no SSRF: Label Studio host, its cloud-storage
   redirects and ``ADCLICK_ALLOWED_HOSTS`` only; the token only to Label Studio; bounded bytes).
@@ -223,7 +224,12 @@ class ImageLoader:
                     "Studio needs a Local Storage on a folder holding it"
                 ) from None
             raise ImageAccessDenied(f"downloading {url} from {host_for_msg} failed with HTTP {code}") from None
-        except (requests.ConnectionError, requests.Timeout) as e:
+        except requests.Timeout:
+            raise ImageAccessDenied(
+                f"{host_for_msg} did not answer the download of {url} within {DOWNLOAD_TIMEOUT_S:.0f} s "
+                "(ADCLICK_DOWNLOAD_TIMEOUT): Label Studio or its storage is slow or overloaded", status=504
+            ) from None
+        except requests.ConnectionError as e:
             raise ImageAccessDenied(
                 f"could not reach {host_for_msg} to download {url} ({type(e).__name__}): set "
                 "LABEL_STUDIO_URL to an address the backend can reach"

@@ -3,10 +3,7 @@ against the fake Label Studio (real HTTP on 127.0.0.1) and a second, foreign ima
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import socketserver
-import threading
 
 import pytest
 from PIL import Image
@@ -15,56 +12,13 @@ from ml_backend import convert
 from ml_backend.api import create_app
 from ml_backend.url_policy import PolicySession, TooLarge, UrlPolicy, UrlRefused
 from tests.test_backend_api import CONFIG, assert_error, backend, client, env, kp, ls, predict, refs_dir, task  # noqa: F401
-from tests.test_backend_fakes import TOKEN, png_bytes
+from tests.test_backend_fakes import TOKEN, ForeignServer, png_bytes
 
 USER, PASS = "annotator", "s3cret-pass"
 
 
 def basic(user: str, password: str) -> dict:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-class ForeignServer:
-    """An image server that is not Label Studio: serves ``files`` to anyone, records the headers
-    it was sent, and answers ``redirects`` with a 302."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        self.redirects: dict[str, str] = {}
-        self.seen: list[tuple[str, str | None]] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_GET(self):  # noqa: N802
-                outer.seen.append((self.path, self.headers.get("Authorization")))
-                if self.path in outer.redirects:
-                    self.send_response(302)
-                    self.send_header("Location", outer.redirects[self.path])
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                body = outer.files.get(self.path)
-                self.send_response(200 if body is not None else 404)
-                body = body if body is not None else b"not found"
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        # "localhost", not the Label Studio host's "127.0.0.1": another origin on a loopback address
-        self.url = f"http://localhost:{self.port}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
 
 
 @pytest.fixture
@@ -91,7 +45,7 @@ def auth_client(backend, monkeypatch):
                                          ("POST", "/train"), ("GET", "/versions"), ("POST", "/validate")])
 def test_every_endpoint_wants_the_credentials(auth_client, headers, method, path):
     r = auth_client.open(path, method=method, json={"project": "1.1", "tasks": [task()]}, headers=headers)
-    assert_error(r, 401, "BASIC_AUTH_USER", "Use authentication")
+    assert_error(r, 401, "BASIC_AUTH_USER", "Settings > Webhooks" if path == "/webhook" else "Use authentication")
     assert r.headers["WWW-Authenticate"].startswith("Basic realm=")
 
 

@@ -143,67 +143,137 @@ def label_studio(mtd_dir, tmp_path_factory) -> LabelStudio:
         _stop(proc)
 
 
-@dataclass
+# The test-run backend wants HTTP Basic credentials, as one exposed on a factory network should;
+# Label Studio is connected with them (Connect Model > Use authentication).
+BACKEND_AUTH = ("adclick-e2e", "e2e-basic-pass")
+
+
 class BackendServer:
-    url: str
-    log: Path
-    env: dict
+    """Our backend under gunicorn (as documented) on a fixed free 127.0.0.1 port and model
+    folder: ``start()`` waits for /health, ``kill()`` is a SIGKILL to master and worker, and a
+    restart finds what the killed one wrote. The runner's ADCLICK_* settings stay out (tmp dirs
+    below), except the model choice, so a new checkpoint can be checked end to end:
+    ADCLICK_CHECKPOINT=... pytest tests/e2e"""
+
+    KEEP = ("ADCLICK_CHECKPOINT", "ADCLICK_DEVICE", "ADCLICK_BACKBONE_WEIGHTS")
+
+    def __init__(self, workdir: Path, env: dict):
+        self.workdir = workdir
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.log = workdir / "backend.log"
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("LABEL_STUDIO_", "ADCLICK_", "BASIC_AUTH_")) or k in self.KEEP}
+        self.env.update({"ADCLICK_MODEL_DIR": str(workdir / "models"),
+                         "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"), "PYTHONUNBUFFERED": "1"})
+        self.env.update({k: str(v) for k, v in env.items()})
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        user, password = self.env.get("BASIC_AUTH_USER"), self.env.get("BASIC_AUTH_PASS")
+        return (user, password) if user and password else None
 
     def health(self) -> dict:
-        return requests.get(self.url + "/health", timeout=5).json()
+        return requests.get(self.url + "/health", auth=self.auth, timeout=10).json()
+
+    def post(self, path: str, body, timeout: float = 120.0) -> requests.Response:
+        return requests.post(self.url + path, json=body, auth=self.auth, timeout=timeout)
+
+    def ml_backend_fields(self) -> dict:
+        """What Label Studio's POST /api/ml needs to reach this backend."""
+        if self.auth is None:
+            return {"url": self.url}
+        return {"url": self.url, "auth_method": "BASIC_AUTH", "basic_auth_user": self.auth[0],
+                "basic_auth_pass": self.auth[1]}
+
+    def start(self) -> "BackendServer":
+        gunicorn = Path(sys.executable).parent / "gunicorn"
+        cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--workers", "1", "--threads", "8",
+               "--timeout", "0", "-b", self.url.removeprefix("http://"), "ml_backend._wsgi:app"]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=self.env, cwd=str(REPO),
+                                         start_new_session=True)
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the backend exited with {self.proc.returncode}:\n{_tail(self.log)}", pytrace=False)
+            try:
+                if self.health().get("status") == "UP":
+                    return self
+            except (requests.RequestException, ValueError):
+                pass
+            if time.time() - t0 > BACKEND_START_TIMEOUT_S:
+                pytest.fail(f"the backend did not answer /health within {BACKEND_START_TIMEOUT_S} s:\n"
+                            f"{_tail(self.log)}", pytrace=False)
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: master and worker die at once, nothing is flushed."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+        if os.environ.get("ADCLICK_E2E_SHOW_LOGS"):
+            print(f"\n--- backend log {self.log}\n{_tail(self.log, 200)}", file=sys.stderr)
+
+    def worker_pid(self) -> int | None:
+        """The gunicorn worker (the master's child) that holds the models."""
+        if self.proc is None:
+            return None
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid:
+                return int(stat.parent.name)
+        return None
+
+    def peak_rss_mb(self) -> float | None:
+        """The worker's peak resident memory (VmHWM)."""
+        pid = self.worker_pid()
+        if pid is None:
+            return None
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+        return None
 
 
 @contextmanager
 def run_backend(label_studio: LabelStudio, workdir: Path, **extra_env):
-    """Our backend under gunicorn (as documented) on a free 127.0.0.1 port."""
-    port = free_port()
-    # The runner's ADCLICK_* settings stay out (tmp dirs below), except the model choice, so a new
-    # checkpoint can be checked end to end: ADCLICK_CHECKPOINT=... pytest tests/e2e
-    keep = ("ADCLICK_CHECKPOINT", "ADCLICK_DEVICE", "ADCLICK_BACKBONE_WEIGHTS")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LABEL_STUDIO_", "ADCLICK_")) or k in keep}
-    env.update({
-        "LABEL_STUDIO_URL": label_studio.url,
-        "LABEL_STUDIO_API_KEY": label_studio.token,
-        "ADCLICK_MODEL_DIR": str(workdir / "models"),
-        "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"),
-        "ADCLICK_SEG_ITERATIONS": str(SEG_ITERATIONS),  # Start Training in CI: a short training (helpers.py)
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update({k: str(v) for k, v in extra_env.items()})
-    gunicorn = Path(sys.executable).parent / "gunicorn"
-    cmd = [str(gunicorn) if gunicorn.exists() else "gunicorn", "--workers", "1", "--threads", "8",
-           "--timeout", "0", "-b", f"127.0.0.1:{port}", "ml_backend._wsgi:app"]
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "backend.log"
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO),
-                                start_new_session=True)
-    srv = BackendServer(f"http://127.0.0.1:{port}", log, env)
-    t0 = time.time()
+    """A started ``BackendServer`` that reaches ``label_studio`` directly; stopped after."""
+    srv = BackendServer(workdir, {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.token,
+                                  # Start Training in CI: a short training (helpers.py)
+                                  "ADCLICK_SEG_ITERATIONS": SEG_ITERATIONS, **extra_env})
     try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"the backend exited with {proc.returncode}:\n{_tail(log)}", pytrace=False)
-            try:
-                if srv.health().get("status") == "UP":
-                    break
-            except (requests.RequestException, ValueError):
-                pass
-            if time.time() - t0 > BACKEND_START_TIMEOUT_S:
-                pytest.fail(f"the backend did not answer /health within {BACKEND_START_TIMEOUT_S} s:\n{_tail(log)}",
-                            pytrace=False)
-            time.sleep(0.5)
-        yield srv
+        yield srv.start()
     finally:
-        _stop(proc)
-        if os.environ.get("ADCLICK_E2E_SHOW_LOGS"):
-            print(f"\n--- backend log {log}\n{_tail(log, 200)}", file=sys.stderr)
+        srv.stop()
+
+
+def authorize_webhook(ls: LabelStudio, pid: int, backend: BackendServer) -> None:
+    """Label Studio sends its webhooks without the ML backend's Basic credentials: give the
+    webhook it created for the backend an Authorization header (Settings > Webhooks, as the
+    README says)."""
+    if backend.auth is None:
+        return
+    import base64
+
+    token = base64.b64encode(f"{backend.auth[0]}:{backend.auth[1]}".encode()).decode()
+    hooks = [h for h in ls.api("GET", f"/api/webhooks/?project={pid}") if h["url"] == backend.url + "/webhook"]
+    assert len(hooks) == 1, hooks
+    ls.api("PATCH", f"/api/webhooks/{hooks[0]['id']}/", json={"headers": {"Authorization": f"Basic {token}"}})
 
 
 @pytest.fixture(scope="session")
 def backend_server(label_studio, tmp_path_factory) -> BackendServer:
-    with run_backend(label_studio, tmp_path_factory.mktemp("backend")) as srv:
+    with run_backend(label_studio, tmp_path_factory.mktemp("backend"), BASIC_AUTH_USER=BACKEND_AUTH[0],
+                     BASIC_AUTH_PASS=BACKEND_AUTH[1]) as srv:
         yield srv
 
 
@@ -237,8 +307,9 @@ def mtd_project(label_studio, backend_server, mtd_dir):
     tasks += [{"data": {"image": local_url(img, mtd_dir), "defect": d}} for d, img, _ in defects]
     tasks.append({"data": {"image": missing_url(mtd_dir)}})
     by_url = import_tasks(ls, pid, tasks)
-    ml = ls.api("POST", "/api/ml", json={"url": backend_server.url, "project": pid, "is_interactive": True,
-                                         "title": "ADClick"})
+    ml = ls.api("POST", "/api/ml", json={**backend_server.ml_backend_fields(), "project": pid,
+                                         "is_interactive": True, "title": "ADClick"})
+    authorize_webhook(ls, pid, backend_server)
     return {
         "id": pid, "ml_id": ml["id"], "ml": ml, "by_url": by_url, "n_refs": len(refs), "refs": list(refs),
         "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],

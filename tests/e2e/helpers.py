@@ -12,7 +12,7 @@ N_REFERENCES = 30
 PER_TYPE = 2
 # Start Training in the end-to-end tests: iterations of the backend's ADClick-Seg training
 # (ADCLICK_SEG_ITERATIONS of the backend fixture) and images annotated per defect type.
-SEG_ITERATIONS = int(os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "300"))
+SEG_ITERATIONS = int(os.environ.get("ADCLICK_E2E_SEG_ITERATIONS", "600"))  # the backend default
 ANNOTATED_PER_TYPE = 4
 
 
@@ -52,12 +52,53 @@ def training_free_maps(references: list[Path], images: list[Path]) -> list:
     against a bank of ``references``, computed with the core directly."""
     from scipy import ndimage
 
+    pred = _click_predictor(references)
+    return [ndimage.gaussian_filter(pred.anomaly_map(pred.set_image(p)), 4.0) for p in images]
+
+
+def trained_seg_maps(checkpoint: Path, references: list[Path], images: list[Path]) -> list:
+    """The continuous map (max over defect types) of an ADClick-Seg checkpoint the backend wrote,
+    computed with the core directly on the same references."""
+    from adclick_core.predictor import SegPredictor
+
+    click = _click_predictor(references)
+    seg = SegPredictor.from_checkpoint(checkpoint, bank=click.bank, device="cpu", extractor=click.extractor)
+    return [seg.predict(str(p))[0] for p in images]
+
+
+def as_region_masks(maps: list, calibrate_on: list, gts: list) -> list:
+    """``maps`` answered the way pre-annotation answers (a mask per connected region above a
+    threshold, each pixel scored with its region's mean): the threshold is the best pixel F1 on
+    ``calibrate_on`` against ``gts``, on maps divided by their largest value there."""
+    import numpy as np
+
+    from adclick_core.metrics import best_f1_threshold
+    from adclick_core.regions import defect_regions
+
+    top = max(float(m.max()) for m in calibrate_on) or 1.0
+    thr, _ = best_f1_threshold([m / top for m in calibrate_on], gts)
+    out = []
+    for m in maps:
+        scored = np.zeros(m.shape, np.float32)
+        for r in defect_regions(np.clip(m / top, 0, 1), thr):
+            scored = np.maximum(scored, r.mask * np.float32(r.score))
+        out.append(scored)
+    return out
+
+
+_PREDICTORS: dict = {}
+
+
+def _click_predictor(references: list[Path]):
+    """The shipped click model with a bank of ``references`` (built once per reference list)."""
     from adclick_core.predictor import ClickPredictor
     from adclick_core.reference import ReferenceBank
 
-    pred = ClickPredictor.from_checkpoint(device="cpu")
-    pred = pred.with_bank(ReferenceBank.build(pred.extractor, list(references), progress=False))
-    return [ndimage.gaussian_filter(pred.anomaly_map(pred.set_image(p)), 4.0) for p in images]
+    key = tuple(str(p) for p in references)
+    if key not in _PREDICTORS:
+        pred = ClickPredictor.from_checkpoint(device="cpu")
+        _PREDICTORS[key] = pred.with_bank(ReferenceBank.build(pred.extractor, list(references), progress=False))
+    return _PREDICTORS[key]
 
 
 def pick_defects(mtd: Path, per_type: int = PER_TYPE, offset: int = 0) -> list[tuple[str, Path, Path]]:
@@ -110,3 +151,15 @@ def import_tasks(ls, pid: int, tasks: list[dict]) -> dict[str, int]:
     ls.api("POST", f"/api/projects/{pid}/import", json=tasks)
     listed = ls.api("GET", f"/api/projects/{pid}/tasks/?page_size=100000")
     return {t["data"]["image"]: t["id"] for t in listed}
+
+
+def brush_result(gt, label: str) -> dict:
+    """A BrushLabels result painting the boolean mask ``gt`` (RLE), as an annotator submits it."""
+    import numpy as np
+    from label_studio_sdk.converter.brush import mask2rle
+
+    h, w = gt.shape
+    return {"from_name": "defect", "to_name": "image", "type": "brushlabels", "original_width": w,
+            "original_height": h, "image_rotation": 0,
+            "value": {"format": "rle", "rle": [int(v) for v in mask2rle(np.where(gt, 255, 0).astype(np.uint8))],
+                      "brushlabels": [label]}}

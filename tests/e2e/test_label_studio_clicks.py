@@ -168,6 +168,24 @@ def test_wrong_api_key_is_reported_by_name(label_studio, mtd_project, start_back
             label_studio.api("DELETE", f"/api/ml/{ml['id']}", expect=(200, 204))
 
 
+def test_basic_auth_is_what_label_studio_connects_with(label_studio, mtd_project, backend_server):
+    """The test-run backend wants Basic credentials (every other test here goes through Label
+    Studio connected with them); without them it answers 401, and Connect Model with a wrong
+    password or none is refused by Label Studio with the reason."""
+    import requests
+
+    assert backend_server.auth is not None
+    r = requests.post(backend_server.url + "/predict", json={"tasks": [{"id": 1, "data": {}}]}, timeout=10)
+    assert r.status_code == 401 and "BASIC_AUTH_USER" in r.json()["error"], r.text
+    assert r.headers["WWW-Authenticate"].startswith("Basic")
+    assert set(requests.get(backend_server.url + "/health", timeout=5).json()) == {"status", "auth"}
+    for fields, words in (({**backend_server.ml_backend_fields(), "basic_auth_pass": "wrong"}, "authentication"),
+                          ({"url": backend_server.url}, "401")):
+        r = label_studio.session.post(label_studio.url + "/api/ml", json={
+            **fields, "project": mtd_project["id"], "is_interactive": True, "title": "bad credentials"}, timeout=60)
+        assert r.status_code == 400 and words in r.text, (r.status_code, r.text[:500])
+
+
 # ---------------------------------------------------------------- training, pre-annotation, webhooks
 
 
