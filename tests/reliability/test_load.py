@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.helpers import pick_defects
 
-from .conftest import REPORT, answer_mask, click_body, make_project
+from .conftest import REPORT, answer_mask, click_body, make_project, same_mask
 
 pytestmark = pytest.mark.reliability
 
@@ -34,12 +34,6 @@ def click_plan(image: dict, seed: int) -> list[list[tuple[float, float, bool]]]:
         history = history + [(float(x), float(y), not history or bool(rng.random() < 0.7))]
         plan.append(list(history))
     return plan
-
-
-def same_mask(a: np.ndarray, b: np.ndarray) -> bool:
-    """Equal up to a few boundary pixels (float sums in another thread order may flip a pixel
-    that sits on the threshold); an answer for another image or task is nowhere near."""
-    return a.shape == b.shape and float((a != b).mean()) <= 1e-3
 
 
 def test_eight_annotators_at_once_get_their_own_masks(label_studio, mtd_dir, start_service):
