@@ -2,7 +2,7 @@
 
 Cold click = the first click on an image (the backend computes the image's residual state);
 warm click = a later click on the same image (only the light model runs). Printed as JSON.
-Floors on CPU (issue 4): warm p50 <= 300 ms, cold p50 <= 3 s.
+Floors on CPU: warm p50 <= 300 ms, cold p50 <= 3 s.
 
 Run: ``pytest -m benchmark -s tests/e2e`` (not part of the default run).
 """
