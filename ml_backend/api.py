@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .errors import BackendError, BadRequest
+from .errors import BackendError, BadRequest, TooLarge
 from .model import Backend
 
 logger = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def create_app(backend: Backend | None = None) -> Flask:
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("'tasks' must be a non-empty list of Label Studio tasks")
         if len(tasks) > max_tasks:
-            raise BadRequest(f"{len(tasks)} tasks in one /predict, above ADCLICK_MAX_TASKS ({max_tasks})", status=413)
+            raise TooLarge(f"{len(tasks)} tasks in one /predict, above ADCLICK_MAX_TASKS ({max_tasks})")
         params = data.get("params") if isinstance(data.get("params"), dict) else {}
         context = params.get("context", data.get("context"))
         project = data.get("project")

@@ -26,7 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adclick_core.clicks import Click
 
-from .errors import BadRequest
+from .errors import BadRequest, TooLarge
 
 # Bounds on what one request may make the backend decode (each a clear 4xx when passed).
 MAX_CLICKS = int(float(os.environ.get("ADCLICK_MAX_CLICKS", "100")))
@@ -386,13 +386,13 @@ def _open(data: bytes) -> Image.Image:
     try:
         im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise BadRequest(f"the image is too large: {e} (ADCLICK_MAX_IMAGE_PIXELS)", status=413) from None
+        raise TooLarge(f"the image is too large: {e} (ADCLICK_MAX_IMAGE_PIXELS)") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadRequest(f"the image is corrupt or not a supported format: {e}") from None
     w, h = im.size
     if w * h > MAX_IMAGE_PIXELS:
-        raise BadRequest(f"the image is {w}x{h} = {w * h:,} pixels, above ADCLICK_MAX_IMAGE_PIXELS "
-                         f"({MAX_IMAGE_PIXELS:,})", status=413)
+        raise TooLarge(f"the image is {w}x{h} = {w * h:,} pixels, above ADCLICK_MAX_IMAGE_PIXELS "
+                       f"({MAX_IMAGE_PIXELS:,})")
     try:
         im.load()
         return im

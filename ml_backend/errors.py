@@ -26,6 +26,12 @@ class BadRequest(BackendError):
     status = 400
 
 
+class TooLarge(BackendError):
+    """A request, image or batch above a configured bound (the message names the variable)."""
+
+    status = 413
+
+
 class ImageNotFound(BackendError):
     """The task's image URL points at nothing (404 from Label Studio, unknown file...)."""
 

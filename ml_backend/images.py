@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 import requests
 
 from .errors import BadRequest, ImageAccessDenied, ImageNotFound
-from .url_policy import PolicySession, TooLarge, UrlPolicy
+from .url_policy import PolicySession, UrlPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -175,9 +175,7 @@ class ImageLoader:
         policy = UrlPolicy.from_env(creds.hostname)
         if url.startswith("data:"):
             data = _data_uri_bytes(url)
-            if len(data) > policy.max_bytes:
-                raise TooLarge(f"the data: image is {len(data) / 2**20:.1f} MB, above ADCLICK_MAX_IMAGE_MB "
-                               f"({policy.max_bytes / 2**20:.0f} MB)")
+            policy.require_size(len(data), "the data: image")
             return data
         is_ls_path = url.startswith("/data/") or url.startswith("data/") or url.startswith("/storage-data/") \
             or url.startswith("upload") or url.startswith("/upload") or url.startswith(("s3:", "gs:", "azure-blob:"))
@@ -205,9 +203,7 @@ class ImageLoader:
                     download_resources=True,
                     task_id=task_id,
                 )
-            if os.path.getsize(path) > policy.max_bytes:
-                raise TooLarge(f"the image {url} is {os.path.getsize(path) / 2**20:.1f} MB, above "
-                               f"ADCLICK_MAX_IMAGE_MB ({policy.max_bytes / 2**20:.0f} MB)")
+            policy.require_size(os.path.getsize(path), f"the image {url}")
             with open(path, "rb") as fh:
                 data = fh.read()
         except requests.HTTPError as e:

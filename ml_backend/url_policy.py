@@ -25,7 +25,7 @@ from urllib.parse import urljoin, urlparse
 
 import requests
 
-from .errors import BackendError
+from .errors import BackendError, TooLarge
 
 MAX_REDIRECTS = 5
 
@@ -34,12 +34,6 @@ class UrlRefused(BackendError):
     """An image URL outside the download policy (403: the request is understood and refused)."""
 
     status = 403
-
-
-class TooLarge(BackendError):
-    """A request body or image above the configured bounds."""
-
-    status = 413
 
 
 def _origin(url: str) -> tuple[str, str, int] | None:
@@ -87,6 +81,12 @@ class UrlPolicy:
         hosts = tuple(h.strip().lower() for h in os.environ.get("ADCLICK_ALLOWED_HOSTS", "").split(",") if h.strip())
         mb = float(os.environ.get("ADCLICK_MAX_IMAGE_MB", "50"))
         return cls(ls_url=ls_url, allowed_hosts=hosts, max_bytes=int(mb * 1024 * 1024))
+
+    def require_size(self, nbytes: int, what: str) -> None:
+        """Raise ``TooLarge`` when ``what`` (an image, ``nbytes`` long) is above ``max_bytes``."""
+        if nbytes > self.max_bytes:
+            raise TooLarge(f"{what} is above ADCLICK_MAX_IMAGE_MB ({self.max_bytes / 2**20:.0f} MB): "
+                           f"{nbytes / 2**20:.1f} MB or more")
 
     def is_label_studio(self, url: str) -> bool:
         ls = _origin(self.ls_url) if self.ls_url else None
@@ -156,18 +156,17 @@ class PolicySession(requests.Session):
         raise UrlRefused(f"more than {MAX_REDIRECTS} redirects downloading the image", status=400)
 
     def _read_bounded(self, resp: requests.Response, url: str) -> None:
-        limit = self.policy.max_bytes
         declared = resp.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        chunks, total = [], int(declared) if declared.isdigit() else 0
+        try:
+            self.policy.require_size(total, f"the image at {url}")
+            total = 0
+            for chunk in resp.iter_content(1 << 16):
+                total += len(chunk)
+                self.policy.require_size(total, f"the image at {url}")
+                chunks.append(chunk)
+        except TooLarge:
             resp.close()
-            raise TooLarge(f"the image at {url} is {int(declared) / 2**20:.1f} MB, above ADCLICK_MAX_IMAGE_MB "
-                           f"({limit / 2**20:.0f} MB)")
-        chunks, total = [], 0
-        for chunk in resp.iter_content(1 << 16):
-            total += len(chunk)
-            if total > limit:
-                resp.close()
-                raise TooLarge(f"the image at {url} is above ADCLICK_MAX_IMAGE_MB ({limit / 2**20:.0f} MB)")
-            chunks.append(chunk)
+            raise
         resp._content = b"".join(chunks)  # requests' own slot: .content then serves these bytes
         resp._content_consumed = True
