@@ -22,7 +22,7 @@ from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
 from .refinement import ClickConsistency, RefineConfig, keep_clicks, refine_answer
 from .residuals import ResidualConfig, compute_residuals, match_residuals
-from .zoom import Box, ZoomConfig, relative_crop, to_canvas, zoom_box
+from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
            "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
@@ -326,15 +326,24 @@ class ClickPredictor(_ResidualPredictor):
             return self._answer(state, clicks, prev, state.gray)
         # The crop goes around the current answer: the previous one, or (first click) the whole-image
         # one, whose refinement waits until it is known to be the answer.
-        whole = None if prev is not None else self._answer(state, clicks, None, None)
-        zoomed = self._zoomed_answer(state, clicks, prev, (prev if whole is None else whole) > THRESHOLD_FOR_ZOOM)
+        raw = None if prev is not None else self._answer(state, clicks, None, None)
+        region = (prev if raw is None else raw) > THRESHOLD_FOR_ZOOM
+        zoomed = self._zoomed_answer(state, clicks, prev, region)
         if zoomed is not None:
             return zoomed
-        if whole is None:
-            return self._answer(state, clicks, prev, state.gray)
-        if self.refinement is None or state.gray is None:
+        if raw is None:
+            whole = self._answer(state, clicks, prev, state.gray)
+        elif self.refinement is None or state.gray is None:
+            whole = raw
+        else:
+            whole = refine_answer(raw, state.gray, clicks, self.refinement)
+        if not self.zoom.local_first:
             return whole
-        return refine_answer(whole, state.gray, clicks, self.refinement)
+        clicked = clicked_parts(whole > THRESHOLD_FOR_ZOOM, clicks)
+        if clicked.sum() <= self.zoom.flood_fraction * h * w:
+            return whole
+        local = self._zoomed_answer(state, clicks, prev, None, reject_spill=True)
+        return whole if local is None else local
 
     def _answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
                 gray: np.ndarray | None) -> np.ndarray:
@@ -351,15 +360,16 @@ class ClickPredictor(_ResidualPredictor):
         return prob
 
     def _zoomed_answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
-                       region: np.ndarray) -> np.ndarray | None:
-        """The answer recomputed on the crop around ``region`` and the positive clicks, pasted into
-        an otherwise empty map at the original size; None where the crop would be most of the
-        image or the bank keeps no reference pixels to crop."""
+                       region: np.ndarray | None, reject_spill: bool = False) -> np.ndarray | None:
+        """The answer recomputed on the crop around ``region`` (None: the positive clicks alone) and
+        the positive clicks, pasted into an otherwise empty map at the original size; None where the
+        crop would be most of the image, the bank keeps no reference pixels to crop, or
+        (``reject_spill``) the crop's answer reaches its inner border."""
         assert self.zoom is not None and state.canvas is not None
         h, w = state.original_hw
         ch, cw = state.canvas.shape[:2]
         on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
-        region_c = region if (ch, cw) == (h, w) else _resize_mask(region, (ch, cw))
+        region_c = region if region is None or (ch, cw) == (h, w) else _resize_mask(region, (ch, cw))
         box = zoom_box(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
         if box is None:
             return None
@@ -374,6 +384,9 @@ class ClickPredictor(_ResidualPredictor):
             prev_c = prev if (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
             crop_prev = np.ascontiguousarray(prev_c[y0:y0 + bh, x0:x0 + bw])
         answer = self._answer(crop_state, inside, crop_prev, crop_state.gray)
+        if reject_spill and spills_over(answer > THRESHOLD_FOR_ZOOM, box, (ch, cw),
+                                        self.zoom.spill_band, self.zoom.spill_fraction):
+            return None
         full = np.zeros((ch, cw), np.float32)
         full[y0:y0 + bh, x0:x0 + bw] = answer
         return full if (ch, cw) == (h, w) else _resize_map(full, (h, w))

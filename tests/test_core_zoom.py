@@ -9,7 +9,7 @@ from adclick_core.clicks import Click
 from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.zoom import ZoomConfig, canvas_shape, clicked_parts, relative_crop, to_canvas, zoom_box
+from adclick_core.zoom import ZoomConfig, canvas_shape, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box
 from tests.images import texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -75,6 +75,19 @@ def test_parts_of_the_answer_no_click_touches_do_not_widen_the_crop():
     assert near.sum() == 120 and not clicked_parts(answer, [Click(530, 205, True)]).any()
 
 
+def test_a_crop_answer_spills_only_over_edges_inside_the_canvas():
+    box = (0, 100, 64, 64)  # on the canvas's top edge, inside it elsewhere
+    mask = np.zeros((64, 64), bool)
+    mask[0:2, 20:40] = True  # along the canvas's own top edge: a defect may touch the image's edge
+    assert not spills_over(mask, box, (400, 1000), band=2, fraction=0.02)
+    mask[-2:, 20:40] = True  # across the bottom edge, which lies inside the canvas
+    assert spills_over(mask, box, (400, 1000), band=2, fraction=0.02)
+    assert not spills_over(mask, box, (400, 1000), band=2, fraction=0.5)
+    centre = np.zeros((64, 64), bool)
+    centre[20:40, 20:40] = True
+    assert not spills_over(centre, (100, 100, 64, 64), (400, 1000), band=2, fraction=0.0)
+
+
 def test_canvas_keeps_small_images_and_shrinks_large_ones():
     small = texture(0, (50, 80))
     assert to_canvas(small, 1024) is small
@@ -133,10 +146,49 @@ def test_the_next_clicks_reuse_the_crop_state(wide_world):
     assert state.nbytes > crop.nbytes  # the crop counts in the image's memory
 
 
-def test_a_first_answer_that_covers_much_of_the_image_stays_the_answer(wide_world):
-    pred, _, image = wide_world  # this barely trained model answers a quarter of the image at first
+def _flooding(pred, monkeypatch, crop_answer: str):
+    """``pred`` whose whole-image answers flood the image and whose crop answers are ``crop_answer``:
+    "spot" (a small part under the clicks) or "flood" (the whole crop)."""
+    answer = ClickPredictor._answer
+
+    def fake(self, state, clicks, prev, gray):
+        prob = answer(self, state, clicks, prev, gray)
+        if state.original_hw == WIDE or crop_answer == "flood":
+            return np.full_like(prob, 0.9)
+        spot = np.zeros_like(prob)
+        for c in clicks:
+            spot[max(0, int(c.y) - 3):int(c.y) + 4, max(0, int(c.x) - 3):int(c.x) + 4] = 0.9
+        return spot
+
+    monkeypatch.setattr(ClickPredictor, "_answer", fake)
+    return pred
+
+
+def test_a_first_answer_flooding_the_image_is_answered_on_a_crop_around_the_clicks(wide_world, monkeypatch):
+    pred, _, image = wide_world
+    pred = _flooding(pred.with_refinement(None), monkeypatch, "spot")
     state = pred.set_image(image)
     prob = pred.predict(state, CLICKS[:1])
+    (y0, x0, h, w), = state.zooms.keys()
+    assert (h, w) == (64, 64) and x0 <= 203.5 <= x0 + w and y0 <= 43.5 <= y0 + h
+    assert prob[43, 203] > 0.5 and (prob > 0.5).sum() < 100  # the spot, not the flood
+    off = pred.with_zoom(ZoomConfig(local_first=False))
+    assert (off.predict(off.set_image(image), CLICKS[:1]) > 0.5).mean() > 0.9
+
+
+def test_a_crop_answer_spilling_over_the_crop_leaves_the_whole_image_answer(wide_world, monkeypatch):
+    pred, _, image = wide_world
+    pred = _flooding(pred.with_refinement(None), monkeypatch, "flood")
+    state = pred.set_image(image)
+    prob = pred.predict(state, CLICKS[:1])
+    assert (prob > 0.5).mean() > 0.9  # the defect is larger than the crop: the whole answer stands
+
+
+def test_a_small_whole_image_answer_stands_without_a_local_crop(wide_world):
+    pred, _, image = wide_world  # this barely trained model answers a quarter of the image at first
+    never = pred.with_zoom(ZoomConfig(flood_fraction=1.0))
+    state = never.set_image(image)
+    prob = never.predict(state, CLICKS[:1])
     whole = pred.with_zoom(None)
     np.testing.assert_array_equal(prob, whole.predict(whole.set_image(image), CLICKS[:1]))
     assert not state.zooms
