@@ -328,7 +328,8 @@ class ClickPredictor(_ResidualPredictor):
         # one, whose refinement waits until it is known to be the answer.
         raw = None if prev is not None else self._answer(state, clicks, None, None)
         region = (prev if raw is None else raw) > THRESHOLD_FOR_ZOOM
-        zoomed = self._zoomed_answer(state, clicks, prev, region)
+        box = self._zoom_box(state, clicks, region)
+        zoomed = None if box is None else self._answer_on_box(state, box, clicks, prev)
         if zoomed is not None:
             return zoomed
         if raw is None:
@@ -339,10 +340,13 @@ class ClickPredictor(_ResidualPredictor):
             whole = refine_answer(raw, state.gray, clicks, self.refinement)
         if not self.zoom.local_first:
             return whole
+        local_box = self._zoom_box(state, clicks, None)
+        if local_box is None:  # images where no crop fits: skip the labelling below
+            return whole
         clicked = clicked_parts(whole > THRESHOLD_FOR_ZOOM, clicks)
         if clicked.sum() <= self.zoom.flood_fraction * h * w:
             return whole
-        local = self._zoomed_answer(state, clicks, prev, None, reject_spill=True)
+        local = self._answer_on_box(state, local_box, clicks, prev, reject_spill=True)
         return whole if local is None else local
 
     def _answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
@@ -359,25 +363,29 @@ class ClickPredictor(_ResidualPredictor):
             prob = refine_answer(prob, gray, clicks, self.refinement)
         return prob
 
-    def _zoomed_answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
-                       region: np.ndarray | None, reject_spill: bool = False) -> np.ndarray | None:
-        """The answer recomputed on the crop around ``region`` (None: the positive clicks alone) and
-        the positive clicks, pasted into an otherwise empty map at the original size; None where the
-        crop would be most of the image, the bank keeps no reference pixels to crop, or
-        (``reject_spill``) the crop's answer reaches its inner border."""
+    def _zoom_box(self, state: ImageState, clicks: Sequence[Click], region: np.ndarray | None) -> Box | None:
+        """The canvas crop around ``region`` (original-size bool mask; None: the positive clicks
+        alone) and the positive clicks; None where the crop would be most of the image."""
         assert self.zoom is not None and state.canvas is not None
         h, w = state.original_hw
         ch, cw = state.canvas.shape[:2]
         on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
         region_c = region if region is None or (ch, cw) == (h, w) else _resize_mask(region, (ch, cw))
-        box = zoom_box(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
-        if box is None:
-            return None
+        return zoom_box(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
+
+    def _answer_on_box(self, state: ImageState, box: Box, clicks: Sequence[Click], prev: np.ndarray | None,
+                       reject_spill: bool = False) -> np.ndarray | None:
+        """The answer recomputed on the canvas crop ``box``, pasted into an otherwise empty map at
+        the original size; None where the bank keeps no reference pixels to crop, or
+        (``reject_spill``) the crop's answer reaches its inner border."""
+        assert self.zoom is not None and state.canvas is not None
+        h, w = state.original_hw
+        ch, cw = state.canvas.shape[:2]
         crop_state = self._crop_state(state, box)
         if crop_state is None:
             return None
         y0, x0, bh, bw = box
-        inside = [Click(c.x - x0, c.y - y0, c.positive) for c in on_canvas
+        inside = [Click(c.x - x0, c.y - y0, c.positive) for c in scale_clicks(clicks, (h, w), (ch, cw))
                   if x0 <= c.x <= x0 + bw and y0 <= c.y <= y0 + bh]
         crop_prev = None
         if prev is not None:
