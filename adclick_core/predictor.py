@@ -22,7 +22,7 @@ from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
 from .refinement import ClickConsistency, RefineConfig, keep_clicks, refine_answer
 from .residuals import ResidualConfig, compute_residuals, match_residuals
-from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box
+from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_boxes
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
            "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
@@ -328,8 +328,8 @@ class ClickPredictor(_ResidualPredictor):
         # one, whose refinement waits until it is known to be the answer.
         raw = None if prev is not None else self._answer(state, clicks, None, None)
         region = (prev if raw is None else raw) > THRESHOLD_FOR_ZOOM
-        box = self._zoom_box(state, clicks, region)
-        zoomed = None if box is None else self._answer_on_box(state, box, clicks, prev)
+        boxes = self._zoom_boxes(state, clicks, region)
+        zoomed = None if boxes is None else self._answer_on_boxes(state, boxes, clicks, prev)
         if zoomed is not None:
             return zoomed
         if raw is None:
@@ -340,13 +340,13 @@ class ClickPredictor(_ResidualPredictor):
             whole = refine_answer(raw, state.gray, clicks, self.refinement)
         if not self.zoom.local_first:
             return whole
-        local_box = self._zoom_box(state, clicks, None)
-        if local_box is None:  # images where no crop fits: skip the labelling below
+        local_boxes = self._zoom_boxes(state, clicks, None)
+        if local_boxes is None:  # images where no crop fits: skip the labelling below
             return whole
         clicked = clicked_parts(whole > THRESHOLD_FOR_ZOOM, clicks)
         if clicked.sum() <= self.zoom.flood_fraction * h * w:
             return whole
-        local = self._answer_on_box(state, local_box, clicks, prev, reject_spill=True)
+        local = self._answer_on_boxes(state, local_boxes, clicks, prev, reject_spill=True)
         return whole if local is None else local
 
     def _answer(self, state: ImageState, clicks: Sequence[Click], prev: np.ndarray | None,
@@ -363,40 +363,41 @@ class ClickPredictor(_ResidualPredictor):
             prob = refine_answer(prob, gray, clicks, self.refinement)
         return prob
 
-    def _zoom_box(self, state: ImageState, clicks: Sequence[Click], region: np.ndarray | None) -> Box | None:
-        """The canvas crop around ``region`` (original-size bool mask; None: the positive clicks
-        alone) and the positive clicks; None where the crop would be most of the image."""
+    def _zoom_boxes(self, state: ImageState, clicks: Sequence[Click], region: np.ndarray | None) -> list[Box] | None:
+        """The canvas crops around ``region`` (original-size bool mask; None: the positive clicks
+        alone) and the positive clicks; None where a crop would be most of the image."""
         assert self.zoom is not None and state.canvas is not None
         h, w = state.original_hw
         ch, cw = state.canvas.shape[:2]
         on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
         region_c = region if region is None or (ch, cw) == (h, w) else _resize_mask(region, (ch, cw))
-        return zoom_box(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
+        return zoom_boxes(region_c, on_canvas, (ch, cw), self.zoom, self.model.config.input_size)
 
-    def _answer_on_box(self, state: ImageState, box: Box, clicks: Sequence[Click], prev: np.ndarray | None,
-                       reject_spill: bool = False) -> np.ndarray | None:
-        """The answer recomputed on the canvas crop ``box``, pasted into an otherwise empty map at
-        the original size; None where the bank keeps no reference pixels to crop, or
-        (``reject_spill``) the crop's answer reaches its inner border."""
+    def _answer_on_boxes(self, state: ImageState, boxes: Sequence[Box], clicks: Sequence[Click],
+                         prev: np.ndarray | None, reject_spill: bool = False) -> np.ndarray | None:
+        """The answer recomputed on each canvas crop in ``boxes`` (with the clicks inside it), pasted
+        into an otherwise empty map at the original size; None where the bank keeps no reference
+        pixels to crop, or (``reject_spill``) a crop's answer reaches its inner border."""
         assert self.zoom is not None and state.canvas is not None
         h, w = state.original_hw
         ch, cw = state.canvas.shape[:2]
-        crop_state = self._crop_state(state, box)
-        if crop_state is None:
-            return None
-        y0, x0, bh, bw = box
-        inside = [Click(c.x - x0, c.y - y0, c.positive) for c in scale_clicks(clicks, (h, w), (ch, cw))
-                  if x0 <= c.x <= x0 + bw and y0 <= c.y <= y0 + bh]
-        crop_prev = None
-        if prev is not None:
-            prev_c = prev if (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
-            crop_prev = np.ascontiguousarray(prev_c[y0:y0 + bh, x0:x0 + bw])
-        answer = self._answer(crop_state, inside, crop_prev, crop_state.gray)
-        if reject_spill and spills_over(answer > THRESHOLD_FOR_ZOOM, box, (ch, cw),
-                                        self.zoom.spill_band, self.zoom.spill_fraction):
-            return None
+        on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
+        prev_c = None if prev is None or (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
+        prev_c = prev if prev_c is None else prev_c
         full = np.zeros((ch, cw), np.float32)
-        full[y0:y0 + bh, x0:x0 + bw] = answer
+        for box in boxes:
+            crop_state = self._crop_state(state, box)
+            if crop_state is None:
+                return None
+            y0, x0, bh, bw = box
+            inside = [Click(c.x - x0, c.y - y0, c.positive) for c in on_canvas
+                      if x0 <= c.x <= x0 + bw and y0 <= c.y <= y0 + bh]
+            crop_prev = None if prev_c is None else np.ascontiguousarray(prev_c[y0:y0 + bh, x0:x0 + bw])
+            answer = self._answer(crop_state, inside, crop_prev, crop_state.gray)
+            if reject_spill and spills_over(answer > THRESHOLD_FOR_ZOOM, box, (ch, cw),
+                                            self.zoom.spill_band, self.zoom.spill_fraction):
+                return None
+            np.maximum(full[y0:y0 + bh, x0:x0 + bw], answer, out=full[y0:y0 + bh, x0:x0 + bw])
         return full if (ch, cw) == (h, w) else _resize_map(full, (h, w))
 
     def _crop_state(self, state: ImageState, box: Box) -> ImageState | None:

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .clicks import Click
 
-__all__ = ["ZoomConfig", "Box", "canvas_shape", "to_canvas", "zoom_box", "clicked_parts", "relative_crop",
+__all__ = ["ZoomConfig", "Box", "canvas_shape", "to_canvas", "zoom_box", "zoom_boxes", "clicked_parts", "relative_crop",
            "spills_over", "encode_source",
            "decode_source", "SOURCE_SIDE"]
 
@@ -141,6 +141,71 @@ def zoom_box(
     y0 = int(np.clip(round((cy - h / 2.0) / step) * step, 0, ch - h))
     x0 = int(np.clip(round((cx - w / 2.0) / step) * step, 0, cw - w))
     return y0, x0, h, w
+
+
+def zoom_boxes(
+    region: np.ndarray | None,
+    clicks: Sequence[Click],
+    canvas_hw: tuple[int, int],
+    config: ZoomConfig,
+    input_size: int,
+) -> list[Box] | None:
+    """The crops to answer on: ``zoom_box``'s one crop where it exists; else, where the positive
+    clicks lie on parts too far apart for one crop (two pits on one photo), one crop per group of
+    clicks, each group the clicks that share a clicked part of ``region`` or fit one crop together.
+    None where some group alone does not fit a crop.
+
+    The single crop comes first so that one compact defect is answered exactly as before."""
+    box = zoom_box(region, clicks, canvas_hw, config, input_size)
+    if box is not None:
+        return [box]
+    positive = [c for c in clicks if c.positive]
+    if len(positive) < 2:
+        return None
+    labels = None
+    if region is not None:
+        labels, _ = ndimage.label(clicked_parts(region, positive), structure=np.ones((3, 3), bool))
+    groups: list[list[Click]] = []
+    by_part: dict[int, list[Click]] = {}
+    for c in positive:
+        part = _part_under(labels, c) if labels is not None else 0
+        if part:
+            by_part.setdefault(part, []).append(c)
+        else:
+            groups.append([c])
+    groups += list(by_part.values())
+
+    def fits(g: list[Click]) -> bool:
+        return zoom_box(region, g, canvas_hw, config, input_size) is not None
+
+    merged = True
+    while merged and len(groups) > 1:  # join groups that share a crop, nearest first
+        merged = False
+        pairs = sorted(((_gap(a, b), i, j) for i, a in enumerate(groups) for j, b in enumerate(groups) if i < j))
+        for _, i, j in pairs:
+            if fits(groups[i] + groups[j]):
+                groups[i] = groups[i] + groups[j]
+                del groups[j]
+                merged = True
+                break
+    if len(groups) < 2:
+        return None
+    boxes = [zoom_box(region, g, canvas_hw, config, input_size) for g in groups]
+    return None if any(b is None for b in boxes) else boxes  # type: ignore[return-value]
+
+
+def _part_under(labels: np.ndarray, click: Click, reach: float = 3.0) -> int:
+    """The label of the part within ``reach`` px of ``click`` (0: none; the first where several)."""
+    h, w = labels.shape
+    r = int(math.ceil(reach))
+    y, x = int(click.y), int(click.x)
+    win = labels[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+    found = win[win > 0]
+    return int(found.min()) if found.size else 0
+
+
+def _gap(a: Sequence[Click], b: Sequence[Click]) -> float:
+    return min(math.hypot(p.x - q.x, p.y - q.y) for p in a for q in b)
 
 
 def clicked_parts(mask: np.ndarray, clicks: Sequence[Click], reach: float = 3.0) -> np.ndarray:

@@ -9,7 +9,8 @@ from adclick_core.clicks import Click
 from adclick_core.predictor import ClickPredictor
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
-from adclick_core.zoom import ZoomConfig, canvas_shape, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box
+from adclick_core.zoom import (ZoomConfig, canvas_shape, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box,
+                              zoom_boxes)
 from tests.images import texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -75,6 +76,23 @@ def test_parts_of_the_answer_no_click_touches_do_not_widen_the_crop():
     assert near.sum() == 120 and not clicked_parts(answer, [Click(530, 205, True)]).any()
 
 
+def test_clicks_on_two_parts_too_far_apart_for_one_crop_get_one_crop_each():
+    cfg, hw = ZoomConfig(), (417, 1024)
+    pits = _region(hw, (190, 230, 380, 420)) | _region(hw, (150, 180, 600, 640))
+    clicks = [Click(400, 210, True), Click(620, 165, True), Click(630, 175, True)]
+    assert zoom_box(pits, clicks, hw, cfg, 256) is None  # 260 px apart: one crop would be most of the image
+    a, b = zoom_boxes(pits, clicks, hw, cfg, 256)
+    for (y0, x0, h, w), (px, py) in zip((a, b), ((400, 210), (620, 165))):
+        assert h == w == 256 and x0 <= px <= x0 + w and y0 <= py <= y0 + h
+    assert not (a[1] <= 620 <= a[1] + 256 and b[1] <= 400 <= b[1] + 256)  # each crop holds one pit
+    # One part (or clicks that fit one crop) keeps the single crop; a too-large part has none.
+    near = [Click(400, 210, True), Click(470, 200, True)]
+    assert zoom_boxes(None, near, hw, cfg, 256) == [zoom_box(None, near, hw, cfg, 256)]
+    flood = _region(hw, (100, 400, 100, 900))
+    assert zoom_boxes(flood, clicks, hw, cfg, 256) is None
+    assert len(zoom_boxes(None, clicks, hw, cfg, 256)) == 2  # the clicks alone still split
+
+
 def test_a_crop_answer_spills_only_over_edges_inside_the_canvas():
     box = (0, 100, 64, 64)  # on the canvas's top edge, inside it elsewhere
     mask = np.zeros((64, 64), bool)
@@ -134,6 +152,22 @@ def test_a_small_defect_is_answered_on_a_crop_and_nothing_outside_it(wide_world)
     assert prob[outside].max() == 0.0 and prob[~outside].max() > 0.5
     whole = pred.with_zoom(None)
     assert not np.allclose(prob, whole.predict(whole.set_image(image), CLICKS, prev_mask=SMALL))
+
+
+def test_two_small_defects_far_apart_are_answered_on_a_crop_each(wide_world):
+    pred, _, image = wide_world
+    image = image.copy()
+    image[40:48, 330:338] = 250
+    state = pred.set_image(image)
+    two = SMALL | _region(WIDE, (40, 48, 330, 338))
+    prob = pred.predict(state, [CLICKS[0], Click(333.5, 43.5, True)], prev_mask=two)
+    boxes = list(state.zooms.keys())
+    assert len(boxes) == 2 and all((h, w) == (64, 64) for _, _, h, w in boxes)
+    inside = np.zeros(WIDE, bool)
+    for y0, x0, h, w in boxes:
+        inside[y0:y0 + h, x0:x0 + w] = True
+    assert inside[43, 203] and inside[43, 333] and prob[~inside].max() == 0.0
+    assert prob[43, 203] > 0.5 and prob[43, 333] > 0.5
 
 
 def test_the_next_clicks_reuse_the_crop_state(wide_world):
