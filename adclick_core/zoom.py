@@ -55,7 +55,9 @@ class ZoomConfig:
     # A whole-image answer whose clicked part covers at most this share of the image stands as is.
     flood_fraction: float = 0.01
     spill_band: int = 2  # px along each inner edge of the crop checked for a spill
-    spill_fraction: float = 0.02  # share of that band in the mask that makes a spill
+    # Share of that band in the mask that makes a spill: a defect larger than the crop crosses
+    # whole edges, while a small answer's stray tongue touches only a few per cent of them.
+    spill_fraction: float = 0.15
     cache: int = 4  # crop states kept per image
 
     def to_dict(self) -> dict:
@@ -74,7 +76,8 @@ def to_canvas(image: np.ndarray, side: int) -> np.ndarray:
     ch, cw = canvas_shape(image.shape[:2], side)
     if (ch, cw) == image.shape[:2]:
         return image
-    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    # np.require copies only a read-only array (a decoded PIL image): torch warns on those.
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
     t = F.interpolate(t, size=(ch, cw), mode="bilinear", antialias=True, align_corners=False)
     return t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
 
