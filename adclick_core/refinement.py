@@ -54,6 +54,10 @@ class RefineConfig:
     # Large answers: in where p >= this x the answer at the positive clicks (None: leave them).
     relative_threshold: float | None = 0.4
     min_threshold: float = 0.05  # the anchored cut never goes below this
+    # The anchored cut grows the mask to at most this x the answer's own (None: no limit): on an
+    # unfamiliar product a confident wrong answer has a long lukewarm tail, and a low cut would
+    # let it flood the image.
+    max_growth: float | None = 1.25
 
 
 def _crop_box(region: np.ndarray, positives: Sequence[Click], margin: float) -> tuple[int, int, int, int]:
@@ -68,7 +72,8 @@ def _crop_box(region: np.ndarray, positives: Sequence[Click], margin: float) -> 
 
 
 def _anchor_cut_to_clicks(prob: np.ndarray, positives: Sequence[Click], config: RefineConfig) -> np.ndarray:
-    """``prob`` rescaled so that 0.5 falls at ``relative_threshold`` x its mean at the clicks."""
+    """``prob`` rescaled so that 0.5 falls at ``relative_threshold`` x its mean at the clicks, or
+    higher where that cut would grow the mask past ``max_growth`` x its size at 0.5."""
     if config.relative_threshold is None:
         return prob
     h, w = prob.shape
@@ -76,6 +81,12 @@ def _anchor_cut_to_clicks(prob: np.ndarray, positives: Sequence[Click], config: 
     cut = min(0.5, max(config.min_threshold, config.relative_threshold * float(np.mean(at_clicks))))
     if cut >= 0.5:
         return prob
+    if config.max_growth is not None:
+        limit = int(config.max_growth * (prob > 0.5).sum())
+        if 0 < limit < int((prob >= cut).sum()):
+            cut = min(0.5, float(np.partition(prob.ravel(), -limit)[-limit]))
+            if cut >= 0.5:
+                return prob
     out = np.where(prob < cut, prob * (0.5 / cut), 0.5 + (prob - cut) * (0.5 / (1.0 - cut)))
     return out.astype(np.float32, copy=False)
 

@@ -89,8 +89,11 @@ def test_a_large_lukewarm_answer_is_cut_relative_to_the_clicks():
     out = refine_answer(answer, gray, [Click(100, 70, True)])
     # cut = 0.4 x 0.9 = 0.36: the whole 0.3-region stays out, so with a 0.7 anchor it comes in.
     assert iou(out > 0.5, region) < 0.15
-    out = refine_answer(answer, gray, [Click(100, 70, True)], RefineConfig(relative_threshold=0.3))
+    out = refine_answer(answer, gray, [Click(100, 70, True)], RefineConfig(relative_threshold=0.3, max_growth=None))
     assert iou(out > 0.5, region) == 1.0
+    # By default the cut may grow the mask by a quarter at most: the 0.3-region stays out.
+    capped = refine_answer(answer, gray, [Click(100, 70, True)], RefineConfig(relative_threshold=0.3))
+    assert (answer > 0.5).sum() <= (capped > 0.5).sum() <= 1.25 * (answer > 0.5).sum()
     assert out.dtype == np.float32 and out.shape == answer.shape
     # the order of the pixels is kept (a monotone rescale)
     flat = np.argsort(answer.ravel(), kind="stable")
@@ -101,7 +104,7 @@ def test_the_anchored_cut_never_drops_below_its_floor():
     region, answer = _soft_region()
     gray = np.full((H, W), 128, np.uint8)
     # a positive click where the model says 0.02: the cut stays at min_threshold, not 0.008
-    out = refine_answer(answer, gray, [Click(5, 5, True)])
+    out = refine_answer(answer, gray, [Click(5, 5, True)], RefineConfig(max_growth=None))
     assert ((out > 0.5) == (answer > 0.05)).all()
 
 
