@@ -382,8 +382,7 @@ class ClickPredictor(_ResidualPredictor):
         h, w = state.original_hw
         ch, cw = state.canvas.shape[:2]
         on_canvas = scale_clicks(clicks, (h, w), (ch, cw))
-        prev_c = None if prev is None or (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
-        prev_c = prev if prev_c is None else prev_c
+        prev_c = prev if prev is None or (ch, cw) == (h, w) else _resize_map(prev, (ch, cw))
         full = np.zeros((ch, cw), np.float32)
         for box in boxes:
             crop_state = self._crop_state(state, box)

@@ -122,7 +122,6 @@ def zoom_box(
 
     Parts no click touches do not count: a first answer on an unfamiliar product is often
     scattered over the whole image, and its stray parts would make every crop the whole image."""
-    ch, cw = canvas_hw
     ys = [c.y for c in clicks if c.positive]
     xs = [c.x for c in clicks if c.positive]
     if region is not None:
@@ -132,6 +131,13 @@ def zoom_box(
         cols = np.flatnonzero(region.any(axis=0))
         ys += [float(rows[0]), float(rows[-1] + 1)]
         xs += [float(cols[0]), float(cols[-1] + 1)]
+    return _square_box(ys, xs, canvas_hw, config, input_size)
+
+
+def _square_box(ys: Sequence[float], xs: Sequence[float], canvas_hw: tuple[int, int], config: ZoomConfig,
+                input_size: int) -> Box | None:
+    """``zoom_box``'s square around the points ``ys``, ``xs`` (canvas px); None as there."""
+    ch, cw = canvas_hw
     if not ys:
         return None
     base = config.min_side or input_size
@@ -165,50 +171,59 @@ def zoom_boxes(
     positive = [c for c in clicks if c.positive]
     if len(positive) < 2:
         return None
-    labels = None
-    if region is not None:
-        labels, _ = ndimage.label(clicked_parts(region, positive), structure=np.ones((3, 3), bool))
-    groups: list[list[Click]] = []
-    by_part: dict[int, list[Click]] = {}
-    for c in positive:
-        part = _part_under(labels, c) if labels is not None else 0
-        if part:
-            by_part.setdefault(part, []).append(c)
+    labels = None if region is None else ndimage.label(region, structure=np.ones((3, 3), bool))[0]
+    parts = [] if labels is None else ndimage.find_objects(labels)
+    touched = [set() if labels is None else _touched_labels(labels, c) for c in positive]
+    # A group: its clicks and the parts they touch; clicks on one part start in one group.
+    groups: list[tuple[list[Click], set[int]]] = []
+    by_part: dict[int, tuple[list[Click], set[int]]] = {}
+    for c, t in zip(positive, touched):
+        if t:
+            g = by_part.setdefault(min(t), ([], set()))
+            g[0].append(c)
+            g[1].update(t)
         else:
-            groups.append([c])
+            groups.append(([c], set()))
     groups += list(by_part.values())
 
-    def fits(g: list[Click]) -> bool:
-        return zoom_box(region, g, canvas_hw, config, input_size) is not None
+    def box_of(g: tuple[list[Click], set[int]]) -> Box | None:
+        ys, xs = [c.y for c in g[0]], [c.x for c in g[0]]
+        for label in g[1]:
+            rows, cols = parts[label - 1]
+            ys += [float(rows.start), float(rows.stop)]
+            xs += [float(cols.start), float(cols.stop)]
+        return _square_box(ys, xs, canvas_hw, config, input_size)
 
     merged = True
     while merged and len(groups) > 1:  # join groups that share a crop, nearest first
         merged = False
-        pairs = sorted(((_gap(a, b), i, j) for i, a in enumerate(groups) for j, b in enumerate(groups) if i < j))
+        pairs = sorted((_gap(a[0], b[0]), i, j) for i, a in enumerate(groups) for j, b in enumerate(groups) if i < j)
         for _, i, j in pairs:
-            if fits(groups[i] + groups[j]):
-                groups[i] = groups[i] + groups[j]
+            joined = (groups[i][0] + groups[j][0], groups[i][1] | groups[j][1])
+            if box_of(joined) is not None:
+                groups[i] = joined
                 del groups[j]
                 merged = True
                 break
     if len(groups) < 2:
         return None
-    boxes = [zoom_box(region, g, canvas_hw, config, input_size) for g in groups]
+    boxes = [box_of(g) for g in groups]
     return None if any(b is None for b in boxes) else boxes  # type: ignore[return-value]
-
-
-def _part_under(labels: np.ndarray, click: Click, reach: float = 3.0) -> int:
-    """The label of the part within ``reach`` px of ``click`` (0: none; the first where several)."""
-    h, w = labels.shape
-    r = int(math.ceil(reach))
-    y, x = int(click.y), int(click.x)
-    win = labels[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
-    found = win[win > 0]
-    return int(found.min()) if found.size else 0
 
 
 def _gap(a: Sequence[Click], b: Sequence[Click]) -> float:
     return min(math.hypot(p.x - q.x, p.y - q.y) for p in a for q in b)
+
+
+def _touched_labels(labels: np.ndarray, click: Click, reach: float = 3.0) -> set[int]:
+    """The labels (> 0) of ``labels`` within ``reach`` px of ``click``."""
+    h, w = labels.shape
+    r = int(math.ceil(reach))
+    y, x = int(click.y), int(click.x)
+    win = labels[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+    yy, xx = np.mgrid[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
+    near = (yy - click.y) ** 2 + (xx - click.x) ** 2 <= reach * reach  # pixel (row i, column j) sits at (j, i), as in click_maps
+    return {int(v) for v in np.unique(win[near]) if v}
 
 
 def clicked_parts(mask: np.ndarray, clicks: Sequence[Click], reach: float = 3.0) -> np.ndarray:
@@ -216,17 +231,10 @@ def clicked_parts(mask: np.ndarray, clicks: Sequence[Click], reach: float = 3.0)
     labels, n = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if n == 0:
         return np.zeros_like(mask, dtype=bool)
-    h, w = mask.shape
-    r = int(math.ceil(reach))
     touched: set[int] = set()
     for c in clicks:
-        if not c.positive:
-            continue
-        y, x = int(c.y), int(c.x)
-        win = labels[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
-        yy, xx = np.mgrid[max(0, y - r):min(h, y + r + 1), max(0, x - r):min(w, x + r + 1)]
-        near = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= reach * reach  # pixel (row i, column j) sits at (j, i), as in click_maps
-        touched.update(int(v) for v in np.unique(win[near]) if v)
+        if c.positive:
+            touched |= _touched_labels(labels, c, reach)
     return np.isin(labels, sorted(touched)) if touched else np.zeros_like(mask, dtype=bool)
 
 
