@@ -88,17 +88,28 @@ def cmd_combine_click(args) -> dict:
 
 
 def cmd_train_click(args) -> dict:
+    import hashlib
+
     from .backbone import build_extractor
     from .data import MVTecFolder
     from .models import ADClickConfig
+    from .reference import ReferenceBank
     from .synthesis import AnomalySynthesizer
-    from .training import ClickTrainConfig, build_synthetic_pool, train_click
+    from .textures import texture_families
+    from .training import ClickTrainConfig, build_synthetic_pool, concat_pools, train_click
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
     if args.max_extra_clicks < 0:
         raise AdclickError(f"--max-extra-clicks must be >= 0, got {args.max_extra_clicks}")
-    data = Path(args.data)
+    if args.textures < 0 or args.texture_images < 2:
+        raise InputError(f"--textures must be >= 0 and --texture-images >= 2, got {args.textures} and "
+                         f"{args.texture_images}")
+    datas = [Path(d) for d in args.data]
+    banks = list(args.bank or [])
+    if banks and len(banks) != len(datas):
+        raise InputError(f"{len(banks)} --bank files for {len(datas)} --data folders: give one --bank per --data")
+    banks = banks or [None] * len(datas)
     mix = {"p_edge": args.edge_share, "p_uneven": args.uneven_share, "p_finish": args.finish_share,
            "p_photometric": args.photometric_share, "p_strip": args.strip_share,
            "p_faint": args.faint_share}
@@ -106,32 +117,64 @@ def cmd_train_click(args) -> dict:
         synth = AnomalySynthesizer(**mix)
     except ValueError as exc:
         raise AdclickError(f"synthetic anomaly mix: {exc}") from exc
+    for d in datas:  # every folder is checked before anything is computed
+        if not MVTecFolder(d).train_good():
+            raise DataError(f"{d}: no defect-free images in train/good")
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
-    bank = MVTecFolder(data).reference_bank(extractor, args.bank)
     rcfg = _residual_config(args)
-    normals = MVTecFolder(data).train_good()
-    pool = build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image, seed=args.seed,
-                                bank_index=bank.positions(normals), exclude_similar=args.exclude_similar,
-                                synthesizer=synth)
+
+    # Each source (a product folder or a texture family) pastes anomalies on its own images and
+    # takes residuals against its own bank; the first keeps the single-folder random stream.
+    pools, fingerprints, sources = [], [], []
+    for i, (data, bank_path) in enumerate(zip(datas, banks)):
+        bank = MVTecFolder(data).reference_bank(extractor, bank_path)
+        normals = MVTecFolder(data).train_good()
+        pools.append(build_synthetic_pool(extractor, bank, normals, rcfg, per_image=args.per_image,
+                                          seed=args.seed + 1000 * i, bank_index=bank.positions(normals),
+                                          exclude_similar=args.exclude_similar, synthesizer=synth))
+        fingerprints.append(bank.fingerprint)
+        sources.append({"data": str(data), "normal_images": len(normals)})
+    families = texture_families(args.textures, seed=args.seed)
+    for j, family in enumerate(families):
+        images = family.images(args.texture_images, seed=args.seed * 1000 + j + 1)
+        bank = ReferenceBank.build(extractor, images, names=[f"texture-{j}-{n}" for n in range(len(images))],
+                                   progress=False)
+        if len(bank) != len(images):  # the pool leaves each image out of its own retrieval by position
+            raise AdclickError(f"texture family {j}: {len(images) - len(bank)} duplicate images")
+        pools.append(build_synthetic_pool(extractor, bank, images, rcfg, per_image=args.per_image,
+                                          seed=args.seed + 1000 * (len(datas) + j),
+                                          bank_index=list(range(len(images))), progress=False,
+                                          exclude_similar=args.exclude_similar, synthesizer=synth))
+        fingerprints.append(bank.fingerprint)
+    pool = concat_pools(pools)
     t_pool = time.time() - t0
     mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                          grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
                          embed_dim=args.embed_dim, depth=args.depth)
     tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             max_extra_clicks=args.max_extra_clicks, model=mcfg)
+    trained_on = {"synthetic_per_image": args.per_image, "exclude_similar": args.exclude_similar,
+                  "synthesizer": mix, "pool_seconds": round(t_pool, 1), "device": str(args.device),
+                  "threads": torch.get_num_threads()}
+    if len(datas) == 1 and not families:
+        trained_on = {**sources[0], **trained_on}
+    else:
+        trained_on = {"sources": sources, "normal_images": sum(s["normal_images"] for s in sources)
+                      + len(families) * args.texture_images, **trained_on,
+                      "textures": {"families": len(families), "images_per_family": args.texture_images,
+                                   "kinds": sorted({f.kind for f in families})}}
     meta = {
         "backbone": extractor.config.to_dict(),
         "residual_config": rcfg.to_dict(),
-        "bank_fingerprint": bank.fingerprint,
-        "trained_on": {"data": str(data), "normal_images": len(normals), "synthetic_per_image": args.per_image,
-                       "exclude_similar": args.exclude_similar,
-                       "synthesizer": mix,
-                       "pool_seconds": round(t_pool, 1), "device": str(args.device),
-                       "threads": torch.get_num_threads()},
+        # one bank: its own fingerprint (what the shipped single-product checkpoints record)
+        "bank_fingerprint": fingerprints[0] if len(fingerprints) == 1
+        else hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:16],
+        "trained_on": trained_on,
     }
     _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device)
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
-                    "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool)})
+                    "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool),
+                    "sources": len(datas) + len(families)})
     return summary
 
 
@@ -270,9 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_build_bank)
 
     p = sub.add_parser("train-click", help="train the ADClick click model on synthetic anomalies")
-    p.add_argument("--data", required=True, help="MVTec-style folder; only train/good is used")
+    p.add_argument("--data", required=True, action="append",
+                   help="MVTec-style folder; only train/good is used. Repeat it to train on several products "
+                        "(each against its own references)")
     p.add_argument("--out", required=True, help="checkpoint to write")
-    p.add_argument("--bank", default=None, help="reference bank file to reuse / create")
+    p.add_argument("--bank", default=None, action="append",
+                   help="reference bank file to reuse / create (one per --data, in the same order)")
+    p.add_argument("--textures", type=int, default=0,
+                   help="also train on N procedural texture families (grain, brushed, weave, grooves, speckle)")
+    p.add_argument("--texture-images", type=int, default=24, help="defect-free images per texture family")
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -24,7 +24,7 @@ from .residuals import ResidualConfig, compute_residuals, match_residuals, retri
 from .synthesis import AnomalySynthesizer
 from .zoom import ZoomConfig, relative_crop, to_canvas
 
-__all__ = ["SyntheticPool", "build_synthetic_pool", "ClickTrainConfig", "train_click", "ProgressFn"]
+__all__ = ["SyntheticPool", "build_synthetic_pool", "concat_pools", "ClickTrainConfig", "train_click", "ProgressFn"]
 
 ProgressFn = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
@@ -39,6 +39,14 @@ class SyntheticPool:
 
     def __len__(self) -> int:
         return int(self.residual.shape[0])
+
+
+def concat_pools(pools: Sequence[SyntheticPool]) -> SyntheticPool:
+    """One pool from several (one per product or texture family, each against its own bank)."""
+    if not pools:
+        raise ValueError("no synthetic pool to join")
+    return SyntheticPool(torch.cat([p.residual for p in pools]), torch.cat([p.fine for p in pools]),
+                         np.concatenate([p.masks for p in pools]))
 
 
 def build_synthetic_pool(

@@ -182,3 +182,29 @@ def test_train_click_rejects_a_negative_click_count(tmp_path, capsys):
     assert code == 2
     assert "--max-extra-clicks must be >= 0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_click_mixes_products_and_texture_families(tmp_path):
+    from adclick_core.checkpoint import load_checkpoint
+
+    first, second = _tiny_mvtec(tmp_path / "a"), _tiny_mvtec(tmp_path / "b", n=3)
+    out = tmp_path / "click.pt"
+    proc = run_cli("train-click", "--data", str(first), "--data", str(second), "--textures", "2",
+                   "--texture-images", "3", "--out", str(out), "--input-size", "64", "--device", "cpu",
+                   "--iterations", "2", "--batch-size", "2", "--per-image", "1", "--embed-dim", "32", "--depth", "1",
+                   "--k", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["sources"] == 4
+    assert summary["pool_size"] == 4 + 3 + 2 * 3  # one anomaly per image of every source
+    trained_on = load_checkpoint(out, "adclick_click")["trained_on"]
+    assert [s["normal_images"] for s in trained_on["sources"]] == [4, 3]
+    assert trained_on["textures"] == {"families": 2, "images_per_family": 3, "kinds": ["brushed", "grain"]}
+
+
+def test_train_click_wants_one_bank_per_data_folder(tmp_path, capsys):
+    first, second = _tiny_mvtec(tmp_path / "a"), _tiny_mvtec(tmp_path / "b")
+    code = main(["train-click", "--data", str(first), "--data", str(second), "--bank", str(tmp_path / "x.safetensors"),
+                 "--out", str(tmp_path / "click.pt")])
+    assert code == 2
+    assert "one --bank per --data" in capsys.readouterr().err
