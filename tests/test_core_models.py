@@ -1,11 +1,13 @@
 """ADClick model (tiny config): shapes, click embedding learns, NFL by hand."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformerBlock
 
 from adclick_core.clicks import Click, encode_clicks
 from adclick_core.losses import normalized_focal_loss
@@ -252,3 +254,27 @@ def test_nfl_batch_mean_of_images():
     both = normalized_focal_loss(logits, target).item()
     each = [normalized_focal_loss(logits[i : i + 1], target[i : i + 1]).item() for i in range(2)]
     assert both == pytest.approx(sum(each) / 2, rel=1e-6)
+
+
+def test_cached_shift_mask_is_timms_mask_for_every_grid():
+    # The trunk builds each shifted block's attention mask once per grid shape; the answer on a
+    # grid seen before and on a new one must be what timm's per-forward mask gives.
+    torch.manual_seed(0)
+    model = ADClick(tiny(depth=2)).eval()
+    block = model.trunk.blocks[1]
+    for g in (8, 12, 8):
+        x = torch.randn(1, g, g, block.norm1.normalized_shape[0])
+        cached = block.get_attn_mask(x)
+        fresh = SwinTransformerBlock.get_attn_mask(block, x)
+        assert cached is not None and torch.equal(cached, fresh)
+    assert len(block._mask_cache) == 2
+    res = torch.randn(1, 8, 12, 12)
+    maps = encode_clicks([[Click(50, 50)]], None, 96, 5.0)
+    fine = torch.randn(1, 4, 24, 24)
+    with torch.no_grad():
+        cached_out = model(res, maps, fine)
+        for b in model.trunk.blocks:
+            b._mask_cache.clear()
+            b.get_attn_mask = functools.partial(SwinTransformerBlock.get_attn_mask, b)
+        plain_out = model(res, maps, fine)
+    torch.testing.assert_close(cached_out, plain_out)

@@ -5,7 +5,24 @@ import torch
 from timm.models.swin_transformer import SwinTransformerBlock
 from torch import nn
 
-__all__ = ["ResidualSwinTrunk"]
+__all__ = ["ResidualSwinTrunk", "CachedMaskSwinBlock"]
+
+
+class CachedMaskSwinBlock(SwinTransformerBlock):
+    """timm's Swin block with a dynamic mask that is built once per grid shape, not on every
+    forward: building it is a Python loop of slice writes, about a tenth of a click's trunk time."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._mask_cache: dict[tuple, torch.Tensor | None] = {}
+
+    def get_attn_mask(self, x: torch.Tensor | None = None, device=None, dtype=None):
+        if x is None:
+            return super().get_attn_mask(x, device=device, dtype=dtype)
+        key = (x.shape[1], x.shape[2], x.device, x.dtype, self.window_size, self.shift_size)
+        if key not in self._mask_cache:
+            self._mask_cache[key] = super().get_attn_mask(x)
+        return self._mask_cache[key]
 
 
 class ResidualSwinTrunk(nn.Module):
@@ -19,7 +36,7 @@ class ResidualSwinTrunk(nn.Module):
         super().__init__()
         window = min(window_size, grid_size)
         self.blocks = nn.ModuleList(
-            SwinTransformerBlock(
+            CachedMaskSwinBlock(
                 dim=dim,
                 input_resolution=(grid_size, grid_size),
                 num_heads=num_heads,
