@@ -186,7 +186,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def cmd_eval_click(args) -> dict:
-    from .evaluation import evaluate_click_sets, format_click_tables
+    from .evaluation import default_workers, evaluate_click_sets, format_click_tables
 
     result = evaluate_click_sets(
         args.data, checkpoint=args.checkpoint, bank_paths=args.bank, device=args.device,
@@ -194,6 +194,7 @@ def cmd_eval_click(args) -> dict:
                             if getattr(args, k) is not None},
         clicks=_int_list(args.clicks, "--clicks"), max_clicks=args.max_clicks, limit=args.limit,
         methods=args.methods.split(","),
+        workers=args.workers if args.workers is not None else default_workers(args.device),
     )
     if len(args.data) == 1:  # one set: the same JSON as always, its tables too
         result = next(iter(result["sets"].values()))
@@ -378,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="click checkpoint (default: the shipped one)")
     p.add_argument("--clicks", default="1,3,5", help="click counts to report")
     p.add_argument("--max-clicks", type=int, default=20, help="clicks simulated at most (NoC cap)")
-    p.add_argument("--methods", default="adclick,adclick_raw,random_walker,residual_map",
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes sharing the images (default: one per CPU core, at most 4; one on a GPU)")
+    p.add_argument("--methods", default="adclick,random_walker,residual_map",
                    help="adclick (shipped behaviour), adclick_raw (no boundary refinement), adclick_global (no "
                         "zoom-in), random_walker, residual_map")
     p.add_argument("--bank", default=None, action="append",

@@ -175,6 +175,23 @@ def test_evaluate_clicks_reports_every_method_per_count_and_per_image(toy, check
         assert row["defect_fraction"] == pytest.approx(gt.mean(), abs=1e-5)
 
 
+def test_two_worker_processes_give_the_one_process_result(toy, checkpoint):
+    kwargs = dict(clicks=(1, 3), max_clicks=4, device="cpu", progress=False,
+                  methods=["adclick", "random_walker", "residual_map"])
+    one = evaluate_clicks(toy, checkpoint, **kwargs)
+    two = evaluate_clicks(toy, checkpoint, workers=2, **kwargs)
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert two["left_out_empty_masks"] == one["left_out_empty_masks"] == ["stain/002"]
+    assert [r["image"] for r in two["per_image"]] == [r["image"] for r in one["per_image"]]
+    for name in kwargs["methods"]:
+        for k in ("1", "3"):
+            for metric in ("ap", "miou", "noc80", "noc85"):
+                # one thread per worker against two in one process: float sums may differ a little
+                assert two["methods"][name][k][metric] == pytest.approx(one["methods"][name][k][metric], abs=2e-3)
+    with pytest.raises(InputError, match="workers must be at least 1"):
+        evaluate_clicks(toy, checkpoint, workers=0, **kwargs)
+
+
 def test_eval_click_command_writes_the_json_it_prints(toy, checkpoint, tmp_path, capsys):
     out = tmp_path / "sub" / "eval.json"
     code = main(["eval-click", "--data", str(toy), "--checkpoint", str(checkpoint), "--clicks", "1,2",
