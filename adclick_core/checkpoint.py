@@ -1,6 +1,7 @@
 """Checkpoints: model weights + everything needed to rebuild and validate them, written atomically."""
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from .errors import CheckpointError, MissingWeightsError
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "combine_checkpoints",
-           "SHIPPED_CLICK_CHECKPOINT"]
+           "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
@@ -51,14 +52,25 @@ def load_checkpoint(path: str | os.PathLike | None, kind: str) -> dict:
     return ckpt
 
 
-# What members of one ensemble must share: they answer for the same features and bank.
-_MEMBER_MUST_MATCH = ("model_config", "backbone", "residual_config", "bank_fingerprint")
+def joint_fingerprint(fingerprints: list[str]) -> str:
+    """The training-bank record of a model trained against several banks: one bank keeps its own
+    fingerprint (what single-product checkpoints record), several a hash of all of them in order."""
+    if len(set(fingerprints)) == 1:
+        return fingerprints[0]
+    return hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:16]
+
+
+# What members of one ensemble must share: they answer for the same features and residuals. The
+# bank they trained against is only a record: at serving time every member reads the residuals
+# against the project's own bank, so members trained on other products can answer together.
+_MEMBER_MUST_MATCH = ("model_config", "backbone", "residual_config")
 
 
 def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, kind: str = "adclick_click") -> dict:
     """One ensemble checkpoint (``ensemble_members`` = N, weights under ``members.<i>.``) from N
-    single-model checkpoints of one architecture, backbone, residual config and bank. Each
-    member's training record is kept under ``trained_on["members"]``. Returns the summary."""
+    single-model checkpoints of one architecture, backbone and residual config. Each member's
+    training record (with its own ``bank_fingerprint``) is kept under ``trained_on["members"]``.
+    Returns the summary."""
     if len(paths) < 2:
         raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(paths)}")
     ckpts = [load_checkpoint(p, kind) for p in paths]
@@ -69,9 +81,12 @@ def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, 
             if c.get(key) != ckpts[0].get(key):
                 raise CheckpointError(f"{p} and {paths[0]} differ in {key}: they cannot answer together")
     state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
-    members = [{"checkpoint": Path(p).name, **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary")}}
+    members = [{"checkpoint": Path(p).name,
+                **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary", "bank_fingerprint")}}
                for p, c in zip(paths, ckpts)]
+    fingerprints = [c["bank_fingerprint"] for c in ckpts if c.get("bank_fingerprint")]
     save_checkpoint(out, kind, state, ensemble_members=len(ckpts),
                     **{k: ckpts[0][k] for k in _MEMBER_MUST_MATCH if k in ckpts[0]},
+                    **({"bank_fingerprint": joint_fingerprint(fingerprints)} if fingerprints else {}),
                     trained_on={"members": members})
     return {"checkpoint": str(out), "members": [str(p) for p in paths], "bytes": Path(out).stat().st_size}

@@ -88,9 +88,8 @@ def cmd_combine_click(args) -> dict:
 
 
 def cmd_train_click(args) -> dict:
-    import hashlib
-
     from .backbone import build_extractor
+    from .checkpoint import joint_fingerprint
     from .data import MVTecFolder
     from .models import ADClickConfig
     from .reference import ReferenceBank
@@ -166,9 +165,7 @@ def cmd_train_click(args) -> dict:
     meta = {
         "backbone": extractor.config.to_dict(),
         "residual_config": rcfg.to_dict(),
-        # one bank: its own fingerprint (what the shipped single-product checkpoints record)
-        "bank_fingerprint": fingerprints[0] if len(fingerprints) == 1
-        else hashlib.sha256("+".join(fingerprints).encode()).hexdigest()[:16],
+        "bank_fingerprint": joint_fingerprint(fingerprints),
         "trained_on": trained_on,
     }
     _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device)

@@ -366,15 +366,31 @@ def test_click_ensemble_checkpoint_answers_with_the_mean_probability(trained, se
     assert prob.shape == (64, 64) and np.isfinite(prob).all()
 
 
-def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp_path):
-    from adclick_core.checkpoint import combine_checkpoints
+def test_members_trained_against_other_banks_answer_together_and_keep_their_records(trained, tmp_path):
+    from adclick_core.checkpoint import combine_checkpoints, joint_fingerprint
 
     first = load_checkpoint(trained["path"], "adclick_click")
     meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
     other_bank = save_checkpoint(tmp_path / "b.pt", "adclick_click", first["state_dict"],
                                  **{**meta, "bank_fingerprint": "0000"})
-    with pytest.raises(CheckpointError, match="bank_fingerprint"):
-        combine_checkpoints([trained["path"], other_bank], tmp_path / "e.pt")
+    combine_checkpoints([trained["path"], other_bank], tmp_path / "e.pt")
+    ckpt = load_checkpoint(tmp_path / "e.pt", "adclick_click")
+    assert [m["bank_fingerprint"] for m in ckpt["trained_on"]["members"]] == [first["bank_fingerprint"], "0000"]
+    assert ckpt["bank_fingerprint"] == joint_fingerprint([first["bank_fingerprint"], "0000"])
+    assert ckpt["bank_fingerprint"] not in (first["bank_fingerprint"], "0000")
+    assert joint_fingerprint(["0000", "0000"]) == "0000"
+
+
+def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp_path):
+    from adclick_core.checkpoint import combine_checkpoints
+
+    first = load_checkpoint(trained["path"], "adclick_click")
+    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    other_k = {**meta["residual_config"], "k": meta["residual_config"]["k"] + 2}
+    other_residuals = save_checkpoint(tmp_path / "r.pt", "adclick_click", first["state_dict"],
+                                      **{**meta, "residual_config": other_k})
+    with pytest.raises(CheckpointError, match="residual_config"):
+        combine_checkpoints([trained["path"], other_residuals], tmp_path / "e.pt")
     with pytest.raises(CheckpointError, match="at least 2"):
         combine_checkpoints([trained["path"]], tmp_path / "e.pt")
     assert not (tmp_path / "e.pt").exists()
