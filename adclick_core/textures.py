@@ -1,7 +1,7 @@
 """Procedural defect-free textures, in families: the images of one family share one look (as the
 parts of one product do) and differ in their instance noise, placement and lighting.
 
-The generic click model trains on real products' defect-free images *and* on these families, so
+A generic click model trains on real products' defect-free images *and* on these families, so
 it learns what a residual against "more of the same surface" looks like on surfaces no data set
 holds (grain, brushed metal, weaves, machined grooves, speckled castings), not on one material.
 Each family gets its own reference bank: its residuals are against its own kind, as a real

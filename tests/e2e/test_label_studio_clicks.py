@@ -31,14 +31,13 @@ pytestmark = pytest.mark.e2e
 N_CLICKS = 3
 IOU_MIN = 0.5
 # Floors on the test's 10 images (2 per defect type of the committed sample, a spread of MTD):
-# IoU >= 0.5 after 3 clicks on at least 60 % of them, mean IoU after 3 clicks >= 0.58 and at least
-# 0.1 above the random walker's under the same protocol (measured with the shipped model: 7 of 10,
-# mean 0.620, two of the ten within 0.01 of 0.5; on 4 per type, 20 images, 13 of 20, mean 0.588;
-# over all 50 sample images eval-click gives mIoU@3 0.583 vs the walker's 0.408).
+# IoU >= 0.5 after 3 clicks on at least 80 % of them, mean IoU after 3 clicks >= 0.55 and at least
+# 0.1 above the random walker's under the same protocol (measured with the shipped model: 9 of 10,
+# mean 0.676; over all 50 sample images eval-click gives mIoU@3 0.576 vs the walker's 0.408).
 # The masks that come back through Label Studio must also be the core's own answer for the same
 # clicks (agreement: a wrong coordinate mapping, flipped axes or a broken RLE give ~0).
-MIN_SHARE_AT_IOU_MIN = 0.6
-MIN_MEAN_IOU = 0.58
+MIN_SHARE_AT_IOU_MIN = 0.8
+MIN_MEAN_IOU = 0.55
 MIN_GAIN_OVER_WALKER = 0.1
 AGREEMENT_MIN = 0.95
 
