@@ -336,12 +336,17 @@ def test_predictor_rejects_bank_of_other_backbone(trained):
 # ---------------------------------------------------------------- ensembles of click models
 
 
+def checkpoint_meta(ckpt: dict) -> dict:
+    """A loaded checkpoint's records without its weights and header: what ``save_checkpoint`` takes."""
+    return {k: v for k, v in ckpt.items() if k not in ("state_dict", "format_version", "kind")}
+
+
 def test_click_ensemble_checkpoint_answers_with_the_mean_probability(trained, setup, tmp_path):
     from adclick_core.checkpoint import combine_checkpoints
 
     _, bank, _, _ = setup
     first = load_checkpoint(trained["path"], "adclick_click")
-    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    meta = checkpoint_meta(first)
     torch.manual_seed(1)
     other = ADClick(trained["config"].model)  # same architecture, other weights
     second = save_checkpoint(tmp_path / "other.pt", "adclick_click", other.state_dict(), **meta)
@@ -370,7 +375,7 @@ def test_members_trained_against_other_banks_answer_together_and_keep_their_reco
     from adclick_core.checkpoint import combine_checkpoints, joint_fingerprint
 
     first = load_checkpoint(trained["path"], "adclick_click")
-    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    meta = checkpoint_meta(first)
     other_bank = save_checkpoint(tmp_path / "b.pt", "adclick_click", first["state_dict"],
                                  **{**meta, "bank_fingerprint": "0000"})
     combine_checkpoints([trained["path"], other_bank], tmp_path / "e.pt")
@@ -385,7 +390,7 @@ def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp
     from adclick_core.checkpoint import combine_checkpoints
 
     first = load_checkpoint(trained["path"], "adclick_click")
-    meta = {k: v for k, v in first.items() if k not in ("state_dict", "format_version", "kind")}
+    meta = checkpoint_meta(first)
     other_k = {**meta["residual_config"], "k": meta["residual_config"]["k"] + 2}
     other_residuals = save_checkpoint(tmp_path / "r.pt", "adclick_click", first["state_dict"],
                                       **{**meta, "residual_config": other_k})
