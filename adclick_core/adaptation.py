@@ -48,7 +48,7 @@ class AdaptConfig:
         return asdict(self)
 
 
-def _start_weights(pred: ClickPredictor, member: int) -> tuple[dict, dict]:
+def member_weights(pred: ClickPredictor, member: int) -> tuple[dict, dict]:
     """(state dict, synthesizer mix) of the model to fine-tune: the checkpoint itself, or one
     member of an ensemble."""
     members = getattr(pred.model, "members", None)
@@ -89,7 +89,7 @@ def adapt_click(
         index = bank.positions(images)
     if len(images) < MIN_REFERENCES:
         raise InputError(f"adaptation needs at least {MIN_REFERENCES} defect-free images, got {len(images)}")
-    state, mix = _start_weights(pred, config.member)
+    state, mix = member_weights(pred, config.member)
     pool = build_synthetic_pool(
         pred.extractor, bank, images, pred.residual_config, per_image=config.per_image, seed=config.seed,
         progress=progress, bank_index=index, synthesizer=AnomalySynthesizer(**mix), zoom_share=config.zoom_share,

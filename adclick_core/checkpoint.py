@@ -82,7 +82,8 @@ def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, 
                 raise CheckpointError(f"{p} and {paths[0]} differ in {key}: they cannot answer together")
     state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
     members = [{"checkpoint": Path(p).name,
-                **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary", "bank_fingerprint")}}
+                **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary", "bank_fingerprint")},
+                **({"init": c["init"]} if c.get("init") else {})}
                for p, c in zip(paths, ckpts)]
     fingerprints = [c["bank_fingerprint"] for c in ckpts if c.get("bank_fingerprint")]
     save_checkpoint(out, kind, state, ensemble_members=len(ckpts),

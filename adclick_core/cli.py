@@ -87,6 +87,22 @@ def cmd_combine_click(args) -> dict:
     return summary
 
 
+def _init_predictor(args):
+    """The click model ``train-click --init`` continues from; its backbone, model and residual
+    config are the new model's, so options that would change them are refused."""
+    from .predictor import ClickPredictor
+
+    pred = ClickPredictor.from_checkpoint(args.init, device=args.device, backbone_weights=args.backbone_weights)
+    bcfg, mcfg = pred.extractor.config, pred.model.config
+    clashes = [f"--{name} {given} (the checkpoint has {have})" for name, given, have in (
+        ("backbone", args.backbone, bcfg.name), ("input-size", args.input_size, bcfg.input_size),
+        ("feature-dim", args.feature_dim, bcfg.feature_dim), ("embed-dim", args.embed_dim, mcfg.embed_dim),
+        ("depth", args.depth, mcfg.depth)) if given is not None and given != have]
+    if clashes:
+        raise InputError(f"--init {args.init} fixes the architecture; drop or match: {', '.join(clashes)}")
+    return pred
+
+
 def cmd_train_click(args) -> dict:
     from .backbone import build_extractor
     from .checkpoint import joint_fingerprint
@@ -94,6 +110,7 @@ def cmd_train_click(args) -> dict:
     from .models import ADClickConfig
     from .reference import ReferenceBank
     from .synthesis import AnomalySynthesizer
+    from .adaptation import member_weights
     from .textures import texture_families
     from .training import ClickTrainConfig, build_synthetic_pool, concat_pools, train_click
 
@@ -119,8 +136,19 @@ def cmd_train_click(args) -> dict:
     for d in datas:  # every folder is checked before anything is computed
         if not MVTecFolder(d).train_good():
             raise DataError(f"{d}: no defect-free images in train/good")
-    extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
-    rcfg = _residual_config(args)
+    init_state, init_record = None, None
+    if args.init:
+        pred = _init_predictor(args)
+        init_state, _ = member_weights(pred, args.init_member)
+        init_record = {"checkpoint": str(args.init), "member": args.init_member}
+        extractor, rcfg, mcfg = pred.extractor, _residual_config(args, base=pred.residual_config), pred.model.config
+    else:
+        args.backbone, args.input_size = args.backbone or "efficientnet_lite0", args.input_size or 256
+        extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
+        rcfg = _residual_config(args)
+        mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
+                             grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
+                             embed_dim=args.embed_dim or 96, depth=args.depth or 4)
 
     # Each source (a product folder or a texture family) pastes anomalies on its own images and
     # takes residuals against its own bank; the first keeps the single-folder random stream.
@@ -147,9 +175,6 @@ def cmd_train_click(args) -> dict:
         fingerprints.append(bank.fingerprint)
     pool = concat_pools(pools)
     t_pool = time.time() - t0
-    mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
-                         grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
-                         embed_dim=args.embed_dim, depth=args.depth)
     tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                             max_extra_clicks=args.max_extra_clicks, model=mcfg)
     trained_on = {"synthetic_per_image": args.per_image, "exclude_similar": args.exclude_similar,
@@ -168,7 +193,9 @@ def cmd_train_click(args) -> dict:
         "bank_fingerprint": joint_fingerprint(fingerprints),
         "trained_on": trained_on,
     }
-    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device)
+    if init_record:
+        meta["init"] = init_record
+    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device, init_state=init_state)
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
                     "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool),
                     "sources": len(datas) + len(families)})
@@ -340,13 +367,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of composites relit as a whole (brighter / higher contrast)")
     p.add_argument("--max-extra-clicks", type=int, default=3,
                    help="iterative corrective clicks simulated per training sample: 0 up to this many")
-    p.add_argument("--embed-dim", type=int, default=96)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--embed-dim", type=int, default=None, help="Swin width (default 96)")
+    p.add_argument("--depth", type=int, default=None, help="Swin blocks (default 4)")
+    p.add_argument("--init", default=None,
+                   help="continue from this click checkpoint's weights (its backbone, model and residual config)")
+    p.add_argument("--init-member", type=int, default=0, help="the ensemble member of --init to start from")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     _add_backbone_args(p)
     _add_residual_args(p)
-    p.set_defaults(func=cmd_train_click)
+    p.set_defaults(func=cmd_train_click, backbone=None, input_size=None)  # None: the default, or --init's
 
     p = sub.add_parser("adapt-click", help="fine-tune the click model on one product's defect-free images (minutes)")
     p.add_argument("--data", required=True, help="folder of defect-free images, or an MVTec-style folder (train/good)")

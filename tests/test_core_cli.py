@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from adclick_core.cli import build_parser, main
@@ -208,3 +209,50 @@ def test_train_click_wants_one_bank_per_data_folder(tmp_path, capsys):
                  "--out", str(tmp_path / "click.pt")])
     assert code == 2
     assert "one --bank per --data" in capsys.readouterr().err
+
+
+def _tiny_click(data: Path, out: Path, seed: int) -> Path:
+    proc = run_cli("train-click", "--data", str(data), "--out", str(out), "--input-size", "64", "--device", "cpu",
+                   "--iterations", "2", "--batch-size", "2", "--per-image", "1", "--embed-dim", "32", "--depth", "1",
+                   "--seed", str(seed), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_train_click_continues_from_an_ensemble_member(tmp_path):
+    from adclick_core.checkpoint import load_checkpoint
+
+    data = _tiny_mvtec(tmp_path / "data")
+    members = [_tiny_click(data, tmp_path / f"m{i}.pt", seed=i) for i in range(2)]
+    ensemble = tmp_path / "ens.pt"
+    assert run_cli("combine-click", *map(str, members), "--out", str(ensemble), timeout=300).returncode == 0
+    out = tmp_path / "cont.pt"
+    # lr 0: the continued model must still be member 1 itself (architecture and weights taken over;
+    # only the input scale is measured again, on the new pool)
+    proc = run_cli("train-click", "--data", str(data), "--out", str(out), "--init", str(ensemble),
+                   "--init-member", "1", "--device", "cpu", "--iterations", "2", "--batch-size", "2",
+                   "--per-image", "1", "--lr", "0", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cont, start = load_checkpoint(out, "adclick_click"), load_checkpoint(members[1], "adclick_click")
+    assert cont["init"] == {"checkpoint": str(ensemble), "member": 1}
+    assert cont["model_config"] == start["model_config"] and cont["backbone"] == start["backbone"]
+    assert cont["state_dict"].keys() == start["state_dict"].keys()
+    for name, value in start["state_dict"].items():
+        if not name.endswith("input_scale"):
+            assert torch.equal(cont["state_dict"][name], value), name
+    again = tmp_path / "again.pt"  # an ensemble of the continued model keeps where it started from
+    assert run_cli("combine-click", str(out), str(members[0]), "--out", str(again), timeout=300).returncode == 0
+    assert load_checkpoint(again, "adclick_click")["trained_on"]["members"][0]["init"] == cont["init"]
+    other = load_checkpoint(members[0], "adclick_click")["state_dict"]
+    assert any(not torch.equal(other[n], v) for n, v in start["state_dict"].items())  # the members differ
+
+
+def test_train_click_init_refuses_another_architecture(tmp_path, capsys):
+    data = _tiny_mvtec(tmp_path / "data")
+    start = _tiny_click(data, tmp_path / "m.pt", seed=0)
+    out = tmp_path / "cont.pt"
+    code = main(["train-click", "--data", str(data), "--out", str(out), "--init", str(start), "--depth", "2",
+                 "--device", "cpu"])
+    assert code == 2
+    assert "--depth 2 (the checkpoint has 1)" in capsys.readouterr().err
+    assert not out.exists()
