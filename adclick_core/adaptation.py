@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .checkpoint import ensemble_members, load_checkpoint, save_ensemble
 from .errors import InputError
 from .predictor import ClickPredictor
 from .synthesis import AnomalySynthesizer
@@ -41,7 +42,7 @@ class AdaptConfig:
     zoom_share: float = 0.5  # of them on zoom-in crops (the rest on whole images)
     max_images: int = 200  # references used at most (evenly spread over the bank)
     max_extra_clicks: int = 3
-    member: int = 0  # an ensemble's member to start from (the adapted model is one model)
+    member: int = 0  # the ensemble member fine-tuned (the others are kept as they are)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -70,8 +71,8 @@ def adapt_click(
     progress: bool = True,
     callback: ProgressFn | None = None,
 ) -> dict:
-    """Fine-tune ``pred``'s click model on its bank's product and write the checkpoint ``out``
-    (atomically). ``normals``: the defect-free images (paths or arrays) to paste anomalies on;
+    """Fine-tune ``pred``'s click model (an ensemble: its member ``config.member``) on its bank's
+    product and write the checkpoint ``out`` (atomically; an ensemble stays an ensemble). ``normals``: the defect-free images (paths or arrays) to paste anomalies on;
     None: the bank's own references (their stored pixels), each left out of its own residual.
     Returns a summary (seconds, pool size, losses)."""
     config = config or AdaptConfig()
@@ -110,8 +111,21 @@ def adapt_click(
                        "threads": torch.get_num_threads()},
         "adapted": {"config": config.to_dict(), "references": len(images)},
     }
-    _, summary = train_click(pool, tcfg, out=out, meta=meta, device=pred.device, progress=progress,
-                             callback=callback, checkpoint_every=0, init_state=state)
+    members = getattr(pred.model, "members", None)
+    # An ensemble stays one: the adapted member takes its place beside the others, which keep
+    # answering as they were trained (what they know of other products is not overwritten).
+    trained = out if members is None else Path(out).with_name(f".{Path(out).name}.member.tmp")
+    try:
+        _, summary = train_click(pool, tcfg, out=trained, meta=meta, device=pred.device, progress=progress,
+                                 callback=callback, checkpoint_every=0, init_state=state)
+        if members is not None:
+            base = ensemble_members({"state_dict": pred.model.state_dict(), **pred.checkpoint_info})
+            base[config.member] = {**load_checkpoint(trained, "adclick_click"),
+                                   "checkpoint": f"member {config.member} adapted"}
+            save_ensemble(out, "adclick_click", base, adapted=meta["adapted"])
+    finally:
+        if members is not None:
+            Path(trained).unlink(missing_ok=True)
     summary.update({"checkpoint": str(out), "references": len(images), "pool_size": len(pool),
                     "pool_seconds": round(t_pool, 1), "total_seconds": round(time.time() - t0, 1)})
     return summary

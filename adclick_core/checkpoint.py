@@ -11,7 +11,7 @@ import torch
 from .errors import CheckpointError, MissingWeightsError
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "combine_checkpoints",
-           "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
+           "ensemble_members", "save_ensemble", "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
@@ -64,30 +64,57 @@ def joint_fingerprint(fingerprints: list[str]) -> str:
 # bank they trained against is only a record: at serving time every member reads the residuals
 # against the project's own bank, so members trained on other products can answer together.
 _MEMBER_MUST_MATCH = ("model_config", "backbone", "residual_config")
+# What each member keeps of its own single-model checkpoint, under trained_on["members"].
+_MEMBER_RECORD = ("trained_on", "train_config", "train_summary", "bank_fingerprint", "init", "adapted")
+
+
+def ensemble_members(ckpt: dict) -> list[dict]:
+    """A checkpoint's models as single-model checkpoints: an ensemble's members (their weights, the
+    shared configs and each member's own record), or the checkpoint itself."""
+    n = int(ckpt.get("ensemble_members") or 0)
+    if not n:
+        return [ckpt]
+    records = (ckpt.get("trained_on") or {}).get("members") or [{}] * n
+    members = []
+    for i, record in enumerate(records):
+        prefix = f"members.{i}."
+        members.append({
+            "format_version": ckpt.get("format_version", CHECKPOINT_FORMAT_VERSION), "kind": ckpt.get("kind"),
+            "state_dict": {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)},
+            **{k: ckpt[k] for k in _MEMBER_MUST_MATCH if k in ckpt},
+            **{k: v for k, v in (record or {}).items() if k in _MEMBER_RECORD and v is not None},
+            "checkpoint": (record or {}).get("checkpoint") or f"member{i}",
+        })
+    return members
+
+
+def save_ensemble(out: str | os.PathLike, kind: str, members: list[dict], **meta: Any) -> Path:
+    """One ensemble checkpoint (``ensemble_members`` = N, weights under ``members.<i>.``) from N
+    single-model checkpoints (dicts as ``load_checkpoint`` returns them, ``checkpoint`` naming each)
+    of one architecture, backbone and residual config. Each member's record is kept under
+    ``trained_on["members"]``; ``meta`` goes to the top level (atomic write)."""
+    if len(members) < 2:
+        raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(members)}")
+    first = members[0]
+    for c in members:
+        if c.get("ensemble_members"):
+            raise CheckpointError(f"{c.get('checkpoint')} is already an ensemble: combine its single-model "
+                                  "checkpoints instead")
+        for key in _MEMBER_MUST_MATCH:
+            if c.get(key) != first.get(key):
+                raise CheckpointError(f"{c.get('checkpoint')} and {first.get('checkpoint')} differ in {key}: "
+                                      "they cannot answer together")
+    state = {f"members.{i}.{k}": v for i, c in enumerate(members) for k, v in c["state_dict"].items()}
+    records = [{"checkpoint": c.get("checkpoint"), **{k: c.get(k) for k in _MEMBER_RECORD[:4]},
+                **{k: c[k] for k in _MEMBER_RECORD[4:] if c.get(k)}} for c in members]
+    fingerprints = [c["bank_fingerprint"] for c in members if c.get("bank_fingerprint")]
+    return save_checkpoint(out, kind, state, ensemble_members=len(members),
+                           **{k: first[k] for k in _MEMBER_MUST_MATCH if k in first},
+                           **({"bank_fingerprint": joint_fingerprint(fingerprints)} if fingerprints else {}),
+                           trained_on={"members": records}, **meta)
 
 
 def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, kind: str = "adclick_click") -> dict:
-    """One ensemble checkpoint (``ensemble_members`` = N, weights under ``members.<i>.``) from N
-    single-model checkpoints of one architecture, backbone and residual config. Each member's
-    training record (with its own ``bank_fingerprint``) is kept under ``trained_on["members"]``.
-    Returns the summary."""
-    if len(paths) < 2:
-        raise CheckpointError(f"an ensemble needs at least 2 checkpoints, got {len(paths)}")
-    ckpts = [load_checkpoint(p, kind) for p in paths]
-    for p, c in zip(paths, ckpts):
-        if c.get("ensemble_members"):
-            raise CheckpointError(f"{p} is already an ensemble: combine its single-model checkpoints instead")
-        for key in _MEMBER_MUST_MATCH:
-            if c.get(key) != ckpts[0].get(key):
-                raise CheckpointError(f"{p} and {paths[0]} differ in {key}: they cannot answer together")
-    state = {f"members.{i}.{k}": v for i, c in enumerate(ckpts) for k, v in c["state_dict"].items()}
-    members = [{"checkpoint": Path(p).name,
-                **{k: c.get(k) for k in ("trained_on", "train_config", "train_summary", "bank_fingerprint")},
-                **({"init": c["init"]} if c.get("init") else {})}
-               for p, c in zip(paths, ckpts)]
-    fingerprints = [c["bank_fingerprint"] for c in ckpts if c.get("bank_fingerprint")]
-    save_checkpoint(out, kind, state, ensemble_members=len(ckpts),
-                    **{k: ckpts[0][k] for k in _MEMBER_MUST_MATCH if k in ckpts[0]},
-                    **({"bank_fingerprint": joint_fingerprint(fingerprints)} if fingerprints else {}),
-                    trained_on={"members": members})
+    """``save_ensemble`` of the single-model checkpoint files ``paths``. Returns the summary."""
+    save_ensemble(out, kind, [{**load_checkpoint(p, kind), "checkpoint": Path(p).name} for p in paths])
     return {"checkpoint": str(out), "members": [str(p) for p in paths], "bytes": Path(out).stat().st_size}

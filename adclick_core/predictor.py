@@ -288,10 +288,12 @@ class ClickPredictor(_ResidualPredictor):
         backbone_weights: str | os.PathLike | None = None,
         random_init_backbone: bool = False,
         residual_config: ResidualConfig | None = None,
+        extractor: FeatureExtractor | None = None,
     ) -> "ClickPredictor":
-        """Load a click checkpoint (None: the one shipped with the package) and its backbone."""
+        """Load a click checkpoint (None: the one shipped with the package) and its backbone;
+        ``extractor`` reuses an already loaded backbone if it fits."""
         _, model, extractor, rcfg, dev, info = cls._load(
-            path, "adclick_click", bank, device, backbone_weights, random_init_backbone, residual_config)
+            path, "adclick_click", bank, device, backbone_weights, random_init_backbone, residual_config, extractor)
         return cls(model, extractor, bank, rcfg, dev, info)
 
     @torch.no_grad()

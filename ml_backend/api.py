@@ -156,7 +156,7 @@ def create_app(backend: Backend | None = None) -> Flask:
             msg = (f"the request body is above ADCLICK_MAX_REQUEST_MB "
                    f"({(app.config['MAX_CONTENT_LENGTH'] or 0) / 2**20:.0f} MB)")
         elif code == 404:
-            msg = f"no such endpoint {request.path}; this ML backend serves /health /setup /predict /webhook /versions"
+            msg = f"no such endpoint {request.path}; this ML backend serves /health /setup /predict /webhook /adapt /versions"
         elif code == 405:
             msg = f"{request.method} is not allowed on {request.path}"
         return error_response(code, msg)
@@ -241,6 +241,13 @@ def create_app(backend: Backend | None = None) -> Flask:
         data = _json_body()
         model = backend.model_for(data.get("project"), label_config=data.get("label_config"))
         return jsonify(model.fit("START_TRAINING", data)), 200
+
+    @app.post("/adapt")
+    def adapt():  # on demand; adaptation also starts by itself once a project has enough references
+        data = _json_body()
+        model = backend.model_for(data.get("project"), label_config=data.get("label_config"))
+        model.config  # a project without a usable config cannot adapt: 4xx with the reason
+        return jsonify(model.adapt.start("requested with POST /adapt")), 200
 
     @app.route("/versions", methods=["GET", "POST"])
     def versions():

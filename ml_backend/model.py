@@ -36,6 +36,7 @@ from .convert import NG_CHOICE_NAMES, OK_CHOICE_NAMES
 from .errors import BackendError, BadRequest, ServiceUnavailable
 from .images import Credentials, ImageLoader, utcnow
 from .references import ProjectReferences
+from .adapt import AdaptJob, default_adapter, default_click_loader
 from .seg import SegJob, default_loader, default_trainer
 
 logger = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class Settings:
     seg_iterations: int = 600
     seg_threshold: float | None = None  # None: the threshold calibrated at training (in the checkpoint)
     train_every: int = 0
+    adapt_min_references: int = 0  # 0: adapt only on request (POST /adapt)
+    adapt_iterations: int = 300
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -90,6 +93,8 @@ class Settings:
             seg_iterations=max(1, int(_env_float("ADCLICK_SEG_ITERATIONS", 600))),
             seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", None),
             train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
+            adapt_min_references=max(0, int(_env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
+            adapt_iterations=max(1, int(_env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
         )
 
 
@@ -147,15 +152,20 @@ class Backend:
         loader: ImageLoader | None = None,
         seg_trainer: Callable | None = None,
         seg_loader: Callable | None = None,
+        click_adapter: Callable | None = None,
+        click_loader: Callable | None = None,
     ):
         self.settings = settings or Settings.from_env()
         self._predictor_factory = predictor_factory or self._default_predictor
         self._bank_cls = bank_cls
         self.seg_trainer = seg_trainer or default_trainer  # (items, extractor, bank, iterations, rcfg, types, out, progress, device)
         self.seg_loader = seg_loader or default_loader  # (path, bank, device, extractor) -> SegPredictor
+        self.click_adapter = click_adapter or default_adapter  # (predictor, out, iterations, progress) -> summary
+        self.click_loader = click_loader or default_click_loader  # (path, bank, device, extractor) -> ClickPredictor
         self.loader = loader or ImageLoader(self.settings.image_cache_dir, self.settings.image_cache_mb)
         self.cache = StateCache(int(self.settings.state_cache_mb * 1024 * 1024))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adclick-jobs")
+        self.training_lock = threading.Lock()  # one training (ADClick-Seg or adaptation) at a time
         self._predictor = None
         self._predictor_error: str | None = None
         self._predictor_lock = threading.Lock()
@@ -253,6 +263,11 @@ class Backend:
                 "projects": {m.project_id: m.seg.current.version for m in self.models() if m.seg.current},
             },
             "training": {m.project_id: m.seg.status() for m in self.models()},
+            "adaptation": {
+                "min_references": self.settings.adapt_min_references,
+                "iterations": self.settings.adapt_iterations,
+                "projects": {m.project_id: m.adapt.status() for m in self.models()},
+            },
             "state_cache": self.cache.stats(),
             "projects": {m.project_id: m.info() for m in self.models()},
             "stats": dict(self.stats),
@@ -286,10 +301,12 @@ class ADClickModel:
             executor=backend.executor,
             reference_dir=backend.settings.reference_dir,
             max_references=backend.settings.max_references,
+            on_update=lambda n: self.adapt.maybe_start(n),
         )
-        self._pred_for_bank: tuple[str, Any] | None = None
+        self._pred_for_bank: tuple[tuple[str, int], Any] | None = None
         self._lock = threading.Lock()
         self.seg = SegJob(self)
+        self.adapt = AdaptJob(self)
 
     # ------------------------------------------------------------ state
     def update(self, label_config=None, hostname=None, access_token=None, uid=None) -> None:
@@ -325,11 +342,17 @@ class ADClickModel:
         return Credentials.resolve(self.hostname, self.access_token)
 
     @property
+    def click_version(self) -> str:
+        """The project's click model: its adapted version once there is one, else the shared one's tag."""
+        adapted = self.adapt.current
+        return adapted.version if adapted is not None else f"ADClick-{self.backend.click_tag}"
+
+    @property
     def model_version(self) -> str:
         """The ADClick-Seg version once one is trained (Label Studio re-predicts tasks whose
-        prediction has another version), else the click model's tag."""
+        prediction has another version), else the click model's."""
         seg = self.seg.current
-        return seg.version if seg is not None else f"ADClick-{self.backend.click_tag}"
+        return seg.version if seg is not None else self.click_version
 
     def info(self) -> dict:
         return {
@@ -337,8 +360,10 @@ class ADClickModel:
             "model_version": self.model_version,
             "label_config": "ok" if self._cfg else (self._cfg_error or "not received"),
             "reference_bank": self.references.info(),
+            "click_model": self.click_version,
             "seg_model": self.seg.current.version if self.seg.current else None,
             "training": self.seg.status(),
+            "adaptation": self.adapt.status(),
         }
 
     # ------------------------------------------------------------ the familiar API
@@ -461,13 +486,16 @@ class ADClickModel:
         return {"result": result, "score": image_score, "model_version": seg_version}
 
     def click_predictor(self, bank):
+        """The project's click model (adapted, or the shared one) on ``bank``. Its image states are
+        the shared model's too: an adapted model keeps the backbone and residual config."""
         base = self.backend.predictor()
-        fp = str(bank.fingerprint)
+        adapted = self.adapt.predictor(bank)
+        key = (str(bank.fingerprint), id(adapted))
         cached = self._pred_for_bank
-        if cached is not None and cached[0] == fp:
+        if cached is not None and cached[0] == key:
             return cached[1]
-        pred = base.with_bank(bank)
-        self._pred_for_bank = (fp, pred)
+        pred = (adapted or base).with_bank(bank)
+        self._pred_for_bank = (key, pred)
         return pred
 
     def _image_state(self, task: dict, cfg: LabelConfig, with_timings: bool = False):
@@ -519,8 +547,9 @@ class ADClickModel:
         t_state = time.perf_counter()
         cc = context_clicks(context, cfg, entry.width, entry.height)
         clicks = tuple(cc.clicks)
+        answer_key = (self.click_version, cc.label)  # an adapted model does not reuse the shared one's answers
         with entry.lock:
-            prev = entry.last.get(cc.label)
+            prev = entry.last.get(answer_key)
             prev_mask = None
             prob = None
             if prev is not None:
@@ -539,7 +568,7 @@ class ADClickModel:
                     raise RuntimeError(
                         f"the click model returned a {prob.shape} map for a {entry.height}x{entry.width} image"
                     )
-                entry.last[cc.label] = (clicks, prob.astype(np.float16))
+                entry.last[answer_key] = (clicks, prob.astype(np.float16))
         self.backend.cache.touch_size(key)
         mask = prob >= self.backend.settings.threshold
         score = float(prob[mask].mean()) if mask.any() else 0.0

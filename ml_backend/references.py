@@ -70,6 +70,7 @@ class ProjectReferences:
         executor: ThreadPoolExecutor,
         reference_dir: str | None,
         max_references: int,
+        on_update: Callable[[int], Any] | None = None,
     ):
         self.dir = Path(project_dir)
         self.project_id = project_id
@@ -79,6 +80,7 @@ class ProjectReferences:
         self._executor = executor
         self.reference_dir = reference_dir
         self.max_references = max_references
+        self._on_update = on_update  # called with the number of references after each sync / addition
         self.bank = None
         self.sources: list[str] = []  # "task:<id>" / "file:<path>" in bank order
         self.status = "not built"
@@ -228,12 +230,21 @@ class ProjectReferences:
                     "project %s: reference bank has %d images (+%d) in %.1f s",
                     self.project_id, n, added, time.time() - t0,
                 )
-                return {"references": n, "added": added}
             except Exception as e:
                 self.status = "error" if self.bank is None else "ready"
                 self.last_error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
                 self.last_sync = time.time()
                 raise
+        self._updated(n)
+        return {"references": n, "added": added}
+
+    def _updated(self, references: int) -> None:
+        if self._on_update is None or not references:
+            return
+        try:
+            self._on_update(references)
+        except Exception:  # noqa: BLE001 - what reacts to a new bank must not fail its sync
+            logger.exception("project %s: reacting to the updated reference bank failed", self.project_id)
 
     def add_task(self, task: dict, cfg: LabelConfig, creds: Credentials) -> int:
         tid = task.get("id")
@@ -245,9 +256,11 @@ class ProjectReferences:
             if self.bank is None:
                 self._load_persisted()
             added = self._add(self._fetch_tasks({tid: task}, cfg, creds))
+            n = len(self.bank) if self.bank is not None else 0
             logger.info("project %s: task %s tagged OK: reference bank has %d images (+%d)",
-                        self.project_id, tid, len(self.bank) if self.bank is not None else 0, added)
-            return added
+                        self.project_id, tid, n, added)
+        self._updated(n)
+        return added
 
     # ---------------------------------------------------------------- scheduling
     def schedule_sync(self, cfg: LabelConfig, creds: Credentials, full: bool = False):

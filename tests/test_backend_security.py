@@ -42,7 +42,8 @@ def auth_client(backend, monkeypatch):
 @pytest.mark.parametrize("headers", [{}, basic(USER, "wrong"), basic("someone", PASS), {"Authorization": "Basic !!"},
                                      {"Authorization": f"Bearer {PASS}"}, basic(USER, PASS + "x")])
 @pytest.mark.parametrize("method,path", [("POST", "/predict"), ("POST", "/setup"), ("POST", "/webhook"),
-                                         ("POST", "/train"), ("GET", "/versions"), ("POST", "/validate")])
+                                         ("POST", "/train"), ("POST", "/adapt"), ("GET", "/versions"),
+                                         ("POST", "/validate")])
 def test_every_endpoint_wants_the_credentials(auth_client, headers, method, path):
     r = auth_client.open(path, method=method, json={"project": "1.1", "tasks": [task()]}, headers=headers)
     assert_error(r, 401, "BASIC_AUTH_USER", "Settings > Webhooks" if path == "/webhook" else "Use authentication")

@@ -74,6 +74,27 @@ def test_adapt_click_fine_tunes_the_model_on_the_bank_s_own_references(world, tm
     assert adapted.checkpoint_info["bank_fingerprint"] == pred.bank.fingerprint
 
 
+def test_an_adapted_ensemble_keeps_its_other_members_as_they_were(world, tmp_path):
+    from adclick_core.checkpoint import combine_checkpoints, load_checkpoint
+
+    _, ckpt, pred = world
+    ens = tmp_path / "ens.pt"
+    combine_checkpoints([ckpt, ckpt], ens)
+    base = ClickPredictor.from_checkpoint(ens, pred.bank, device="cpu", residual_config=RESIDUAL)
+    out = tmp_path / "adapted.pt"
+    adapt_click(base, out, AdaptConfig(iterations=3, warmup=1, batch_size=2, per_image=1, member=1), progress=False)
+    adapted = ClickPredictor.from_checkpoint(out, pred.bank, device="cpu", residual_config=RESIDUAL)
+    assert len(adapted.model.members) == 2
+    kept, tuned = (dict(m.named_parameters()) for m in adapted.model.members)
+    before = dict(base.model.members[1].named_parameters())
+    assert all(torch.equal(p, before[n]) for n, p in kept.items())
+    assert any(not torch.allclose(p, before[n]) for n, p in tuned.items())
+    records = load_checkpoint(out, "adclick_click")["trained_on"]["members"]
+    assert "adapted" not in records[0] and records[1]["adapted"]["config"]["member"] == 1
+    assert adapted.checkpoint_info["adapted"]["references"] == MIN_REFERENCES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapted.pt", "ens.pt"]  # no temporary file left
+
+
 def test_too_few_references_are_a_clear_error(world, tmp_path):
     _, _, pred = world
     small = pred.with_bank(pred.bank.subset(range(MIN_REFERENCES - 1)))

@@ -1,0 +1,163 @@
+"""Background training jobs of one project, and the trained model each one serves.
+
+A ``BackgroundJob`` answers ``start()`` at once and trains in a thread of its own; one job per
+project and kind at a time (a second request while one runs is answered "already running"), and
+one training of any kind per process at a time (``Backend.training_lock``: two would share the
+cores and both take twice as long). The job writes its checkpoint atomically under a new version
+name, loads it, records it in ``<project dir>/<current file>`` and only then swaps it in: the
+model being served changes after the file is complete, and a failure keeps the previous model and
+records the error. Serving never stops. Progress: log lines every 10 %, and ``status()`` (shown
+per project in ``/health``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import BackendError
+from .images import utcnow
+
+logger = logging.getLogger(__name__)
+
+
+class TrainedModel:
+    """A checkpoint a job wrote for one project (its predictor loaded lazily after a restart)."""
+
+    def __init__(self, version: str, path: Path, predictor: Any = None, summary: dict | None = None):
+        self.version = version
+        self.path = Path(path)
+        self.predictor = predictor
+        self.summary = summary or {}
+        self.lock = threading.Lock()
+
+
+class BackgroundJob:
+    """Training state and the current model of one project and one kind of job (thread-safe).
+
+    Subclasses set ``title`` (for messages), ``current_file``, ``version_prefix`` and
+    ``file_prefix``, and implement ``_train()``, which returns a result dict with ``version``."""
+
+    title = "training"
+    current_file = "current.json"
+    version_prefix = "model"
+    file_prefix = "model"
+    started_status, running_status = "started", "already running"
+
+    def __init__(self, model):  # model: ml_backend.model.ADClickModel
+        self.m = model
+        self.current: TrainedModel | None = None
+        self.state: dict = {"state": "idle", "percent": 0.0, "message": None, "started": None,
+                            "finished": None, "last_request": None, "last_result": None, "error": None}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._restore()
+
+    # ---------------------------------------------------------------- persistence
+    def _restore(self) -> None:
+        f = self.m.dir / self.current_file
+        try:
+            meta = json.loads(f.read_text())
+            path = Path(meta["path"])
+            if path.is_file():
+                self.current = TrainedModel(meta["version"], path, summary=meta.get("summary"))
+                logger.info("project %s: %s model %s found (%s)", self.m.project_id, self.title, meta["version"], path)
+        except FileNotFoundError:
+            pass
+        except Exception as e:  # noqa: BLE001 - a broken pointer means "no model", never fatal
+            logger.warning("project %s: cannot read %s: %s", self.m.project_id, f, e)
+
+    def _swap_in(self, trained: TrainedModel) -> None:
+        """Record ``trained`` as the project's model (atomically), then serve it."""
+        self.m.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.m.dir / (self.current_file + ".tmp")
+        tmp.write_text(json.dumps({"version": trained.version, "path": str(trained.path), "summary": trained.summary,
+                                   "written": utcnow()}, indent=1, default=str))
+        os.replace(tmp, self.m.dir / self.current_file)
+        self.current = trained
+
+    def _new_version(self) -> str:
+        v = self.version_prefix + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        n, out = 1, v
+        while (self.current and self.current.version == out) or self.checkpoint_path(out).exists():
+            n += 1
+            out = f"{v}-{n}"
+        return out
+
+    def checkpoint_path(self, version: str) -> Path:
+        return self.m.dir / f"{self.file_prefix}-{version}.pt"
+
+    # ---------------------------------------------------------------- status
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def status(self) -> dict:
+        out = dict(self.state)
+        out["model_version"] = self.current.version if self.current else None
+        return out
+
+    def _progress(self, fraction: float, message: str) -> None:
+        pct = round(100.0 * max(0.0, min(1.0, float(fraction))), 1)
+        last = self.state.get("percent") or 0.0
+        self.state.update(percent=pct, message=message)
+        if int(pct // 10) != int(last // 10) or pct >= 100.0:
+            logger.info("project %s: %s %3.0f%%: %s", self.m.project_id, self.title, pct, message)
+
+    # ---------------------------------------------------------------- the job
+    def start(self, reason: str) -> dict:
+        with self._lock:
+            self.state["last_request"] = utcnow()
+            if self.running:
+                return {"status": self.running_status, "message": (
+                    f"project {self.m.project_id}: {self.title} is already running "
+                    f"({self.state.get('percent', 0):.0f}%): this request is ignored"),
+                    "model_version": self.m.model_version}
+            self.state.update(state="running", percent=0.0, message=f"starting ({reason})", started=utcnow(),
+                              finished=None, error=None)
+            self._on_start()
+            self._thread = threading.Thread(target=self._run, name=f"adclick-{self.file_prefix}-{self.m.project_id}",
+                                            daemon=True)
+            self._thread.start()
+        logger.info("project %s: %s started (%s)", self.m.project_id, self.title, reason)
+        return {"status": self.started_status, "message": (
+            f"project {self.m.project_id}: {self.title} runs in the background; GET /health shows its progress"),
+            "model_version": self.m.model_version}
+
+    def _on_start(self) -> None:
+        """Called under the job's lock as a run starts."""
+
+    def _run(self) -> None:
+        t0 = time.time()
+        try:
+            lock = self.m.backend.training_lock
+            if not lock.acquire(blocking=False):
+                self._progress(0.0, "waiting for another training job of this backend to finish")
+                lock.acquire()
+            try:
+                result = self._train()
+            finally:
+                lock.release()
+            result["seconds"] = round(time.time() - t0, 1)
+            self.state.update(state="done", percent=100.0, message=f"done: model {result['version']}",
+                              finished=utcnow(), last_result=result, error=None)
+            logger.info("project %s: %s done in %.1f s: %s", self.m.project_id, self.title, time.time() - t0,
+                        result["version"])
+        except Exception as e:  # noqa: BLE001 - a failed job keeps the old model and says why
+            msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+            self.state.update(state="failed", message=f"failed: {msg}", finished=utcnow(), error=msg)
+            previous = self.current.version if self.current else "none"
+            if isinstance(e, (BackendError, ValueError)):
+                logger.error("project %s: %s failed: %s (the previous model %s keeps serving)",
+                             self.m.project_id, self.title, msg, previous)
+            else:
+                logger.exception("project %s: %s failed (the previous model %s keeps serving)",
+                                 self.m.project_id, self.title, previous)
+
+    def _train(self) -> dict:
+        raise NotImplementedError
