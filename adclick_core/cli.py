@@ -210,6 +210,7 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def cmd_eval_click(args) -> dict:
+    from .adaptation import AdaptConfig
     from .evaluation import default_workers, evaluate_click_sets, format_click_tables
 
     result = evaluate_click_sets(
@@ -219,6 +220,7 @@ def cmd_eval_click(args) -> dict:
         clicks=_int_list(args.clicks, "--clicks"), max_clicks=args.max_clicks, limit=args.limit,
         methods=args.methods.split(","),
         workers=args.workers if args.workers is not None else default_workers(args.device),
+        adapt=AdaptConfig(iterations=args.adapt_iterations) if args.adapt else None, adapt_dir=args.adapt_dir,
     )
     if len(args.data) == 1:  # one set: the same JSON as always, its tables too
         result = next(iter(result["sets"].values()))
@@ -414,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bank", default=None, action="append",
                    help="reference bank file to reuse / create (one per --data, in the same order)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images of each set")
+    p.add_argument("--adapt", action="store_true",
+                   help="adapt the click model to each set's defect-free images first, as the backend adapts a "
+                        "project's (adapt-click), and evaluate the adapted model")
+    p.add_argument("--adapt-iterations", type=int, default=300, help="fine-tuning iterations of --adapt")
+    p.add_argument("--adapt-dir", default=None, help="keep the adapted checkpoints here (default: thrown away)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--device", default="auto")
     _add_residual_args(p)

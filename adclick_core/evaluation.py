@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -26,6 +26,9 @@ from .data import MVTecFolder, Sample
 from .errors import DataError, InputError
 from .metrics import iou, mean_iou_at, noc, pixel_ap, segmentation_report
 from .predictor import ClickPredictor, ImageState
+
+if TYPE_CHECKING:
+    from .adaptation import AdaptConfig
 
 __all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
            "report_counts", "check_methods", "check_workers", "default_workers", "METHODS", "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS"]
@@ -348,11 +351,15 @@ def evaluate_click_sets(
     bank_paths: Sequence[str | None] | None = None,
     device: str = "auto",
     residual_overrides: dict | None = None,
+    adapt: "AdaptConfig | None" = None,
+    adapt_dir: str | Path | None = None,
     **kwargs,
 ) -> dict:
     """``evaluate_clicks`` on several data sets with one loaded model: ``{"sets": {name: result},
     "mean": {method: {count: {metric: mean over the sets}}}}`` (each set weighs the same, however
-    many images it has). ``bank_paths``: one bank file per data set, or None."""
+    many images it has). ``bank_paths``: one bank file per data set, or None. ``adapt``: each set
+    is answered by the model adapted to its own defect-free images first (``adapted_checkpoint``,
+    written to ``adapt_dir``, default a temporary folder; its summary under ``adapted``)."""
     datas = list(datas)
     if not datas:
         raise InputError("no data set to evaluate")
@@ -366,10 +373,29 @@ def evaluate_click_sets(
     for data in datas:  # every folder is checked before the model loads
         _defective_samples(data, kwargs.get("limit"))
     pred = _load_predictor(checkpoint, device, residual_overrides)
-    sets = {label: evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred,
-                                   residual_overrides=residual_overrides, **kwargs)
-            for label, data, bank in zip(labels, datas, bank_paths)}
+    sets = {}
+    with tempfile.TemporaryDirectory(prefix="adclick-adapt-") as tmp:
+        for label, data, bank in zip(labels, datas, bank_paths):
+            if adapt is None:
+                sets[label] = evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred,
+                                              residual_overrides=residual_overrides, **kwargs)
+                continue
+            out = Path(adapt_dir or tmp) / f"{label.replace('/', '_')}_adapted.pt"
+            summary = adapted_checkpoint(pred, data, bank, out, adapt, progress=kwargs.get("progress", True))
+            sets[label] = evaluate_clicks(data, out, bank_path=bank, device=device,
+                                          residual_overrides=residual_overrides, **kwargs)
+            sets[label]["adapted"] = summary
     return {"sets": sets, "mean": mean_over_sets(list(sets.values()))}
+
+
+def adapted_checkpoint(pred: ClickPredictor, data: str | Path, bank_path: str | None, out: Path,
+                       config: "AdaptConfig", progress: bool = True) -> dict:
+    """``pred`` adapted to the data set's product as the backend adapts a project's: on its
+    reference bank (train/good). Writes ``out``; returns the adaptation's summary."""
+    from .adaptation import adapt_click
+
+    bank = MVTecFolder(data).reference_bank(pred.extractor, bank_path, progress=progress)
+    return adapt_click(pred.with_bank(bank), out, config, progress=progress)
 
 
 def _set_labels(datas: Sequence[str | Path]) -> list[str]:
@@ -401,7 +427,10 @@ def format_click_tables(result: dict) -> str:
         return "-" if v is None else (f"{v:.1f}" if isinstance(v, float) and v > 1 else f"{v:.3f}")
 
     for label, r in sets.items():
-        lines += [f"### {label} ({r['n_images']} defective images)", "",
+        adapted = r.get("adapted")
+        how = (f", ADClick adapted to its {adapted['references']} defect-free images in {adapted['total_seconds']:.0f} s"
+               if adapted else "")
+        lines += [f"### {label} ({r['n_images']} defective images{how})", "",
                   "| method | clicks | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|"]
         for m, table in r["methods"].items():
             for k, row in table.items():

@@ -222,6 +222,27 @@ def test_eval_click_on_two_sets_gives_a_table_per_set_and_their_mean(toy, checkp
     assert "### mean over 2 data sets" in captured.err
 
 
+def test_eval_click_adapt_evaluates_the_model_adapted_to_each_set(checkpoint, tmp_path, capsys):
+    from adclick_core.adaptation import MIN_REFERENCES
+    from adclick_core.checkpoint import load_checkpoint
+
+    product = write_mvtec(tmp_path / "product", [texture(20 + i, HW) for i in range(MIN_REFERENCES)],
+                          {"dent": [defective(8, HW, size_range=(8, 14), margin=3, square_seed=702, texture_seed=302)]})
+    kept = tmp_path / "adapted"
+    code = main(["eval-click", "--data", str(product), "--checkpoint", str(checkpoint), "--clicks", "1",
+                 "--max-clicks", "2", "--methods", "adclick", "--device", "cpu", "--workers", "1",
+                 "--adapt", "--adapt-iterations", "2", "--adapt-dir", str(kept)])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    adapted = kept / "product_adapted.pt"
+    assert printed["checkpoint"] == str(adapted)  # the adapted model answered, not the one given
+    assert printed["adapted"]["references"] == MIN_REFERENCES and printed["adapted"]["total_seconds"] > 0
+    record = load_checkpoint(adapted, "adclick_click")["adapted"]
+    assert record["config"]["iterations"] == 2 and record["references"] == MIN_REFERENCES
+    assert f"adapted to its {MIN_REFERENCES} defect-free images" in captured.err
+
+
 def test_eval_click_wants_one_bank_per_data_set(toy, tmp_path, capsys):
     assert main(["eval-click", "--data", str(toy), "--data", str(toy), "--bank", str(tmp_path / "b.safetensors"),
                  "--device", "cpu"]) == 2

@@ -164,7 +164,10 @@ class BackendServer:
         self.env = {k: v for k, v in os.environ.items()
                     if not k.startswith(("LABEL_STUDIO_", "ADCLICK_", "BASIC_AUTH_")) or k in self.KEEP}
         self.env.update({"ADCLICK_MODEL_DIR": str(workdir / "models"),
-                         "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"), "PYTHONUNBUFFERED": "1"})
+                         "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"), "PYTHONUNBUFFERED": "1",
+                         # the tests compare answers with the shipped model's own: no adaptation
+                         # unless a test asks for it (test_label_studio_adaptation.py)
+                         "ADCLICK_ADAPT_MIN_REFERENCES": "0"})
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
