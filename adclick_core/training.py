@@ -306,6 +306,8 @@ def train_click(
             save(it + 1)
     bar.close()
     save(config.iterations)
+    if callback is not None:
+        callback(1.0, f"iteration {config.iterations}/{config.iterations} loss {np.mean(losses[-50:]):.4f}")
     summary = {
         "iterations": config.iterations,
         "seconds": round(time.time() - t0, 1),

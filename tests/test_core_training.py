@@ -175,7 +175,7 @@ def test_summary_and_callback(trained):
     assert summary["loss_last_50"] == pytest.approx(float(np.mean(trained["totals"][-50:])), rel=1e-5)
     fractions = [f for f, _ in trained["progress"]]
     assert fractions == sorted(fractions) and 0 < fractions[0] <= fractions[-1] <= 1
-    assert len(fractions) == ITERATIONS // 10
+    assert len(fractions) == ITERATIONS // 10 + 1 and fractions[-1] == 1.0  # every 10 iterations, and the end
     assert all("loss" in m for _, m in trained["progress"])
     assert not trained["model"].training  # EMA model returned in eval mode
 
