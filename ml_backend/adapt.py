@@ -11,7 +11,6 @@ starts it on demand. An adapted model belongs to the click model it started from
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from .jobs import BackgroundJob, TrainedModel
 
@@ -54,6 +53,9 @@ class AdaptJob(BackgroundJob):
                         self.m.project_id, self.current.version, base, self.m.backend.click_tag)
             self.current = None
 
+    def _loader(self):
+        return self.m.backend.click_loader
+
     def references_adapted(self) -> int:
         return int(self.current.summary.get("references", 0)) if self.current else 0
 
@@ -89,19 +91,7 @@ class AdaptJob(BackgroundJob):
         summary = backend.click_adapter(base.with_bank(bank), path, iterations, self._progress) or {}
         if not path.is_file():
             raise RuntimeError(f"adaptation finished but {path} was not written")
-        predictor = backend.click_loader(path, bank, getattr(base, "device", "cpu"), base.extractor)
+        predictor = self._load(path, bank)
         summary = {**summary, "references": len(bank), "base_click_model": backend.click_tag}
         self._swap_in(TrainedModel(version, path, predictor, summary))  # clicks use it from now on
         return {"version": version, "checkpoint": str(path), "summary": summary}
-
-    def predictor(self, bank) -> Any:
-        """The adapted click predictor for ``bank`` (loaded on first use after a restart), or None."""
-        adapted = self.current
-        if adapted is None:
-            return None
-        with adapted.lock:
-            if adapted.predictor is None:
-                base = self.m.backend.predictor()
-                adapted.predictor = self.m.backend.click_loader(adapted.path, bank, getattr(base, "device", "cpu"),
-                                                                base.extractor)
-        return adapted.predictor

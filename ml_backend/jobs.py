@@ -161,3 +161,23 @@ class BackgroundJob:
 
     def _train(self) -> dict:
         raise NotImplementedError
+
+    # ---------------------------------------------------------------- serving
+    def _loader(self):
+        """(path, bank, device, extractor) -> predictor: how this kind's checkpoints load."""
+        raise NotImplementedError
+
+    def _load(self, path: Path, bank) -> Any:
+        """A checkpoint of this job on ``bank``, on the shared click model's device and backbone."""
+        shared = self.m.backend.predictor()
+        return self._loader()(path, bank, getattr(shared, "device", "cpu"), shared.extractor)
+
+    def predictor(self, bank) -> Any:
+        """The current model's predictor (loaded on first use after a restart), or None."""
+        current = self.current
+        if current is None:
+            return None
+        with current.lock:
+            if current.predictor is None:
+                current.predictor = self._load(current.path, bank)
+        return current.predictor

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 from .convert import decode_image, first_image_url, seg_items_of, task_labels
 from .errors import BackendError
@@ -60,6 +59,9 @@ class SegJob(BackgroundJob):
 
     def _on_start(self) -> None:
         self.annotations_since = 0
+
+    def _loader(self):
+        return self.m.backend.seg_loader
 
     def _collect(self, cfg, creds, click_prob=None) -> tuple[list, dict]:
         pid = self.m.project_id
@@ -156,20 +158,7 @@ class SegJob(BackgroundJob):
             cfg.defect_types, path, self._progress, getattr(click, "device", "cpu"))
         if not Path(path).is_file():
             raise RuntimeError(f"training finished but {path} was not written")
-        predictor = backend.seg_loader(path, bank, getattr(click, "device", "cpu"), click.extractor)
+        predictor = self._load(path, bank)
         summary = {**(summary or {}), **collected}
         self._swap_in(TrainedModel(version, path, predictor, summary))  # model_version changes only now
         return {"version": version, "checkpoint": str(path), "summary": summary}
-
-    # ---------------------------------------------------------------- serving
-    def predictor(self, bank) -> Any:
-        """The current Seg predictor (loaded on first use after a restart), or None."""
-        seg = self.current
-        if seg is None:
-            return None
-        with seg.lock:
-            if seg.predictor is None:
-                click = self.m.backend.predictor()
-                seg.predictor = self.m.backend.seg_loader(seg.path, bank, getattr(click, "device", "cpu"),
-                                                          click.extractor)
-        return seg.predictor
