@@ -15,7 +15,8 @@ LABEL_STUDIO_API_KEY      API token (legacy token, or a personal access token) o
                           the projects. Falls back to the token Label Studio sends to /setup.
 ADCLICK_MODEL_DIR         Where per-project data live: <dir>/project-<id>-<ts>/ holds the reference bank
                           (bank.*), the ADClick-Seg checkpoints (seg-<version>.pt, written atomically)
-                          and seg_current.json (the serving one; found again after a restart)
+                          and seg_current.json (the serving one; found again after a restart), and
+                          the adapted click models (click-<version>.pt, click_current.json)
                           (default ~/.adclick/models).
 ADCLICK_CHECKPOINT        Click model checkpoint (default: the one shipped in adclick_core).
 ADCLICK_DEVICE            auto | cpu | cuda | cuda:N (default auto: CUDA when present).
@@ -35,6 +36,11 @@ ADCLICK_SEG_THRESHOLD     Pre-annotation: probability above which a pixel is in 
                           trained model calibrated on its training labels, best pixel F1).
 ADCLICK_TRAIN_EVERY       Also start a training after every N new annotations (default 0 = only on
                           Start Training). One training per project at a time.
+ADCLICK_ADAPT_MIN_REFERENCES
+                          Adapt the click model to a project once its reference bank holds this many
+                          images, and again each time they have doubled (default 20; 0 = only on
+                          POST /adapt). Written as <project dir>/click-<version>.pt + click_current.json.
+ADCLICK_ADAPT_ITERATIONS  Fine-tuning iterations of one adaptation (default 300).
 ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).
 BASIC_AUTH_USER           With BASIC_AUTH_PASS: HTTP Basic credentials every endpoint wants (Label
 BASIC_AUTH_PASS           Studio: Connect Model > Use authentication); /health without credentials
