@@ -73,7 +73,7 @@ class Settings:
     seg_iterations: int = 600
     seg_threshold: float | None = None  # None: the threshold calibrated at training (in the checkpoint)
     train_every: int = 0
-    adapt_min_references: int = 20  # 0: adapt only on request (POST /adapt)
+    adapt_min_references: int = 0  # 0: adapt only on request (POST /adapt)
     adapt_iterations: int = 300
 
     @classmethod
@@ -93,7 +93,7 @@ class Settings:
             seg_iterations=max(1, int(_env_float("ADCLICK_SEG_ITERATIONS", 600))),
             seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", None),
             train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
-            adapt_min_references=max(0, int(_env_float("ADCLICK_ADAPT_MIN_REFERENCES", 20))),
+            adapt_min_references=max(0, int(_env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
             adapt_iterations=max(1, int(_env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
         )
 
