@@ -3,8 +3,9 @@
 The shipped click model learnt what an anomaly's residual looks like on the products it was
 trained on. A new product has other textures, other residual magnitudes and other defect sizes;
 fine-tuning on the product's own defect-free images, with synthetic anomalies pasted on whole
-images and on zoom-in crops, teaches it that product in minutes on a CPU. No defect of the
-product is needed: the references a project already has are enough.
+images and on zoom-in crops, shows it that product in minutes on a CPU. No defect of the product
+is needed: the references a project already has are enough. Measured, it helps some products and
+costs pooled AP on others (docs/results.md), so the backend runs it only when asked.
 """
 from __future__ import annotations
 
@@ -72,9 +73,10 @@ def adapt_click(
     callback: ProgressFn | None = None,
 ) -> dict:
     """Fine-tune ``pred``'s click model (an ensemble: its member ``config.member``) on its bank's
-    product and write the checkpoint ``out`` (atomically; an ensemble stays an ensemble). ``normals``: the defect-free images (paths or arrays) to paste anomalies on;
-    None: the bank's own references (their stored pixels), each left out of its own residual.
-    Returns a summary (seconds, pool size, losses)."""
+    product and write the checkpoint ``out`` (atomically; an ensemble stays an ensemble).
+    ``normals``: the defect-free images (paths or arrays) to paste anomalies on; None: the bank's
+    own references (their stored pixels), each left out of its own residual. Returns a summary
+    (seconds, pool size, losses)."""
     config = config or AdaptConfig()
     bank = pred.bank
     t0 = time.time()

@@ -64,8 +64,10 @@ def joint_fingerprint(fingerprints: list[str]) -> str:
 # bank they trained against is only a record: at serving time every member reads the residuals
 # against the project's own bank, so members trained on other products can answer together.
 _MEMBER_MUST_MATCH = ("model_config", "backbone", "residual_config")
-# What each member keeps of its own single-model checkpoint, under trained_on["members"].
-_MEMBER_RECORD = ("trained_on", "train_config", "train_summary", "bank_fingerprint", "init", "adapted")
+# What each member keeps of its own single-model checkpoint, under trained_on["members"]: always,
+# and only where it has them.
+_MEMBER_RECORD = ("trained_on", "train_config", "train_summary", "bank_fingerprint")
+_MEMBER_RECORD_IF_SET = ("init", "adapted")
 
 
 def ensemble_members(ckpt: dict) -> list[dict]:
@@ -82,7 +84,8 @@ def ensemble_members(ckpt: dict) -> list[dict]:
             "format_version": ckpt.get("format_version", CHECKPOINT_FORMAT_VERSION), "kind": ckpt.get("kind"),
             "state_dict": {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)},
             **{k: ckpt[k] for k in _MEMBER_MUST_MATCH if k in ckpt},
-            **{k: v for k, v in (record or {}).items() if k in _MEMBER_RECORD and v is not None},
+            **{k: v for k, v in (record or {}).items()
+               if k in _MEMBER_RECORD + _MEMBER_RECORD_IF_SET and v is not None},
             "checkpoint": (record or {}).get("checkpoint") or f"member{i}",
         })
     return members
@@ -105,8 +108,8 @@ def save_ensemble(out: str | os.PathLike, kind: str, members: list[dict], **meta
                 raise CheckpointError(f"{c.get('checkpoint')} and {first.get('checkpoint')} differ in {key}: "
                                       "they cannot answer together")
     state = {f"members.{i}.{k}": v for i, c in enumerate(members) for k, v in c["state_dict"].items()}
-    records = [{"checkpoint": c.get("checkpoint"), **{k: c.get(k) for k in _MEMBER_RECORD[:4]},
-                **{k: c[k] for k in _MEMBER_RECORD[4:] if c.get(k)}} for c in members]
+    records = [{"checkpoint": c.get("checkpoint"), **{k: c.get(k) for k in _MEMBER_RECORD},
+                **{k: c[k] for k in _MEMBER_RECORD_IF_SET if c.get(k)}} for c in members]
     fingerprints = [c["bank_fingerprint"] for c in members if c.get("bank_fingerprint")]
     return save_checkpoint(out, kind, state, ensemble_members=len(members),
                            **{k: first[k] for k in _MEMBER_MUST_MATCH if k in first},

@@ -1,12 +1,12 @@
 """Per-project adaptation of the click model (``adclick_core.adaptation``) as a background job.
 
-Once a project's reference bank holds ``ADCLICK_ADAPT_MIN_REFERENCES`` defect-free images (and
-again each time it has doubled since the last adaptation), ``AdaptJob`` fine-tunes the click
+On ``POST /adapt``, or by itself once a project's reference bank holds
+``ADCLICK_ADAPT_MIN_REFERENCES`` defect-free images (0, the default: never) and again each time it
+has doubled since the last adaptation, ``AdaptJob`` fine-tunes the click
 model on them with synthetic anomalies, writes ``<project dir>/click-<version>.pt`` and swaps it in
 for that project's clicks (a ``jobs.BackgroundJob``: atomic, versioned, the previous model kept on
-failure). Clicks are answered by the model in use until the new one is loaded. ``POST /adapt``
-starts it on demand. An adapted model belongs to the click model it started from: with another
-``ADCLICK_CHECKPOINT`` it is not used.
+failure). Clicks are answered by the model in use until the new one is loaded. An adapted model
+belongs to the click model it started from: with another ``ADCLICK_CHECKPOINT`` it is not used.
 """
 from __future__ import annotations
 

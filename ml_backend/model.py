@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .adapt import AdaptJob, default_adapter, default_click_loader
 from .cache import StateCache, StateEntry, estimate_nbytes
 from .convert import (
     LabelConfig,
@@ -36,7 +37,6 @@ from .convert import NG_CHOICE_NAMES, OK_CHOICE_NAMES
 from .errors import BackendError, BadRequest, ServiceUnavailable
 from .images import Credentials, ImageLoader, utcnow
 from .references import ProjectReferences
-from .adapt import AdaptJob, default_adapter, default_click_loader
 from .seg import SegJob, default_loader, default_trainer
 
 logger = logging.getLogger(__name__)
