@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from .jobs import BackgroundJob, TrainedModel
+from .jobs import BackgroundJob, predictor_loader
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +26,7 @@ def default_adapter(pred, out, iterations: int, progress) -> dict:
     return adapt_click(pred, out, AdaptConfig(iterations=iterations), progress=False, callback=progress)
 
 
-def default_click_loader(path, bank, device, extractor):
-    from adclick_core.predictor import ClickPredictor
-
-    return ClickPredictor.from_checkpoint(path, bank=bank, device=device, extractor=extractor)
+default_click_loader = predictor_loader("ClickPredictor")
 
 
 class AdaptJob(BackgroundJob):
@@ -74,10 +71,7 @@ class AdaptJob(BackgroundJob):
         from adclick_core.adaptation import MIN_REFERENCES
 
         m, backend = self.m, self.m.backend
-        cfg, creds = m.config, m.credentials
-        self._progress(0.0, "waiting for the reference bank")
-        bank = m.references.require_bank(cfg, creds, max(backend.settings.bank_wait_s, 300.0),
-                                         backend.settings.bank_refresh_s)
+        bank = self._reference_bank()
         if len(bank) < MIN_REFERENCES:
             raise ValueError(f"adaptation needs at least {MIN_REFERENCES} defect-free reference images, the project "
                              f"has {len(bank)}: tag more tasks OK")
@@ -89,9 +83,5 @@ class AdaptJob(BackgroundJob):
         logger.info("project %s: adapting the click model on %d reference images, %d iterations -> %s",
                     m.project_id, len(bank), iterations, path)
         summary = backend.click_adapter(base.with_bank(bank), path, iterations, self._progress) or {}
-        if not path.is_file():
-            raise RuntimeError(f"adaptation finished but {path} was not written")
-        predictor = self._load(path, bank)
         summary = {**summary, "references": len(bank), "base_click_model": backend.click_tag}
-        self._swap_in(TrainedModel(version, path, predictor, summary))  # clicks use it from now on
-        return {"version": version, "checkpoint": str(path), "summary": summary}
+        return self._serve(version, path, bank, summary)  # clicks use it from now on

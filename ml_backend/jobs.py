@@ -18,12 +18,24 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import BackendError
 from .images import utcnow
 
 logger = logging.getLogger(__name__)
+
+
+def predictor_loader(class_name: str) -> Callable:
+    """(path, bank, device, extractor) -> ``adclick_core.predictor.<class_name>`` loaded from a
+    checkpoint a job wrote, on the shared click model's backbone (imported on first use)."""
+
+    def load(path, bank, device, extractor):
+        from adclick_core import predictor
+
+        return getattr(predictor, class_name).from_checkpoint(path, bank=bank, device=device, extractor=extractor)
+
+    return load
 
 
 class TrainedModel:
@@ -161,6 +173,21 @@ class BackgroundJob:
 
     def _train(self) -> dict:
         raise NotImplementedError
+
+    def _reference_bank(self):
+        """The project's reference bank, waited for: every job trains against it."""
+        settings = self.m.backend.settings
+        self._progress(0.0, "waiting for the reference bank")
+        return self.m.references.require_bank(self.m.config, self.m.credentials, max(settings.bank_wait_s, 300.0),
+                                              settings.bank_refresh_s)
+
+    def _serve(self, version: str, path: Path, bank, summary: dict) -> dict:
+        """Load the checkpoint ``_train`` wrote and swap it in (the served model changes only
+        now); the job's result."""
+        if not Path(path).is_file():
+            raise RuntimeError(f"{self.title} finished but {path} was not written")
+        self._swap_in(TrainedModel(version, path, self._load(path, bank), summary))
+        return {"version": version, "checkpoint": str(path), "summary": summary}
 
     # ---------------------------------------------------------------- serving
     def _loader(self):

@@ -12,12 +12,11 @@ project's ``model_version`` changes after the file is complete.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from .convert import decode_image, first_image_url, seg_items_of, task_labels
 from .errors import BackendError
 from .images import export_annotated_tasks
-from .jobs import BackgroundJob, TrainedModel
+from .jobs import BackgroundJob, predictor_loader
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +37,7 @@ def default_trainer(items, extractor, bank, iterations, residual_config, defect_
         return train_seg(items, extractor, bank, SegTrainConfig(iterations=iterations, language=False), **kw)
 
 
-def default_loader(path, bank, device, extractor):
-    from adclick_core.predictor import SegPredictor
-
-    return SegPredictor.from_checkpoint(path, bank=bank, device=device, extractor=extractor)
+default_loader = predictor_loader("SegPredictor")
 
 
 class SegJob(BackgroundJob):
@@ -136,9 +132,7 @@ class SegJob(BackgroundJob):
     def _train(self) -> dict:
         m, backend = self.m, self.m.backend
         cfg, creds = m.config, m.credentials
-        self._progress(0.0, "waiting for the reference bank")
-        bank = m.references.require_bank(cfg, creds, max(backend.settings.bank_wait_s, 300.0),
-                                         backend.settings.bank_refresh_s)
+        bank = self._reference_bank()
         click = backend.predictor()
         click_for_bank = m.click_predictor(bank)
         items, collected = self._collect(cfg, creds, self._click_replay(click_for_bank))
@@ -156,9 +150,4 @@ class SegJob(BackgroundJob):
         _, summary = backend.seg_trainer(
             items, click.extractor, bank, iterations, getattr(click, "residual_config", None),
             cfg.defect_types, path, self._progress, getattr(click, "device", "cpu"))
-        if not Path(path).is_file():
-            raise RuntimeError(f"training finished but {path} was not written")
-        predictor = self._load(path, bank)
-        summary = {**(summary or {}), **collected}
-        self._swap_in(TrainedModel(version, path, predictor, summary))  # model_version changes only now
-        return {"version": version, "checkpoint": str(path), "summary": summary}
+        return self._serve(version, path, bank, {**(summary or {}), **collected})  # model_version changes now
