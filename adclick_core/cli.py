@@ -103,6 +103,15 @@ def _init_predictor(args):
     return pred
 
 
+def _paired(files: list | None, folders: list, option: str, folder_option: str) -> list:
+    """One file per folder from a repeated ``option`` (None each where it is not given)."""
+    files = list(files or [])
+    if files and len(files) != len(folders):
+        raise InputError(f"{len(files)} {option} files for {len(folders)} {folder_option} folders: give one "
+                         f"{option} per {folder_option}")
+    return files or [None] * len(folders)
+
+
 def cmd_train_click(args) -> dict:
     from .backbone import build_extractor
     from .checkpoint import joint_fingerprint
@@ -112,7 +121,7 @@ def cmd_train_click(args) -> dict:
     from .synthesis import AnomalySynthesizer
     from .adaptation import member_weights
     from .textures import texture_families
-    from .training import ClickTrainConfig, build_synthetic_pool, concat_pools, train_click
+    from .training import ClickTrainConfig, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
@@ -122,10 +131,13 @@ def cmd_train_click(args) -> dict:
         raise InputError(f"--textures must be >= 0 and --texture-images >= 2, got {args.textures} and "
                          f"{args.texture_images}")
     datas = [Path(d) for d in args.data]
-    banks = list(args.bank or [])
-    if banks and len(banks) != len(datas):
-        raise InputError(f"{len(banks)} --bank files for {len(datas)} --data folders: give one --bank per --data")
-    banks = banks or [None] * len(datas)
+    banks = _paired(args.bank, datas, "--bank", "--data")
+    defect_sets = [Path(d) for d in args.defects]
+    defect_banks = _paired(args.defects_bank, defect_sets, "--defects-bank", "--defects")
+    if not datas and not defect_sets and not args.textures:
+        raise InputError("nothing to train on: give --data, --defects or --textures")
+    if args.crops_per_defect < 0:
+        raise InputError(f"--crops-per-defect must be >= 0, got {args.crops_per_defect}")
     mix = {"p_edge": args.edge_share, "p_uneven": args.uneven_share, "p_finish": args.finish_share,
            "p_photometric": args.photometric_share, "p_strip": args.strip_share,
            "p_faint": args.faint_share}
@@ -133,9 +145,12 @@ def cmd_train_click(args) -> dict:
         synth = AnomalySynthesizer(**mix)
     except ValueError as exc:
         raise AdclickError(f"synthetic anomaly mix: {exc}") from exc
-    for d in datas:  # every folder is checked before anything is computed
+    for d in datas + defect_sets:  # every folder is checked before anything is computed
         if not MVTecFolder(d).train_good():
-            raise DataError(f"{d}: no defect-free images in train/good")
+            raise DataError(f"{d}: no defect-free images in train/good (the references its residuals need)")
+    for d in defect_sets:
+        if not MVTecFolder(d).test_samples(defective_only=True):
+            raise DataError(f"{d}: no defect images with masks (test/<type>, ground_truth/<type>/<name>_mask.png)")
     init_state, init_record = None, None
     if args.init:
         pred = _init_predictor(args)
@@ -173,6 +188,14 @@ def cmd_train_click(args) -> dict:
                                           bank_index=list(range(len(images))), progress=False,
                                           exclude_similar=args.exclude_similar, synthesizer=synth))
         fingerprints.append(bank.fingerprint)
+    defects = []
+    for i, (data, bank_path) in enumerate(zip(defect_sets, defect_banks)):
+        bank = MVTecFolder(data).reference_bank(extractor, bank_path)
+        samples = MVTecFolder(data).test_samples(defective_only=True)
+        pools.append(build_defect_pool(extractor, bank, [(x.image_path, x.mask_path) for x in samples], rcfg,
+                                       seed=args.seed + 7000 + i, crops_per_image=args.crops_per_defect))
+        fingerprints.append(bank.fingerprint)
+        defects.append({"data": str(data), "defect_images": len(samples), "samples": len(pools[-1])})
     pool = concat_pools(pools)
     t_pool = time.time() - t0
     tcfg = ClickTrainConfig(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
@@ -180,6 +203,8 @@ def cmd_train_click(args) -> dict:
     trained_on = {"synthetic_per_image": args.per_image, "exclude_similar": args.exclude_similar,
                   "synthesizer": mix, "pool_seconds": round(t_pool, 1), "device": str(args.device),
                   "threads": torch.get_num_threads()}
+    if defects:
+        trained_on["defects"] = {"sets": defects, "crops_per_defect": args.crops_per_defect}
     if len(datas) == 1 and not families:
         trained_on = {**sources[0], **trained_on}
     else:
@@ -339,10 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_args(p)
     p.set_defaults(func=cmd_build_bank)
 
-    p = sub.add_parser("train-click", help="train the ADClick click model on synthetic anomalies")
-    p.add_argument("--data", required=True, action="append",
-                   help="MVTec-style folder; only train/good is used. Repeat it to train on several products "
-                        "(each against its own references)")
+    p = sub.add_parser("train-click", help="train the ADClick click model on synthetic anomalies and real defects")
+    p.add_argument("--data", default=[], action="append",
+                   help="MVTec-style folder; its train/good images get synthetic anomalies. Repeat it to train on "
+                        "several products (each against its own references)")
+    p.add_argument("--defects", default=[], action="append",
+                   help="MVTec-style folder whose real defect images (test/<type> with ground_truth masks) are "
+                        "learnt from, against its own train/good references; repeatable. Leave a product out to "
+                        "measure it later (leave-one-product-out)")
+    p.add_argument("--defects-bank", default=None, action="append",
+                   help="reference bank file to reuse / create (one per --defects, in the same order)")
+    p.add_argument("--crops-per-defect", type=int, default=1,
+                   help="zoom-in crops around each real defect, besides its whole image")
     p.add_argument("--out", required=True, help="checkpoint to write")
     p.add_argument("--bank", default=None, action="append",
                    help="reference bank file to reuse / create (one per --data, in the same order)")
@@ -406,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="MVTec-style folder (train/good = references, test = evaluation); repeat it for several "
                         "data sets: one table per set and their mean")
     p.add_argument("--checkpoint", default=None, help="click checkpoint (default: the shipped one)")
-    p.add_argument("--clicks", default="1,3,5", help="click counts to report")
+    p.add_argument("--clicks", default="1,3,5,10,20", help="click counts to report")
     p.add_argument("--max-clicks", type=int, default=20, help="clicks simulated at most (NoC cap)")
     p.add_argument("--workers", type=int, default=None,
                    help="processes sharing the images (default: one per CPU core, at most 4; one on a GPU)")
@@ -415,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "zoom-in), random_walker, residual_map")
     p.add_argument("--bank", default=None, action="append",
                    help="reference bank file to reuse / create (one per --data, in the same order)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N defective images of each set")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only N defective images of each set, spread evenly over its sorted list "
+                        "(every defect type in proportion): a quick run to iterate on")
     p.add_argument("--adapt", action="store_true",
                    help="adapt the click model to each set's defect-free images first, as the backend adapts a "
                         "project's (adapt-click), and evaluate the adapted model")

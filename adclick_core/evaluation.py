@@ -31,11 +31,13 @@ if TYPE_CHECKING:
     from .adaptation import AdaptConfig
 
 __all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
-           "report_counts", "check_methods", "check_workers", "default_workers", "METHODS", "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS"]
+           "report_counts", "check_methods", "check_workers", "default_workers", "METHODS", "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS",
+           "DEFAULT_CLICKS"]
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.49
-NOC_TARGETS = (0.5, 0.8, 0.85)  # NoC@50, NoC@80, NoC@85
+NOC_TARGETS = (0.5, 0.8, 0.85, 0.9)  # NoC@50, NoC@80, NoC@85, NoC@90
+DEFAULT_CLICKS = (1, 3, 5, 10, 20)
 # "adclick_raw": the click model without boundary refinement (refinement.py); "adclick_global":
 # without zoom-in (zoom.py), on the whole image only; both for ablations.
 METHODS = ("adclick", "adclick_raw", "adclick_global", "random_walker", "residual_map")
@@ -130,11 +132,17 @@ def _load_predictor(checkpoint, device: str, residual_overrides: dict | None) ->
 
 
 def _defective_samples(data: str | Path, limit: int | None) -> list:
-    samples = MVTecFolder(data).test_samples(defective_only=True)[:limit]
+    """The defective test samples; with ``limit``, that many spread evenly over the sorted list, so
+    that a quick run still sees every defect type in proportion."""
+    samples = MVTecFolder(data).test_samples(defective_only=True)
     if not samples:
         raise DataError(f"{data}: no defective test images to evaluate (test/<defect type>/ with "
-                        f"ground_truth/<defect type>/<name>_mask.png)"
-                        + (f" among the first {limit}" if limit is not None else ""))
+                        f"ground_truth/<defect type>/<name>_mask.png)")
+    if limit is not None:
+        if limit < 1:
+            raise InputError(f"limit must be at least 1, got {limit}")
+        if limit < len(samples):
+            samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
     return samples
 
 
@@ -238,7 +246,7 @@ def _image_results(pred: ClickPredictor, samples: Sequence[Sample], methods: Seq
 def evaluate_clicks(
     data: str | Path,
     checkpoint: str | Path | None = None,
-    clicks: Sequence[int] = (1, 3, 5),
+    clicks: Sequence[int] = DEFAULT_CLICKS,
     max_clicks: int = 20,
     bank_path: str | None = None,
     device: str = "auto",
@@ -342,7 +350,7 @@ def evaluate_clicks(
     return result
 
 
-SUMMARY_METRICS = ("ap", "miou", "noc80", "noc85")
+SUMMARY_METRICS = ("ap", "miou", "noc80", "noc85", "noc90")
 
 
 def evaluate_click_sets(
@@ -367,7 +375,7 @@ def evaluate_click_sets(
     if len(bank_paths) != len(datas):
         raise InputError(f"{len(bank_paths)} bank files for {len(datas)} data sets: give one --bank per --data")
     labels = _set_labels(datas)
-    report_counts(kwargs.get("clicks", (1, 3, 5)), kwargs.get("max_clicks", 20))
+    report_counts(kwargs.get("clicks", DEFAULT_CLICKS), kwargs.get("max_clicks", 20))
     check_methods(kwargs.get("methods", DEFAULT_METHODS))
     check_workers(kwargs.get("workers", 1))
     for data in datas:  # every folder is checked before the model loads
@@ -417,6 +425,10 @@ def mean_over_sets(results: Sequence[dict]) -> dict:
     return out
 
 
+_HEAD = "| method | clicks | AP | mIoU | NoC@80 | NoC@85 | NoC@90 |"
+_RULE = "|---|---|---|---|---|---|---|"
+
+
 def format_click_tables(result: dict) -> str:
     """Markdown tables for people: one per data set (per method and count, then per defect type
     after the last count) and, for several sets, their mean."""
@@ -430,22 +442,23 @@ def format_click_tables(result: dict) -> str:
         adapted = r.get("adapted")
         how = (f", ADClick adapted to its {adapted['references']} defect-free images in {adapted['total_seconds']:.0f} s"
                if adapted else "")
-        lines += [f"### {label} ({r['n_images']} defective images{how})", "",
-                  "| method | clicks | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|"]
+        lines += [f"### {label} ({r['n_images']} defective images{how})", "", _HEAD, _RULE]
         for m, table in r["methods"].items():
             for k, row in table.items():
                 lines.append(f"| {m} | {k} | " + " | ".join(fmt(row[x]) for x in SUMMARY_METRICS) + " |")
-        k_last = list(next(iter(r["methods"].values())))[-1]
-        lines += ["", f"per defect type after {k_last} clicks:", "",
-                  "| method | type | images | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|---|"]
+        counts = list(next(iter(r["methods"].values())))
+        k_last = counts[-1]
+        lines += ["", f"per defect type (AP after {k_last} clicks):", "",
+                  "| method | type | images | AP | " + " | ".join(f"mIoU@{k}" for k in counts)
+                  + " | NoC@80 | NoC@85 | NoC@90 |", "|---" * (7 + len(counts)) + "|"]
         for m, by_type in r["per_defect_type"].items():
             for kind, row in by_type.items():
                 lines.append(f"| {m} | {kind} | {row['n_images']} | {fmt(row[k_last]['ap'])} | "
-                             f"{fmt(row[k_last]['miou'])} | {fmt(row['noc80'])} | {fmt(row['noc85'])} |")
+                             + " | ".join(fmt(row[k]["miou"]) for k in counts) + " | "
+                             + " | ".join(fmt(row.get(n)) for n in ("noc80", "noc85", "noc90")) + " |")
         lines.append("")
     if len(sets) > 1:
-        lines += [f"### mean over {len(sets)} data sets", "",
-                  "| method | clicks | AP | mIoU | NoC@80 | NoC@85 |", "|---|---|---|---|---|---|"]
+        lines += [f"### mean over {len(sets)} data sets", "", _HEAD, _RULE]
         for m, table in result["mean"].items():
             for k, row in table.items():
                 lines.append(f"| {m} | {k} | " + " | ".join(fmt(row[x]) for x in SUMMARY_METRICS) + " |")

@@ -20,7 +20,7 @@ from .clicks import Click, encode_clicks, scale_clicks
 from .errors import CheckpointError, InputError
 from .models import ADClick, ADClickConfig, ClickEnsemble
 from .reference import ReferenceBank, image_fingerprint
-from .refinement import ClickConsistency, RefineConfig, keep_clicks, refine_answer
+from .refinement import ClickConsistency, RefineConfig, SeededBoundary, keep_clicks, refine_answer, seeded_boundary
 from .residuals import ResidualConfig, compute_residuals, match_residuals
 from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_boxes
 
@@ -248,6 +248,7 @@ class ClickPredictor(_ResidualPredictor):
 
     refinement: RefineConfig | None = RefineConfig()
     zoom: ZoomConfig | None = ZoomConfig()
+    boundary: SeededBoundary | None = SeededBoundary()
     consistency: ClickConsistency | None = ClickConsistency()
 
     def set_image(self, image: "np.ndarray | str | os.PathLike") -> ImageState:
@@ -271,6 +272,12 @@ class ClickPredictor(_ResidualPredictor):
         (None: the answer as the model and refinement give it)."""
         other = copy.copy(self)
         other.consistency = config
+        return other
+
+    def with_boundary(self, config: SeededBoundary | None) -> "ClickPredictor":
+        """A predictor sharing these weights whose last step is ``config``'s seeded walker (None: without)."""
+        other = copy.copy(self)
+        other.boundary = config
         return other
 
     def with_zoom(self, config: ZoomConfig | None) -> "ClickPredictor":
@@ -310,6 +317,8 @@ class ClickPredictor(_ResidualPredictor):
         ``defect_type`` selects the language prompt once the language branch is enabled.
         """
         prob = self._predict(state, clicks, prev_mask)
+        if self.boundary is not None and state.gray is not None:
+            prob = seeded_boundary(prob, state.gray, clicks, self.boundary, previous=_as_probability(prev_mask))
         return prob if self.consistency is None else keep_clicks(prob, clicks, self.consistency)
 
     def _predict(self, state: ImageState, clicks: Sequence[Click], prev_mask: np.ndarray | None) -> np.ndarray:
@@ -317,13 +326,9 @@ class ClickPredictor(_ResidualPredictor):
         for c in clicks:
             if not (np.isfinite(c.x) and np.isfinite(c.y) and 0 <= c.x <= w and 0 <= c.y <= h):
                 raise InputError(f"click ({c.x:.1f}, {c.y:.1f}) lies outside the {w}x{h} image")
-        prev = None
-        if prev_mask is not None:
-            prev = np.asarray(prev_mask, dtype=np.float32)
-            if prev.shape != (h, w):
-                raise InputError(f"prev_mask has shape {prev.shape}, expected {(h, w)}")
-            if prev.max(initial=0) > 1:
-                prev = prev / 255.0
+        prev = _as_probability(prev_mask)
+        if prev is not None and prev.shape != (h, w):
+            raise InputError(f"prev_mask has shape {prev.shape}, expected {(h, w)}")
         if self.zoom is None or state.canvas is None or not any(c.positive for c in clicks):
             return self._answer(state, clicks, prev, state.gray)
         # The crop goes around the current answer: the previous one, or (first click) the whole-image
@@ -430,6 +435,14 @@ class ClickPredictor(_ResidualPredictor):
 
 
 THRESHOLD_FOR_ZOOM = 0.5  # the answer's mask (as the backend cuts it) sets the crop
+
+
+def _as_probability(mask: np.ndarray | None) -> np.ndarray | None:
+    """A previous answer as float32 probabilities (0/1 or 0/255 masks alike)."""
+    if mask is None:
+        return None
+    prev = np.asarray(mask, dtype=np.float32)
+    return prev / 255.0 if prev.max(initial=0) > 1 else prev
 
 
 def _resize_map(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

@@ -20,6 +20,7 @@ metrics threshold at 0.5 and rank by probability; the order within the image is 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,7 +33,12 @@ from .baselines import click_disk, paint_click_seeds, random_walker_foreground, 
 from .clicks import Click
 from .zoom import clicked_parts
 
-__all__ = ["RefineConfig", "refine_answer", "ClickConsistency", "keep_clicks"]
+try:  # a dependency of scikit-learn, so normally present
+    from threadpoolctl import threadpool_limits
+except ImportError:  # pragma: no cover
+    threadpool_limits = None
+
+__all__ = ["RefineConfig", "refine_answer", "ClickConsistency", "keep_clicks", "SeededBoundary", "seeded_boundary"]
 
 
 @dataclass(frozen=True)
@@ -208,4 +214,132 @@ def keep_clicks(prob: np.ndarray, clicks: Sequence[Click], config: ClickConsiste
             out[disk] = np.maximum(out[disk], config.positive_floor)
         else:
             out[disk] = np.minimum(out[disk], config.negative_ceiling)
+    return out
+
+
+@dataclass(frozen=True)
+class SeededBoundary:
+    """The last step of every click answer: a random walker *with a prior* (Grady 2005) in which
+    the clicks are hard seeds and the model's probability is the prior, weighted by how sure the
+    model is.
+
+    The click model answers on a coarse grid and, on a product it does not know, often gives the
+    same answer after a new click as before it (measured: metal plate mIoU 0.608 / 0.616 / 0.647
+    after 1 / 5 / 20 clicks, while a plain walker seeded by the same clicks reaches 0.893). Here
+    each click fixes its own disk and pulls its neighbourhood along, as far as the image has no
+    edge and the model is unsure; where the model is sure and no click disagrees, its answer
+    stands. Minimises ``sum_ij w_ij (x_i - x_j)^2 + sum_i l_i (x_i - p_i)^2`` with the click disks
+    fixed, ``w_ij = exp(-beta d_ij^2 / mean d^2)`` (``d``: grey-level step between 4-neighbours)
+    and ``l_i = prior_weight * (floor + (1 - floor) |2 p_i - 1|) / n_clicks ** click_decay``: the
+    more the user has said, the less the model's guess weighs against it."""
+
+    max_side: int = 256  # the walker is solved on a copy of the crop of at most this side
+    margin: float = 0.25  # crop = box of the answer and the clicks, grown by this fraction (+ 8 px) per side
+    low: float = 0.2  # the answer's extent for the crop: p above this
+    beta: float = 4.0
+    prior_weight: float = 0.02
+    prior_floor: float = 0.1
+    click_decay: float = 0.5
+    seed_radius: float = 1.5  # px of the solved grid
+    # The prior weighs agreement ** this, where agreement is the mean of the answer's probability
+    # of each click's own label at the click: a model that ignores what the user says (it answers
+    # 0.2 under a positive click) is trusted less everywhere. 0: always the full weight.
+    agreement_power: float = 0.0
+    # The prior is this share of the previous answer (which already honoured the earlier clicks)
+    # and the rest the model's new one: a new click moves the answer where it says, not everywhere.
+    previous_share: float = 0.0
+    tol: float = 1e-3
+    max_iter: int = 300
+
+
+def _grid_weights(g: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
+    """Edge weights to the right and below neighbour of every pixel of ``g`` (H x W float)."""
+    dx = np.diff(g, axis=1) ** 2
+    dy = np.diff(g, axis=0) ** 2
+    scale = float(np.concatenate([dx.ravel(), dy.ravel()]).mean()) + 1e-12
+    return np.exp(-beta * dx / scale) + 1e-6, np.exp(-beta * dy / scale) + 1e-6
+
+
+def _prior_walker(g: np.ndarray, p: np.ndarray, seeds: np.ndarray, lam: np.ndarray, config: SeededBoundary) -> np.ndarray:
+    """Minimiser of the ``SeededBoundary`` energy on one grid (``seeds``: 0 free, 1 fg, 2 bg)."""
+    from scipy import sparse
+    from scipy.sparse.linalg import cg
+
+    h, w = g.shape
+    n = h * w
+    wx, wy = _grid_weights(g, config.beta)
+    idx = np.arange(n).reshape(h, w)
+    rows = np.concatenate([idx[:, :-1].ravel(), idx[:-1, :].ravel()])
+    cols = np.concatenate([idx[:, 1:].ravel(), idx[1:, :].ravel()])
+    vals = np.concatenate([wx.ravel(), wy.ravel()])
+    adj = sparse.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
+    adj = adj + adj.T
+    degree = np.asarray(adj.sum(axis=1)).ravel()
+    fixed = seeds.ravel() > 0
+    free = ~fixed
+    x = p.ravel().astype(np.float64).copy()
+    x[seeds.ravel() == 1] = 1.0
+    x[seeds.ravel() == 2] = 0.0
+    if not free.any():
+        return x.reshape(h, w)
+    lam = lam.ravel()
+    diag = degree[free] + lam[free]
+    a_ff = (sparse.diags(diag) - adj[free][:, free]).tocsr()
+    b = lam[free] * x[free] + adj[free][:, fixed] @ x[fixed]
+    # One BLAS thread: the vectors are small, and extra threads only wait on each other (baselines.py).
+    one_thread = threadpool_limits(limits=1, user_api="blas") if threadpool_limits else nullcontext()
+    with one_thread:
+        x[free], _ = cg(a_ff, b, x0=x[free], rtol=config.tol, maxiter=config.max_iter, M=sparse.diags(1.0 / diag))
+    return np.clip(x, 0.0, 1.0).reshape(h, w)
+
+
+def _click_agreement(prob: np.ndarray, clicks: Sequence[Click]) -> float:
+    """Mean over the clicks of ``prob``'s probability of the click's own label at the click."""
+    h, w = prob.shape
+    at = [float(prob[min(h - 1, max(0, int(round(c.y)))), min(w - 1, max(0, int(round(c.x))))]) for c in clicks]
+    return float(np.mean([p if c.positive else 1.0 - p for p, c in zip(at, clicks)]))
+
+
+def seeded_boundary(prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click],
+                    config: SeededBoundary = SeededBoundary(), previous: np.ndarray | None = None) -> np.ndarray:
+    """``prob`` (H x W in [0, 1]) re-solved around the answer and the clicks with the clicks as hard
+    seeds and ``prob`` as the prior (``SeededBoundary``); ``gray``: the image, H x W. Returns
+    ``prob`` itself without a click."""
+    if not clicks:
+        return prob
+    h, w = prob.shape
+    if gray.shape != (h, w):
+        raise ValueError(f"gray image {gray.shape} and answer {prob.shape} differ in size")
+    if previous is not None and config.previous_share > 0:
+        prob = ((1.0 - config.previous_share) * prob + config.previous_share * previous).astype(np.float32)
+    region = prob > config.low
+    ys, xs = np.nonzero(region)
+    cy = [c.y for c in clicks] + ([ys.min(), ys.max()] if ys.size else [])
+    cx = [c.x for c in clicks] + ([xs.min(), xs.max()] if xs.size else [])
+    my = config.margin * (max(cy) - min(cy)) + 8
+    mx = config.margin * (max(cx) - min(cx)) + 8
+    y0, y1 = int(max(0, min(cy) - my)), int(min(h, max(cy) + my + 1))
+    x0, x1 = int(max(0, min(cx) - mx)), int(min(w, max(cx) + mx + 1))
+    g = gray[y0:y1, x0:x1].astype(np.float64)
+    if gray.dtype == np.uint8:
+        g /= 255.0
+    p = prob[y0:y1, x0:x1].astype(np.float64)
+    ch, cw = p.shape
+    scale, (sh, sw) = solver_shape((ch, cw), config.max_side)
+    if scale < 1.0:
+        g = resize(g, (sh, sw), order=1, anti_aliasing=True)
+        p = resize(p, (sh, sw), order=1, anti_aliasing=True)
+    seeds = np.zeros((sh, sw), np.int32)
+    sy, sx = sh / ch, sw / cw
+    paint_click_seeds(seeds, [Click((c.x - x0 + 0.5) * sx - 0.5, (c.y - y0 + 0.5) * sy - 0.5, c.positive)
+                              for c in clicks], config.seed_radius)
+    sure = config.prior_floor + (1.0 - config.prior_floor) * np.abs(2.0 * p - 1.0)
+    lam = config.prior_weight * sure / len(clicks) ** config.click_decay
+    if config.agreement_power:
+        lam *= _click_agreement(prob, clicks) ** config.agreement_power
+    x = _prior_walker(g, p, seeds, lam, config)
+    if scale < 1.0:
+        x = resize(x, (ch, cw), order=1)
+    out = np.array(prob, dtype=np.float32, copy=True)
+    out[y0:y1, x0:x1] = x
     return out

@@ -23,7 +23,7 @@ from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
 from .seg_training import (SegItem, SegTrainConfig, seg_synthetic_pool,
                            train_seg)
-from .training import SyntheticPool
+from .training import ClickPool
 
 __all__ = ["SEG_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 
@@ -122,7 +122,7 @@ def evaluate_seg(
     defect_types = folder.defect_types
     folds = split_folds(folder.test_samples(defective_only=True), seed=seed)
     goods = [s for s in folder.test_samples() if not s.is_defective]
-    pools: dict[bool, SyntheticPool] = {}  # by "unsupervised": that model's pool differs
+    pools: dict[bool, ClickPool] = {}  # by "unsupervised": that model's pool differs
     timings: dict[str, float] = {}
 
     def checkpoint_for(mode: str, fold: int) -> Path | None:

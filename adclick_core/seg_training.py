@@ -36,7 +36,7 @@ from .models import ADClick, ADClickConfig
 from .reference import ReferenceBank, image_fingerprint
 from .residuals import ResidualConfig, Residuals, compute_residuals
 from .synthesis import AnomalySynthesizer
-from .training import SyntheticPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
+from .training import ClickPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
 __all__ = ["SegItem", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind",
            "UNSUPERVISED_PHOTOMETRIC_FRACTION", "seg_synthesizer"]
@@ -287,7 +287,7 @@ def seg_synthesizer(unsupervised: bool = False, edge_fraction: float = SEG_EDGE_
 
 def seg_synthetic_pool(extractor: FeatureExtractor, bank: ReferenceBank, normals: Sequence, rcfg: ResidualConfig,
                        seed: int = 0, progress: bool = True, unsupervised: bool = False,
-                       synthesizer: AnomalySynthesizer | None = None) -> SyntheticPool:
+                       synthesizer: AnomalySynthesizer | None = None) -> ClickPool:
     """The synthetic anomalies ADClick-Seg trains on: one per normal image (path or array); a
     normal image that is in the bank is left out of its own retrieval (``unsupervised``: with its
     ``UNSUPERVISED_EXCLUDE_SIMILAR`` most similar bank images). ``synthesizer`` defaults to
@@ -314,7 +314,7 @@ def _known_defect_pixels(data: _Prepared) -> list[int]:
 def calibrate_threshold(
     model: ADClick,
     data: "_Prepared",
-    synthetic: SyntheticPool | None,
+    synthetic: ClickPool | None,
     prompts: dict | None,
     device: torch.device,
     max_items: int = 64,
@@ -385,7 +385,7 @@ def train_seg(
     bank: ReferenceBank,
     config: SegTrainConfig | None = None,
     residual_config: ResidualConfig | None = None,
-    synthetic: SyntheticPool | None = None,
+    synthetic: ClickPool | None = None,
     defect_types: Sequence[str] | None = None,
     prompt_encoder=None,
     phrases: dict[str, list[str]] | None = None,

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from scipy import ndimage
+
 from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
 from .clicks import encode_clicks, next_training_click, sample_training_clicks
+from .data import load_mask
 from .losses import normalized_focal_loss, soft_dice_loss
 from .models import ADClick, ADClickConfig
 from .models.embeddings import residual_features
@@ -24,14 +27,15 @@ from .residuals import ResidualConfig, compute_residuals, match_residuals, retri
 from .synthesis import AnomalySynthesizer
 from .zoom import ZoomConfig, relative_crop, to_canvas
 
-__all__ = ["SyntheticPool", "build_synthetic_pool", "concat_pools", "ClickTrainConfig", "train_click", "ProgressFn"]
+__all__ = ["ClickPool", "build_synthetic_pool", "build_defect_pool", "concat_pools", "ClickTrainConfig", "train_click", "ProgressFn"]
 
 ProgressFn = Callable[[float, str], None]  # (fraction done in [0, 1], message)
 
 
 @dataclass
-class SyntheticPool:
-    """Precomputed training samples: residuals, stage-1 features and masks at model input size."""
+class ClickPool:
+    """Precomputed training samples (synthetic anomalies or real defects): residuals, stage-1
+    features and masks at model input size."""
 
     residual: torch.Tensor  # N x C x g x g (float16)
     fine: torch.Tensor  # N x c1 x 2g x 2g (float16)
@@ -41,11 +45,11 @@ class SyntheticPool:
         return int(self.residual.shape[0])
 
 
-def concat_pools(pools: Sequence[SyntheticPool]) -> SyntheticPool:
+def concat_pools(pools: Sequence[ClickPool]) -> ClickPool:
     """One pool from several (one per product or texture family, each against its own bank)."""
     if not pools:
         raise ValueError("no synthetic pool to join")
-    return SyntheticPool(torch.cat([p.residual for p in pools]), torch.cat([p.fine for p in pools]),
+    return ClickPool(torch.cat([p.residual for p in pools]), torch.cat([p.fine for p in pools]),
                          np.concatenate([p.masks for p in pools]))
 
 
@@ -63,7 +67,7 @@ def build_synthetic_pool(
     exclude_similar: int = 0,
     zoom_share: float = 0.0,
     zoom: ZoomConfig | None = None,
-) -> SyntheticPool:
+) -> ClickPool:
     """Paste ``per_image`` synthetic anomalies on every normal image and compute their residuals.
 
     ``bank_index[i]`` is the bank position of ``normals[i]`` (if it is in the bank): that image is
@@ -93,9 +97,7 @@ def build_synthetic_pool(
 
     def resized(i: int) -> np.ndarray:
         if i not in resized_cache:
-            img = torch.from_numpy(load_image(normals[i]).copy()).permute(2, 0, 1)[None].float()
-            img = F.interpolate(img, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
-            resized_cache[i] = img[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+            resized_cache[i] = _resize_image(load_image(normals[i]), s)
         return resized_cache[i]
 
     canvas_cache: dict[int, np.ndarray] = {}
@@ -146,8 +148,7 @@ def build_synthetic_pool(
             y0, x0, h, w = box
             cv = canvas(i)
             crop = np.ascontiguousarray(cv[y0:y0 + h, x0:x0 + w])
-            crop = F.interpolate(torch.from_numpy(crop).permute(2, 0, 1)[None].float(), size=(s, s), mode="bilinear",
-                                 antialias=True, align_corners=False)[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+            crop = _resize_image(crop, s)
             other = resized(int(rng.integers(len(normals))))
             img, mask = synth(crop, rng, others=[other])
             whole = extractor(extractor.preprocess([resized(i)]))
@@ -160,7 +161,99 @@ def build_synthetic_pool(
             masks.append(mask)
         bar.update(len(chunk))
     bar.close()
-    return SyntheticPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
+    return ClickPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
+
+
+def _resize_image(image: np.ndarray, side: int) -> np.ndarray:
+    """H x W x 3 uint8 -> side x side x 3 uint8 (antialiased), as the extractor sees a whole image."""
+    # np.require copies only a read-only array (a decoded PIL image): torch warns on those.
+    t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)[None].float()
+    t = F.interpolate(t, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return t[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+
+
+def _resize_defect_mask(mask: np.ndarray, hw: tuple[int, int], keep_small: bool = True) -> np.ndarray:
+    """A defect mask at another size: a pixel is in when half of what it covers is. With
+    ``keep_small``, a defect that would vanish keeps its strongest pixels instead (the canvas of a
+    2448 px photo must not lose a 3 px scratch)."""
+    t = torch.from_numpy(mask.astype(np.float32))[None, None]
+    shrink = hw[0] <= mask.shape[0] and hw[1] <= mask.shape[1]
+    cover = F.interpolate(t, size=hw, mode="area" if shrink else "bilinear")[0, 0].numpy()
+    out = cover >= 0.5
+    if keep_small and mask.any() and not out.any():
+        out = cover >= cover.max() * 0.5
+    return out
+
+
+def build_defect_pool(
+    extractor: FeatureExtractor,
+    bank: ReferenceBank,
+    samples: Sequence[tuple],
+    residual_config: ResidualConfig,
+    seed: int = 0,
+    progress: bool = True,
+    zoom: ZoomConfig | None = None,
+    crops_per_image: int = 1,
+) -> ClickPool:
+    """Real defects with their pixel masks (``samples``: (image, mask) pairs, paths or arrays), each
+    against its product's ``bank``: the whole image at model input size, and ``crops_per_image``
+    zoom-in crops around one of its defects (as ``ClickPredictor`` zooms on a clicked defect): a
+    square of 1.5-3x the defect's larger side, at least the model input, at a random offset that
+    keeps the defect inside, matched against the same crop of the image's ``zoom.k`` nearest
+    references. Defects too small to survive the whole-image resize come only as crops.
+
+    The ADClick paper pre-trains its click model on other categories' real defects; synthetic
+    anomalies alone never show it a real scratch's or rust patch's residual."""
+    zoom = zoom or ZoomConfig()
+    if crops_per_image and not bank.has_sources:
+        raise ValueError("zoom-in crops need a bank that keeps its references' pixels (rebuild the bank)")
+    rng = np.random.default_rng(seed)
+    s = extractor.config.input_size
+    k_zoom = replace(residual_config, k=zoom.k)
+    residuals, fines, masks = [], [], []
+    bar = tqdm(total=len(samples), desc="defect pool", unit="img", disable=not progress)
+    for image, mask in samples:
+        img = load_image(image)
+        gt = np.asarray(mask if not isinstance(mask, (str, Path)) else load_mask(mask), bool)
+        if gt.shape != img.shape[:2]:
+            raise ValueError(f"mask {gt.shape} and image {img.shape[:2]} differ in size")
+        bar.update(1)
+        if not gt.any():
+            continue
+        whole = extractor(extractor.preprocess([_resize_image(img, s)]))
+        whole_mask = _resize_defect_mask(gt, (s, s), keep_small=False)
+        if whole_mask.any():
+            res = compute_residuals(whole.grid, whole.descriptor, bank, residual_config)
+            residuals.append(res.residual.half().cpu())
+            fines.append(whole.fine.half().cpu())
+            masks.append(whole_mask)
+        cv = to_canvas(img, zoom.canvas_side)
+        ch, cw = cv.shape[:2]
+        if min(ch, cw) <= s:
+            continue  # the whole image is already at its own resolution
+        cmask = _resize_defect_mask(gt, (ch, cw))
+        parts = ndimage.find_objects(ndimage.label(cmask, structure=np.ones((3, 3), bool))[0])
+        near = retrieve_neighbours(bank, whole.descriptor, k_zoom)[0].tolist()
+        for _ in range(crops_per_image):
+            rows, cols = parts[int(rng.integers(len(parts)))]
+            extent = max(rows.stop - rows.start, cols.stop - cols.start)
+            side = int(min(min(ch, cw), max(s, round(extent * rng.uniform(1.5, 3.0)))))
+            y0 = int(rng.integers(max(0, rows.stop - side), min(rows.start, ch - side) + 1)) \
+                if rows.stop - rows.start <= side else int(np.clip(rows.start, 0, ch - side))
+            x0 = int(rng.integers(max(0, cols.stop - side), min(cols.start, cw - side) + 1)) \
+                if cols.stop - cols.start <= side else int(np.clip(cols.start, 0, cw - side))
+            box = (y0, x0, side, side)
+            crop = np.ascontiguousarray(cv[y0:y0 + side, x0:x0 + side])
+            refs = [relative_crop(bank.source(r), box, (ch, cw)) for r in near if bank.sources[r] is not None]
+            feats = extractor(extractor.preprocess([crop] + refs))
+            residuals.append(match_residuals(feats.grid[0].float(), feats.grid[1:].float(), residual_config)[None]
+                             .half().cpu())
+            fines.append(feats.fine[:1].half().cpu())
+            masks.append(_resize_defect_mask(cmask[y0:y0 + side, x0:x0 + side], (s, s)))
+    bar.close()
+    if not masks:
+        raise ValueError("no defect pixels in any of the samples")
+    return ClickPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
 
 
 @dataclass
@@ -219,7 +312,7 @@ def _augment(res: torch.Tensor, fine: torch.Tensor, masks: np.ndarray, rng: np.r
 
 
 def train_click(
-    pool: SyntheticPool,
+    pool: ClickPool,
     config: ClickTrainConfig,
     out: str | Path | None = None,
     meta: dict | None = None,

@@ -256,3 +256,37 @@ def test_train_click_init_refuses_another_architecture(tmp_path, capsys):
     assert code == 2
     assert "--depth 2 (the checkpoint has 1)" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_click_learns_from_real_defects_of_other_products(tmp_path):
+    from adclick_core.checkpoint import load_checkpoint
+
+    rng = np.random.default_rng(3)
+    normals = [(rng.random((96, 96, 3)) * 255).astype(np.uint8) for _ in range(3)]
+    defects = []
+    for i in range(2):
+        img = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
+        mask = np.zeros((96, 96), bool)
+        mask[20 + 10 * i:50 + 10 * i, 30:60] = True
+        img[mask] = 0
+        defects.append((img, mask))
+    product = write_mvtec(tmp_path / "product", normals, {"scratch": defects})
+    synthetic = _tiny_mvtec(tmp_path / "synthetic")
+    out = tmp_path / "click.pt"
+    proc = run_cli("train-click", "--data", str(synthetic), "--defects", str(product), "--out", str(out),
+                   "--input-size", "64", "--device", "cpu", "--iterations", "2", "--batch-size", "2",
+                   "--per-image", "1", "--embed-dim", "32", "--depth", "1", "--k", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["pool_size"] == 4 + 2 * 2  # 4 synthetic; each defect whole + one crop
+    trained_on = load_checkpoint(out, "adclick_click")["trained_on"]
+    assert trained_on["defects"] == {"sets": [{"data": str(product), "defect_images": 2, "samples": 4}],
+                                     "crops_per_defect": 1}
+
+
+def test_train_click_defects_need_masks_and_references(tmp_path, capsys):
+    no_defects = _tiny_mvtec(tmp_path / "plain")
+    code = main(["train-click", "--defects", str(no_defects), "--out", str(tmp_path / "c.pt")])
+    assert code == 2 and "no defect images with masks" in capsys.readouterr().err
+    code = main(["train-click", "--out", str(tmp_path / "c.pt")])
+    assert code == 2 and "nothing to train on" in capsys.readouterr().err
+    assert not (tmp_path / "c.pt").exists()

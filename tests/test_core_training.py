@@ -408,3 +408,45 @@ def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp
                              **{**meta, "ensemble_members": 3})
     with pytest.raises(CheckpointError, match="do not fit"):
         ClickPredictor.from_checkpoint(broken, device="cpu", random_init_backbone=True)
+
+
+# ---------------------------------------------------------------- real defects
+
+
+def _with_spot(seed: int, hw: tuple[int, int], box: tuple[int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    img = texture(seed, hw)
+    y0, x0, y1, x1 = box
+    mask = np.zeros(hw, bool)
+    mask[y0:y1, x0:x1] = True
+    img[mask] = 20
+    return img, mask
+
+
+def test_defect_pool_holds_each_defect_whole_and_zoomed_in(setup):
+    extractor, _, _, _ = setup
+    normals = [texture(i, (192, 160)) for i in range(4)]
+    bank = ReferenceBank.build(extractor, normals, names=[f"n{i}" for i in range(4)], progress=False)
+    large = _with_spot(50, (192, 160), (60, 50, 110, 100))  # 50 px: survives the resize to 64
+    tiny = _with_spot(51, (192, 160), (100, 90, 102, 92))  # 2 px: gone at 64, kept in a crop
+    pool = training.build_defect_pool(extractor, bank, [large, tiny, (texture(52, (192, 160)),
+                                                                      np.zeros((192, 160), bool))],
+                                      RESIDUAL, progress=False, crops_per_image=2)
+    assert len(pool) == 1 + 2 + 2  # large: whole + 2 crops; tiny: 2 crops; the image without defect: none
+    assert pool.residual.shape[1:] == (256, 8, 8) and pool.masks.shape[1:] == (64, 64)
+    assert all(m.any() for m in pool.masks)
+    whole = pool.masks[0]
+    assert abs(whole.sum() - 50 * 50 * (64 / 192) * (64 / 160)) < 60  # the large spot at 64 px
+    for crop in pool.masks[1:3]:  # a crop shows the spot larger than the whole image does
+        assert crop.sum() > whole.sum()
+    assert all(m.sum() < 64 * 64 / 4 for m in pool.masks[3:])  # the tiny spot stays small
+    # The defect stands out in its residual: more energy under the mask than beside it.
+    energy = pool.residual.float().norm(dim=1)
+    cell = F.adaptive_max_pool2d(torch.from_numpy(pool.masks[:1]).float()[:, None], 8)[0, 0] > 0
+    assert energy[0][cell].mean() > energy[0][~cell].mean()
+
+
+def test_defect_pool_refuses_a_mask_of_another_size(setup):
+    extractor, bank, normals, _ = setup
+    with pytest.raises(ValueError, match="differ in size"):
+        training.build_defect_pool(extractor, bank, [(normals[0], np.ones((10, 10), bool))], RESIDUAL,
+                                   progress=False, crops_per_image=0)
