@@ -6,6 +6,9 @@ fine-tuning on the product's own defect-free images, with synthetic anomalies pa
 images and on zoom-in crops, shows it that product in minutes on a CPU. No defect of the product
 is needed: the references a project already has are enough. Measured, it helps some products and
 costs pooled AP on others (docs/results.md), so the backend runs it only when asked.
+
+Once a project has accepted masks of its own real defects, they join the synthetic anomalies
+(``adapt_click(defects=...)``): the model then learns the product's actual defects as well.
 """
 from __future__ import annotations
 
@@ -14,13 +17,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .checkpoint import ensemble_members, load_checkpoint, save_ensemble
 from .errors import InputError
 from .predictor import ClickPredictor
 from .synthesis import AnomalySynthesizer
-from .training import ClickTrainConfig, ProgressFn, build_synthetic_pool, train_click
+from .training import ClickTrainConfig, ProgressFn, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
 __all__ = ["AdaptConfig", "adapt_click", "MIN_REFERENCES"]
 
@@ -44,6 +48,9 @@ class AdaptConfig:
     max_images: int = 200  # references used at most (evenly spread over the bank)
     max_extra_clicks: int = 3
     member: int = 0  # the ensemble member fine-tuned (the others are kept as they are)
+    # With the project's own masks (``adapt_click(defects=...)``): the share of training samples
+    # drawn from them (each mask whole and as a zoom-in crop), the rest synthetic anomalies.
+    mask_share: float = 0.5
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -71,13 +78,18 @@ def adapt_click(
     normals: Sequence | None = None,
     progress: bool = True,
     callback: ProgressFn | None = None,
+    defects: Sequence[tuple] | None = None,
 ) -> dict:
     """Fine-tune ``pred``'s click model (an ensemble: its member ``config.member``) on its bank's
     product and write the checkpoint ``out`` (atomically; an ensemble stays an ensemble).
     ``normals``: the defect-free images (paths or arrays) to paste anomalies on; None: the bank's
-    own references (their stored pixels), each left out of its own residual. Returns a summary
-    (seconds, pool size, losses)."""
+    own references (their stored pixels), each left out of its own residual. ``defects``: the
+    project's own (image, mask) pairs, accepted masks of real defects, learnt from beside the
+    synthetic anomalies (``config.mask_share`` of the samples). Returns a summary (seconds, pool
+    size, losses)."""
     config = config or AdaptConfig()
+    if defects and not 0.0 < config.mask_share < 1.0:
+        raise InputError(f"mask_share must lie strictly between 0 and 1, got {config.mask_share}")
     bank = pred.bank
     t0 = time.time()
     if normals is None:
@@ -90,17 +102,25 @@ def adapt_click(
     else:
         images = list(normals)[:: max(1, len(normals) // max(1, config.max_images))][: config.max_images]
         index = bank.positions(images)
-    if len(images) < MIN_REFERENCES:
-        raise InputError(f"adaptation needs at least {MIN_REFERENCES} defect-free images, got {len(images)}")
+    if len(images) < (1 if defects else MIN_REFERENCES):
+        raise InputError(f"adaptation needs at least {MIN_REFERENCES} defect-free images (1 with masks to learn "
+                         f"from), got {len(images)}")
     state, mix = member_weights(pred, config.member)
     pool = build_synthetic_pool(
         pred.extractor, bank, images, pred.residual_config, per_image=config.per_image, seed=config.seed,
         progress=progress, bank_index=index, synthesizer=AnomalySynthesizer(**mix), zoom_share=config.zoom_share,
         zoom=pred.zoom or None,
     )
+    weights = None
+    if defects:
+        real = build_defect_pool(pred.extractor, bank, defects, pred.residual_config, seed=config.seed,
+                                 progress=progress, zoom=pred.zoom or None)
+        weights = np.concatenate([np.full(len(pool), (1.0 - config.mask_share) / len(pool)),
+                                  np.full(len(real), config.mask_share / len(real))])
+        pool = concat_pools([pool, real])
     t_pool = time.time() - t0
     if callback is not None:
-        callback(0.0, f"synthetic pool of {len(pool)} samples in {t_pool:.0f} s")
+        callback(0.0, f"training pool of {len(pool)} samples in {t_pool:.0f} s")
     tcfg = ClickTrainConfig(iterations=config.iterations, batch_size=config.batch_size, lr=config.lr,
                             warmup=config.warmup, max_extra_clicks=config.max_extra_clicks, seed=config.seed,
                             model=pred.model.config)
@@ -111,7 +131,7 @@ def adapt_click(
         "trained_on": {"references": len(images), "synthetic_per_image": config.per_image, "synthesizer": mix,
                        "zoom_share": config.zoom_share, "pool_seconds": round(t_pool, 1),
                        "threads": torch.get_num_threads()},
-        "adapted": {"config": config.to_dict(), "references": len(images)},
+        "adapted": {"config": config.to_dict(), "references": len(images), "masks": len(defects or ())},
     }
     members = getattr(pred.model, "members", None)
     # An ensemble stays one: the adapted member takes its place beside the others, which keep
@@ -119,7 +139,7 @@ def adapt_click(
     trained = out if members is None else Path(out).with_name(f".{Path(out).name}.member.tmp")
     try:
         _, summary = train_click(pool, tcfg, out=trained, meta=meta, device=pred.device, progress=progress,
-                                 callback=callback, checkpoint_every=0, init_state=state)
+                                 callback=callback, checkpoint_every=0, init_state=state, sample_weights=weights)
         if members is not None:
             base = ensemble_members({"state_dict": pred.model.state_dict(), **pred.checkpoint_info})
             base[config.member] = {**load_checkpoint(trained, "adclick_click"),
@@ -128,6 +148,7 @@ def adapt_click(
     finally:
         if members is not None:
             Path(trained).unlink(missing_ok=True)
-    summary.update({"checkpoint": str(out), "references": len(images), "pool_size": len(pool),
+    summary.update({"checkpoint": str(out), "references": len(images), "masks": len(defects or ()),
+                    "pool_size": len(pool),
                     "pool_seconds": round(t_pool, 1), "total_seconds": round(time.time() - t0, 1)})
     return summary

@@ -246,8 +246,9 @@ def cmd_eval_click(args) -> dict:
         methods=args.methods.split(","),
         workers=args.workers if args.workers is not None else default_workers(args.device),
         adapt=AdaptConfig(iterations=args.adapt_iterations) if args.adapt else None, adapt_dir=args.adapt_dir,
+        learn_from=_int_list(args.learn_from, "--learn-from") if args.learn_from else (),
     )
-    if len(args.data) == 1:  # one set: the same JSON as always, its tables too
+    if len(result["sets"]) == 1:  # one set: the same JSON as always, its tables too
         result = next(iter(result["sets"].values()))
     print(format_click_tables(result), file=sys.stderr)
     if args.json:
@@ -454,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="adapt the click model to each set's defect-free images first, as the backend adapts a "
                         "project's (adapt-click), and evaluate the adapted model")
     p.add_argument("--adapt-iterations", type=int, default=300, help="fine-tuning iterations of --adapt")
+    p.add_argument("--learn-from", default=None,
+                   help="counts N, e.g. 0,10,20: per N, adapt the model to the set's references and N of its defect "
+                        "images with their masks (a project's accepted labels, drawn at random, seed 0), then "
+                        "evaluate the images no count learnt from (N = 0: the model as it is)")
     p.add_argument("--adapt-dir", default=None, help="keep the adapted checkpoints here (default: thrown away)")
     p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("--device", default="auto")

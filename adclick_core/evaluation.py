@@ -256,20 +256,25 @@ def evaluate_clicks(
     progress: bool = True,
     predictor: ClickPredictor | None = None,
     workers: int = 1,
+    exclude: Sequence[str | Path] = (),
 ) -> dict:
     """The ``eval-click`` command on one data set: metrics per method and click count (fractions
     in [0, 1]), the same per defect type, and per image the AP and IoU of each method after the
     last reported count (``per_image``: where a model fails). ``predictor``: an already loaded
     click model to reuse (its bank is replaced by this folder's). ``workers`` > 1: the images are
     shared among that many processes, each loading ``checkpoint`` itself with its share of the
-    CPU threads (``predictor`` then only builds the bank). Bad arguments are an InputError /
-    DataError before anything is loaded."""
+    CPU threads (``predictor`` then only builds the bank). ``exclude``: image paths left out (the
+    masks a model learnt from). Bad arguments are an InputError / DataError before anything is
+    loaded."""
     t0 = time.time()
     report_at = report_counts(clicks, max_clicks)
     k_last = report_at[-1]
     methods = check_methods(methods)
     workers = check_workers(workers)
-    samples = _defective_samples(data, limit)
+    left_out = {Path(p) for p in exclude}
+    samples = [s for s in _defective_samples(data, limit) if s.image_path not in left_out]
+    if not samples:
+        raise DataError(f"{data}: every defective test image was left out")
     pred = predictor or _load_predictor(checkpoint, device, residual_overrides)
     pred = pred.with_bank(MVTecFolder(data).reference_bank(pred.extractor, bank_path, progress=progress))
     probs: dict[str, dict[int, list[np.ndarray]]] = defaultdict(lambda: defaultdict(list))
@@ -361,13 +366,19 @@ def evaluate_click_sets(
     residual_overrides: dict | None = None,
     adapt: "AdaptConfig | None" = None,
     adapt_dir: str | Path | None = None,
+    learn_from: Sequence[int] = (),
     **kwargs,
 ) -> dict:
     """``evaluate_clicks`` on several data sets with one loaded model: ``{"sets": {name: result},
     "mean": {method: {count: {metric: mean over the sets}}}}`` (each set weighs the same, however
     many images it has). ``bank_paths``: one bank file per data set, or None. ``adapt``: each set
     is answered by the model adapted to its own defect-free images first (``adapted_checkpoint``,
-    written to ``adapt_dir``, default a temporary folder; its summary under ``adapted``)."""
+    written to ``adapt_dir``, default a temporary folder; its summary under ``adapted``).
+    ``learn_from`` (e.g. 0, 10, 20): per count N, the set is answered by the model adapted to its
+    defect-free images *and* to N of its defect images with their masks (standing for a project's
+    accepted labels; N = 0: the model as it is, or adapted without masks under ``adapt``), all
+    counts evaluated on the same images, those no count learnt from (``masks_for_learning``);
+    the results are keyed "<set> N=<count>"."""
     datas = list(datas)
     if not datas:
         raise InputError("no data set to evaluate")
@@ -378,32 +389,67 @@ def evaluate_click_sets(
     report_counts(kwargs.get("clicks", DEFAULT_CLICKS), kwargs.get("max_clicks", 20))
     check_methods(kwargs.get("methods", DEFAULT_METHODS))
     check_workers(kwargs.get("workers", 1))
+    counts = sorted({int(n) for n in learn_from})
+    if any(n < 0 for n in counts):
+        raise InputError(f"learn_from counts must be >= 0, got {counts}")
     for data in datas:  # every folder is checked before the model loads
         _defective_samples(data, kwargs.get("limit"))
+        if counts:
+            masks_for_learning(data, max(counts))
     pred = _load_predictor(checkpoint, device, residual_overrides)
     sets = {}
     with tempfile.TemporaryDirectory(prefix="adclick-adapt-") as tmp:
         for label, data, bank in zip(labels, datas, bank_paths):
-            if adapt is None:
-                sets[label] = evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred,
-                                              residual_overrides=residual_overrides, **kwargs)
+            if not counts:
+                sets[label] = _evaluate_one(pred, label, data, bank, checkpoint, device, residual_overrides, adapt,
+                                            Path(adapt_dir or tmp), [], [], kwargs)
                 continue
-            out = Path(adapt_dir or tmp) / f"{label.replace('/', '_')}_adapted.pt"
-            summary = adapted_checkpoint(pred, data, bank, out, adapt, progress=kwargs.get("progress", True))
-            sets[label] = evaluate_clicks(data, out, bank_path=bank, device=device,
-                                          residual_overrides=residual_overrides, **kwargs)
-            sets[label]["adapted"] = summary
+            learnt = masks_for_learning(data, max(counts))
+            for n in counts:
+                sets[f"{label} N={n}"] = _evaluate_one(pred, f"{label}_N{n}", data, bank, checkpoint, device,
+                                                       residual_overrides, adapt, Path(adapt_dir or tmp),
+                                                       learnt[:n], learnt, kwargs)
     return {"sets": sets, "mean": mean_over_sets(list(sets.values()))}
 
 
+def _evaluate_one(pred: ClickPredictor, label: str, data, bank: str | None, checkpoint, device: str,
+                  residual_overrides: dict | None, adapt: "AdaptConfig | None", adapt_dir: Path, masks: list,
+                  left_out: list, kwargs: dict) -> dict:
+    """One set's result: with the model as it is, or adapted (``adapt``, or ``masks`` to learn from)."""
+    exclude = [s.image_path for s in left_out]
+    if adapt is None and not masks:
+        return evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred,
+                               residual_overrides=residual_overrides, exclude=exclude, **kwargs)
+    from .adaptation import AdaptConfig
+
+    out = adapt_dir / f"{label.replace('/', '_')}_adapted.pt"
+    summary = adapted_checkpoint(pred, data, bank, out, adapt or AdaptConfig(), progress=kwargs.get("progress", True),
+                                 defects=[(s.image_path, s.mask_path) for s in masks])
+    result = evaluate_clicks(data, out, bank_path=bank, device=device, residual_overrides=residual_overrides,
+                             exclude=exclude, **kwargs)
+    result["adapted"] = summary
+    return result
+
+
+def masks_for_learning(data: str | Path, n: int) -> list[Sample]:
+    """The defect images ``eval-click --learn-from`` learns from: ``n`` drawn at random (seed 0) from
+    the set's defective test images, so that a smaller count's images are among a larger one's."""
+    samples = _defective_samples(data, None)
+    if n >= len(samples):
+        raise InputError(f"{data}: cannot learn from {n} of its {len(samples)} defect images and evaluate the rest")
+    order = np.random.default_rng(0).permutation(len(samples))
+    return [samples[i] for i in order[:n]]
+
+
 def adapted_checkpoint(pred: ClickPredictor, data: str | Path, bank_path: str | None, out: Path,
-                       config: "AdaptConfig", progress: bool = True) -> dict:
+                       config: "AdaptConfig", progress: bool = True, defects: Sequence[tuple] = ()) -> dict:
     """``pred`` adapted to the data set's product as the backend adapts a project's: on its
-    reference bank (train/good). Writes ``out``; returns the adaptation's summary."""
+    reference bank (train/good) and ``defects``, (image, mask) pairs of its own. Writes ``out``;
+    returns the adaptation's summary."""
     from .adaptation import adapt_click
 
     bank = MVTecFolder(data).reference_bank(pred.extractor, bank_path, progress=progress)
-    return adapt_click(pred.with_bank(bank), out, config, progress=progress)
+    return adapt_click(pred.with_bank(bank), out, config, progress=progress, defects=list(defects) or None)
 
 
 def _set_labels(datas: Sequence[str | Path]) -> list[str]:
@@ -440,7 +486,9 @@ def format_click_tables(result: dict) -> str:
 
     for label, r in sets.items():
         adapted = r.get("adapted")
-        how = (f", ADClick adapted to its {adapted['references']} defect-free images in {adapted['total_seconds']:.0f} s"
+        masks = f" and {adapted['masks']} of its defect masks" if adapted and adapted.get("masks") else ""
+        how = (f", ADClick adapted to its {adapted['references']} defect-free images{masks} in "
+               f"{adapted['total_seconds']:.0f} s"
                if adapted else "")
         lines += [f"### {label} ({r['n_images']} defective images{how})", "", _HEAD, _RULE]
         for m, table in r["methods"].items():

@@ -318,7 +318,7 @@ class ClickPredictor(_ResidualPredictor):
         """
         prob = self._predict(state, clicks, prev_mask)
         if self.boundary is not None and state.gray is not None:
-            prob = seeded_boundary(prob, state.gray, clicks, self.boundary, previous=_as_probability(prev_mask))
+            prob = seeded_boundary(prob, state.gray, clicks, self.boundary)
         return prob if self.consistency is None else keep_clicks(prob, clicks, self.consistency)
 
     def _predict(self, state: ImageState, clicks: Sequence[Click], prev_mask: np.ndarray | None) -> np.ndarray:
@@ -326,9 +326,13 @@ class ClickPredictor(_ResidualPredictor):
         for c in clicks:
             if not (np.isfinite(c.x) and np.isfinite(c.y) and 0 <= c.x <= w and 0 <= c.y <= h):
                 raise InputError(f"click ({c.x:.1f}, {c.y:.1f}) lies outside the {w}x{h} image")
-        prev = _as_probability(prev_mask)
-        if prev is not None and prev.shape != (h, w):
-            raise InputError(f"prev_mask has shape {prev.shape}, expected {(h, w)}")
+        prev = None
+        if prev_mask is not None:
+            prev = np.asarray(prev_mask, dtype=np.float32)
+            if prev.shape != (h, w):
+                raise InputError(f"prev_mask has shape {prev.shape}, expected {(h, w)}")
+            if prev.max(initial=0) > 1:
+                prev = prev / 255.0
         if self.zoom is None or state.canvas is None or not any(c.positive for c in clicks):
             return self._answer(state, clicks, prev, state.gray)
         # The crop goes around the current answer: the previous one, or (first click) the whole-image
@@ -436,13 +440,6 @@ class ClickPredictor(_ResidualPredictor):
 
 THRESHOLD_FOR_ZOOM = 0.5  # the answer's mask (as the backend cuts it) sets the crop
 
-
-def _as_probability(mask: np.ndarray | None) -> np.ndarray | None:
-    """A previous answer as float32 probabilities (0/1 or 0/255 masks alike)."""
-    if mask is None:
-        return None
-    prev = np.asarray(mask, dtype=np.float32)
-    return prev / 255.0 if prev.max(initial=0) > 1 else prev
 
 
 def _resize_map(x: np.ndarray, hw: tuple[int, int]) -> np.ndarray:

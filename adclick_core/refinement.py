@@ -239,15 +239,9 @@ class SeededBoundary:
     beta: float = 4.0
     prior_weight: float = 0.02
     prior_floor: float = 0.1
+    confidence_power: float = 1.0
     click_decay: float = 0.5
     seed_radius: float = 1.5  # px of the solved grid
-    # The prior weighs agreement ** this, where agreement is the mean of the answer's probability
-    # of each click's own label at the click: a model that ignores what the user says (it answers
-    # 0.2 under a positive click) is trusted less everywhere. 0: always the full weight.
-    agreement_power: float = 0.0
-    # The prior is this share of the previous answer (which already honoured the earlier clicks)
-    # and the rest the model's new one: a new click moves the answer where it says, not everywhere.
-    previous_share: float = 0.0
     tol: float = 1e-3
     max_iter: int = 300
 
@@ -293,15 +287,8 @@ def _prior_walker(g: np.ndarray, p: np.ndarray, seeds: np.ndarray, lam: np.ndarr
     return np.clip(x, 0.0, 1.0).reshape(h, w)
 
 
-def _click_agreement(prob: np.ndarray, clicks: Sequence[Click]) -> float:
-    """Mean over the clicks of ``prob``'s probability of the click's own label at the click."""
-    h, w = prob.shape
-    at = [float(prob[min(h - 1, max(0, int(round(c.y)))), min(w - 1, max(0, int(round(c.x))))]) for c in clicks]
-    return float(np.mean([p if c.positive else 1.0 - p for p, c in zip(at, clicks)]))
-
-
 def seeded_boundary(prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click],
-                    config: SeededBoundary = SeededBoundary(), previous: np.ndarray | None = None) -> np.ndarray:
+                    config: SeededBoundary = SeededBoundary()) -> np.ndarray:
     """``prob`` (H x W in [0, 1]) re-solved around the answer and the clicks with the clicks as hard
     seeds and ``prob`` as the prior (``SeededBoundary``); ``gray``: the image, H x W. Returns
     ``prob`` itself without a click."""
@@ -310,8 +297,6 @@ def seeded_boundary(prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click],
     h, w = prob.shape
     if gray.shape != (h, w):
         raise ValueError(f"gray image {gray.shape} and answer {prob.shape} differ in size")
-    if previous is not None and config.previous_share > 0:
-        prob = ((1.0 - config.previous_share) * prob + config.previous_share * previous).astype(np.float32)
     region = prob > config.low
     ys, xs = np.nonzero(region)
     cy = [c.y for c in clicks] + ([ys.min(), ys.max()] if ys.size else [])
@@ -333,10 +318,8 @@ def seeded_boundary(prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click],
     sy, sx = sh / ch, sw / cw
     paint_click_seeds(seeds, [Click((c.x - x0 + 0.5) * sx - 0.5, (c.y - y0 + 0.5) * sy - 0.5, c.positive)
                               for c in clicks], config.seed_radius)
-    sure = config.prior_floor + (1.0 - config.prior_floor) * np.abs(2.0 * p - 1.0)
+    sure = config.prior_floor + (1.0 - config.prior_floor) * np.abs(2.0 * p - 1.0) ** config.confidence_power
     lam = config.prior_weight * sure / len(clicks) ** config.click_decay
-    if config.agreement_power:
-        lam *= _click_agreement(prob, clicks) ** config.agreement_power
     x = _prior_walker(g, p, seeds, lam, config)
     if scale < 1.0:
         x = resize(x, (ch, cw), order=1)

@@ -321,8 +321,12 @@ def train_click(
     callback: ProgressFn | None = None,
     checkpoint_every: int = 500,
     init_state: dict | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> tuple[ADClick, dict]:
-    """Train ADClick on a synthetic pool. Returns the EMA model and a summary; writes ``out``.
+    """Train ADClick on a pool. Returns the EMA model and a summary; writes ``out``.
+
+    ``sample_weights``: how often each pool entry is drawn (normalised here; None: uniformly), so
+    that a few real masks are not drowned by hundreds of synthetic anomalies.
 
     ``init_state``: weights to start from (fine-tuning, e.g. ``adaptation.adapt_click``) instead
     of a fresh model; the input scale is measured on this pool either way, so a product whose
@@ -341,6 +345,12 @@ def train_click(
     def lr_at(it: int) -> float:
         return warmup_cosine_lr(it, config.lr, config.warmup, config.iterations)
 
+    draw = None
+    if sample_weights is not None:
+        draw = np.asarray(sample_weights, np.float64)
+        if draw.shape != (len(pool),) or (draw < 0).any() or draw.sum() <= 0:
+            raise ValueError(f"sample_weights must be {len(pool)} non-negative numbers, not all 0")
+        draw = draw / draw.sum()
     s = mcfg.input_size
     losses: list[float] = []
     t0 = time.time()
@@ -363,7 +373,8 @@ def train_click(
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(it)
-        idx = rng.choice(len(pool), size=config.batch_size, replace=len(pool) < config.batch_size)
+        idx = rng.choice(len(pool), size=config.batch_size, replace=draw is not None or len(pool) < config.batch_size,
+                         p=draw)
         res, fine, gt = _augment(pool.residual[idx].float(), pool.fine[idx].float(), pool.masks[idx], rng)
         res, fine = res.to(device), fine.to(device)
         clicks = [sample_training_clicks(m, rng) for m in gt]

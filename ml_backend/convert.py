@@ -46,6 +46,7 @@ __all__ = [
     "decode_image",
     "image_size",
     "verdict_of",
+    "has_brush_mask",
     "first_image_url",
     "OK_CHOICE_NAMES",
     "TaskLabels",
@@ -429,6 +430,12 @@ def image_size(data: bytes) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------- verdicts
+
+
+def has_brush_mask(results: Iterable[dict], cfg: LabelConfig) -> bool:
+    """Whether an annotation's result list holds a brush region of the config's BrushLabels tag."""
+    return any(isinstance(r, dict) and r.get("type") == "brushlabels" and r.get("from_name") in (None, cfg.brush.name)
+               for r in results or [])
 
 
 def verdict_of(results: Iterable[dict], cfg: LabelConfig) -> str | None:

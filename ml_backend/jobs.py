@@ -181,6 +181,39 @@ class BackgroundJob:
         return self.m.references.require_bank(self.m.config, self.m.credentials, max(settings.bank_wait_s, 300.0),
                                               settings.bank_refresh_s)
 
+    def _collect(self, cfg, creds, click_prob=None) -> tuple[list, dict]:
+        """The project's finished annotations as ``SegItem``s (exported through Label Studio's API,
+        images downloaded with the shared loader) and what was used or skipped and why."""
+        from .convert import decode_image, first_image_url, seg_items_of, task_labels
+        from .images import export_annotated_tasks
+
+        pid = self.m.project_id
+        self._progress(0.0, "exporting annotations from Label Studio")
+        tasks = export_annotated_tasks(creds, pid)
+        items: list = []
+        skipped: dict[str, int] = {}
+        usable = []
+        for t in tasks:
+            labels, why = task_labels(t, cfg)
+            if labels is None:
+                logger.info("project %s: task %s not used for training: %s", pid, t.get("id"), why)
+                skipped[why] = skipped.get(why, 0) + 1
+                continue
+            usable.append(labels)
+        for i, labels in enumerate(usable):
+            tid = labels.task.get("id")
+            try:
+                data = self.m.backend.loader.fetch(first_image_url(labels.task, cfg), creds, task_id=tid)
+                image = decode_image(data)
+                items += seg_items_of(labels, image, click_prob)
+            except (BackendError, ValueError, KeyError) as e:
+                why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
+                logger.warning("project %s: task %s not used for training: %s", pid, tid, why)
+                skipped["image or mask unusable"] = skipped.get("image or mask unusable", 0) + 1
+            self._progress(0.0, f"reading annotated images {i + 1}/{len(usable)}")
+        return items, {"exported_tasks": len(tasks), "used_tasks": len(usable) - skipped.get("image or mask unusable", 0),
+                       "skipped": skipped}
+
     def _serve(self, version: str, path: Path, bank, summary: dict) -> dict:
         """Load the checkpoint ``_train`` wrote and swap it in (the served model changes only
         now); the job's result."""

@@ -29,6 +29,7 @@ from .convert import (
     context_clicks,
     decode_image,
     first_image_url,
+    has_brush_mask,
     mask_to_result,
     parse_label_config,
     verdict_of,
@@ -75,6 +76,7 @@ class Settings:
     train_every: int = 0
     adapt_min_references: int = 0  # 0: adapt only on request (POST /adapt)
     adapt_iterations: int = 300
+    learn_masks: int = 10  # adapt to the project's own brush masks after this many new ones (0: only POST /adapt)
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -95,6 +97,7 @@ class Settings:
             train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
             adapt_min_references=max(0, int(_env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
             adapt_iterations=max(1, int(_env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
+            learn_masks=max(0, int(_env_float("ADCLICK_LEARN_MASKS", 10))),
         )
 
 
@@ -160,7 +163,8 @@ class Backend:
         self._bank_cls = bank_cls
         self.seg_trainer = seg_trainer or default_trainer  # (items, extractor, bank, iterations, rcfg, types, out, progress, device)
         self.seg_loader = seg_loader or default_loader  # (path, bank, device, extractor) -> SegPredictor
-        self.click_adapter = click_adapter or default_adapter  # (predictor, out, iterations, progress) -> summary
+        # (predictor, out, iterations, progress, masks) -> summary; masks: the project's (image, mask) pairs
+        self.click_adapter = click_adapter or default_adapter
         self.click_loader = click_loader or default_click_loader  # (path, bank, device, extractor) -> ClickPredictor
         self.loader = loader or ImageLoader(self.settings.image_cache_dir, self.settings.image_cache_mb)
         self.cache = StateCache(int(self.settings.state_cache_mb * 1024 * 1024))
@@ -265,6 +269,7 @@ class Backend:
             "training": {m.project_id: m.seg.status() for m in self.models()},
             "adaptation": {
                 "min_references": self.settings.adapt_min_references,
+                "learn_masks": self.settings.learn_masks,
                 "iterations": self.settings.adapt_iterations,
                 "projects": {m.project_id: m.adapt.status() for m in self.models()},
             },
@@ -408,10 +413,13 @@ class ADClickModel:
         verdict = verdict_of(ann.get("result") or [], cfg)
         tid = task.get("id")
         every = self.backend.settings.train_every
-        if every > 0 and data.get("action") in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and not ann.get("was_cancelled"):
+        submitted = data.get("action") in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED") and not ann.get("was_cancelled")
+        if every > 0 and submitted:
             self.seg.annotations_since += 1
             if self.seg.annotations_since >= every and not self.seg.running:
                 self.seg.start(f"{self.seg.annotations_since} new annotations, ADCLICK_TRAIN_EVERY={every}")
+        if submitted and has_brush_mask(ann.get("result") or [], cfg):
+            self.adapt.note_mask()
         if verdict == "OK" and isinstance(tid, int) and not ann.get("was_cancelled"):
             if self.references.bank is None:
                 self.references.schedule_sync(cfg, self.credentials)

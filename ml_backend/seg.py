@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import logging
 
-from .convert import decode_image, first_image_url, seg_items_of, task_labels
-from .errors import BackendError
-from .images import export_annotated_tasks
 from .jobs import BackgroundJob, predictor_loader
 
 logger = logging.getLogger(__name__)
@@ -58,34 +55,6 @@ class SegJob(BackgroundJob):
 
     def _loader(self):
         return self.m.backend.seg_loader
-
-    def _collect(self, cfg, creds, click_prob=None) -> tuple[list, dict]:
-        pid = self.m.project_id
-        self._progress(0.0, "exporting annotations from Label Studio")
-        tasks = export_annotated_tasks(creds, pid)
-        items: list = []
-        skipped: dict[str, int] = {}
-        usable = []
-        for t in tasks:
-            labels, why = task_labels(t, cfg)
-            if labels is None:
-                logger.info("project %s: task %s not used for training: %s", pid, t.get("id"), why)
-                skipped[why] = skipped.get(why, 0) + 1
-                continue
-            usable.append(labels)
-        for i, labels in enumerate(usable):
-            tid = labels.task.get("id")
-            try:
-                data = self.m.backend.loader.fetch(first_image_url(labels.task, cfg), creds, task_id=tid)
-                image = decode_image(data)
-                items += seg_items_of(labels, image, click_prob)
-            except (BackendError, ValueError, KeyError) as e:
-                why = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
-                logger.warning("project %s: task %s not used for training: %s", pid, tid, why)
-                skipped["image or mask unusable"] = skipped.get("image or mask unusable", 0) + 1
-            self._progress(0.0, f"reading annotated images {i + 1}/{len(usable)}")
-        return items, {"exported_tasks": len(tasks), "used_tasks": len(usable) - skipped.get("image or mask unusable", 0),
-                       "skipped": skipped}
 
     def _prompt_boxes(self, items: list, pred) -> list:
         """Box-only items -> the click model's answer to the box (``adclick_core.box_prompts``), so a

@@ -39,10 +39,12 @@ class Adapter:
     def __init__(self, fail: str | None = None):
         self.gate = threading.Event()
         self.calls: list[dict] = []
+        self.masks: list[list[int]] = []  # per call, the pixels of each mask it was given
         self.fail = fail
 
-    def __call__(self, pred, out, iterations, progress):
+    def __call__(self, pred, out, iterations, progress, masks=()):
         self.calls.append({"references": len(pred.bank), "iterations": iterations, "out": out})
+        self.masks.append([m.sum() for _, m in masks])
         progress(0.5, "iteration 1/2")
         assert self.gate.wait(30.0), "the test never opened the gate"
         if self.fail:
@@ -197,3 +199,46 @@ def test_adaptation_waits_for_a_running_seg_training(tmp_path, ls):
     finally:
         backend.training_lock.release()
     assert wait_adaptation(client)["state"] == "done" and len(adapter.calls) == 1
+
+
+def test_submitted_brush_masks_start_an_adaptation_that_learns_from_them(tmp_path, ls):
+    from tests.test_backend_training import exported, rle_item, square, verdict
+
+    adapter = Adapter()
+    adapter.gate.set()
+    backend = make(tmp_path, adapter, adapt_min_references=0, learn_masks=2)
+    client = create_app(backend).test_client()
+    small, v0 = click(client)
+    first, second = square(), square(20, 30, 10, 20)
+    ls.exports["1"] = [exported(1, [rle_item(first, "crack")]), exported(2, [rle_item(second, "crack")]),
+                       exported(3, [verdict("OK")])]
+
+    def hook(tid: int, result: list) -> None:
+        r = client.post("/webhook", json={"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
+                                          "task": {"id": tid, "data": {"image": "/data/upload/1/defect.png"}},
+                                          "annotation": {"id": 10 * tid, "result": result}})
+        assert r.status_code == 200
+
+    hook(3, verdict("OK"))  # a verdict is no mask
+    hook(1, [rle_item(first, "crack")])
+    time.sleep(0.2)
+    assert client.get("/health").get_json()["adaptation"]["projects"]["1"]["state"] == "idle"
+    hook(2, [rle_item(second, "crack")])  # the second mask: ADCLICK_LEARN_MASKS=2 reached
+    st = wait_adaptation(client)
+    assert st["state"] == "done", st
+    assert adapter.masks == [[first.sum(), second.sum()]]  # every mask the project has, exported
+    summary = st["last_result"]["summary"]
+    assert summary["masks"] == 2 and summary["references"] == REFERENCES
+    assert click(client)[1] == st["model_version"] != v0
+    assert client.get("/health").get_json()["adaptation"]["learn_masks"] == 2
+
+
+def test_an_adaptation_without_a_readable_export_learns_from_the_references_alone(tmp_path, ls):
+    adapter = Adapter()
+    adapter.gate.set()
+    client = create_app(make(tmp_path, adapter, adapt_min_references=0)).test_client()
+    click(client)
+    assert client.post("/adapt", json={"project": PROJECT, "label_config": CONFIG}).status_code == 200
+    st = wait_adaptation(client)  # the fake Label Studio has no export for this project: 404
+    assert st["state"] == "done" and adapter.masks == [[]]
+    assert st["last_result"]["summary"]["masks"] == 0 and "masks_error" in st["last_result"]["summary"]

@@ -111,3 +111,19 @@ def test_adapt_click_command_writes_a_loadable_checkpoint(world, tmp_path, capsy
     printed = json.loads(capsys.readouterr().out)
     assert printed["checkpoint"] == str(out) and out.is_file() and printed["total_seconds"] > 0
     assert main(["adapt-click", "--data", str(tmp_path / "missing"), "--out", str(out)]) == 2
+
+
+def test_adapt_click_learns_from_the_project_s_own_masks_too(world, tmp_path):
+    _, _, pred = world
+    img = texture(90, WIDE)
+    mask = np.zeros(WIDE, bool)
+    mask[30:60, 100:140] = True
+    img[mask] = 10
+    out = tmp_path / "adapted.pt"
+    config = AdaptConfig(iterations=2, warmup=1, batch_size=2, per_image=1, zoom_share=0.0)
+    summary = adapt_click(pred, out, config, progress=False, defects=[(img, mask), (img[:, ::-1].copy(), mask[:, ::-1])])
+    assert summary["masks"] == 2
+    assert summary["pool_size"] == MIN_REFERENCES + 2 * 2  # each mask whole and as one zoom-in crop
+    assert ClickPredictor.from_checkpoint(out, pred.bank, device="cpu").checkpoint_info["adapted"]["masks"] == 2
+    with pytest.raises(InputError, match="mask_share"):
+        adapt_click(pred, out, AdaptConfig(iterations=1, mask_share=1.0), progress=False, defects=[(img, mask)])

@@ -253,7 +253,7 @@ def test_eval_click_wants_one_bank_per_data_set(toy, tmp_path, capsys):
     (["--clicks", "1,a"], "--clicks takes whole numbers"),
     (["--clicks", "1,9", "--max-clicks", "5"], "must lie in 1..5"),
     (["--methods", "adclick,grabcut"], "grabcut"),
-    (["--limit", "0"], "no defective test images"),
+    (["--limit", "0"], "limit must be at least 1"),
 ])
 def test_eval_click_bad_arguments_are_one_line_errors(toy, args, message, capsys):
     assert main(["eval-click", "--data", str(toy), "--device", "cpu", *args]) == 2
@@ -291,3 +291,42 @@ def test_bench_prints_the_latency_keys(toy, checkpoint, capsys):
 def test_bench_rejects_counts_that_measure_nothing(toy, capsys):
     assert main(["bench", "--data", str(toy), "--clicks-per-image", "1"]) == 2
     assert "2 clicks per image" in capsys.readouterr().err
+
+
+def test_eval_click_learn_from_adapts_to_masks_and_evaluates_the_rest(checkpoint, tmp_path, capsys):
+    from adclick_core.adaptation import MIN_REFERENCES
+    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.evaluation import masks_for_learning
+
+    dents = [defective(30 + i, HW, size_range=(8, 14), margin=3, square_seed=710 + i, texture_seed=310 + i)
+             for i in range(4)]
+    product = write_mvtec(tmp_path / "product", [texture(40 + i, HW) for i in range(MIN_REFERENCES)], {"dent": dents})
+    learnt = masks_for_learning(product, 2)
+    assert [s.name for s in masks_for_learning(product, 1)] == [learnt[0].name]  # nested over counts
+    kept = tmp_path / "adapted"
+    code = main(["eval-click", "--data", str(product), "--checkpoint", str(checkpoint), "--clicks", "1",
+                 "--max-clicks", "2", "--methods", "adclick", "--device", "cpu", "--workers", "1",
+                 "--learn-from", "0,2", "--adapt-iterations", "2", "--adapt-dir", str(kept)])
+    assert code == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    assert list(printed["sets"]) == ["product N=0", "product N=2"]
+    for result in printed["sets"].values():  # both counts on the same two images, none learnt from
+        assert sorted(r["image"] for r in result["per_image"]) == sorted(
+            s.name for s in MVTecFolder(product).test_samples(defective_only=True) if s not in learnt)
+    assert "adapted" not in printed["sets"]["product N=0"]
+    assert printed["sets"]["product N=2"]["adapted"]["masks"] == 2
+    assert load_checkpoint(kept / "product_N2_adapted.pt", "adclick_click")["adapted"]["masks"] == 2
+    assert "and 2 of its defect masks" in captured.err
+    assert main(["eval-click", "--data", str(product), "--checkpoint", str(checkpoint), "--device", "cpu",
+                 "--learn-from", "4"]) == 2
+    assert "cannot learn from 4 of its 4 defect images" in capsys.readouterr().err
+
+
+def test_eval_click_limit_spreads_over_the_defect_types(toy, checkpoint):
+    result = evaluate_clicks(toy, checkpoint, clicks=(1,), max_clicks=1, device="cpu", progress=False,
+                             methods=["residual_map"], limit=3)
+    everything = MVTecFolder(toy).test_samples(defective_only=True)
+    picked = [everything[i] for i in np.linspace(0, len(everything) - 1, 3).round().astype(int)]
+    assert [r["image"] for r in result["per_image"]] == [s.name for s in picked if s.mask().any()]
+    assert len({s.defect_type for s in picked}) == 2 and picked[0] != picked[1]

@@ -167,7 +167,7 @@ class BackendServer:
                          "ADCLICK_IMAGE_CACHE_DIR": str(workdir / "image-cache"), "PYTHONUNBUFFERED": "1",
                          # the tests compare answers with the shipped model's own: no adaptation
                          # unless a test asks for it (test_label_studio_adaptation.py)
-                         "ADCLICK_ADAPT_MIN_REFERENCES": "0"})
+                         "ADCLICK_ADAPT_MIN_REFERENCES": "0", "ADCLICK_LEARN_MASKS": "0"})
         self.env.update({k: str(v) for k, v in env.items()})
         self.proc: subprocess.Popen | None = None
 
