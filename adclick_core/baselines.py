@@ -21,7 +21,7 @@ from skimage.color import rgb2gray
 from skimage.segmentation import random_walker
 from skimage.transform import resize
 
-from .clicks import Click, scale_clicks
+from .clicks import Click, click_disk, scale_clicks
 from .errors import InputError
 
 try:  # a dependency of scikit-learn, so normally present
@@ -62,20 +62,6 @@ def gray_image(image: np.ndarray) -> np.ndarray:
     else:
         raise InputError(f"expected an H x W or H x W x 3 image, got shape {img.shape}")
     return np.nan_to_num(gray)
-
-
-def click_disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
-    """Pixels within ``radius`` of (x, y), always including the pixel the click falls in."""
-    disk = np.zeros(hw, dtype=bool)
-    r = int(np.ceil(max(radius, 0.0)))
-    y0, y1 = max(0, int(np.floor(y)) - r), min(hw[0], int(np.ceil(y)) + r + 1)
-    x0, x1 = max(0, int(np.floor(x)) - r), min(hw[1], int(np.ceil(x)) + r + 1)
-    if y0 < y1 and x0 < x1:  # only the window around the click: full-image grids cost ms per click
-        yy = np.arange(y0, y1, dtype=np.float64)[:, None]
-        xx = np.arange(x0, x1, dtype=np.float64)[None, :]
-        disk[y0:y1, x0:x1] = (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
-    disk[min(max(int(round(y)), 0), hw[0] - 1), min(max(int(round(x)), 0), hw[1] - 1)] = True
-    return disk
 
 
 def paint_click_seeds(labels: np.ndarray, clicks: Sequence[Click], radius: float) -> None:

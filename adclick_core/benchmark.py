@@ -7,6 +7,7 @@ import platform
 import resource
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -14,7 +15,7 @@ import torch
 from .clicks import next_eval_click
 from .data import MVTecFolder
 from .errors import DataError, InputError
-from .predictor import ClickPredictor
+from .predictor import ClickPredictor, without_steps
 from .reference import ReferenceBank
 
 __all__ = ["bench_clicks", "percentiles"]
@@ -39,6 +40,7 @@ def bench_clicks(
     n_images: int = 10,
     clicks_per_image: int = 5,
     bank_images: int | None = None,
+    without: Sequence[str] = (),
 ) -> dict:
     if n_images < 1 or clicks_per_image < 2:
         raise InputError(f"bench needs at least 1 image and 2 clicks per image (a cold and a warm click), "
@@ -59,7 +61,7 @@ def bench_clicks(
     bank_ms = (time.perf_counter() - t) * 1000 / max(1, len(normals))
     if bank_path:
         bank.save(bank_path)
-    pred = pred.with_bank(bank)
+    pred = without_steps(pred.with_bank(bank), without)
     # Spread the images over the defect types rather than taking the first type only.
     pick = np.linspace(0, len(samples) - 1, num=min(n_images, len(samples))).round().astype(int)
     # One warm-up image so lazy initialisation (allocators, kernels) is not billed to the first click.
@@ -95,4 +97,5 @@ def bench_clicks(
         "input_size": pred.extractor.config.input_size,
         "residual_config": pred.residual_config.to_dict(),
         "images": len(pick),
+        "without": sorted(set(without)),
     }

@@ -283,7 +283,8 @@ def cmd_bench(args) -> dict:
     from .benchmark import bench_clicks
 
     return bench_clicks(data=args.data, checkpoint=args.checkpoint, bank_path=args.bank, device=args.device,
-                        n_images=args.images, clicks_per_image=args.clicks_per_image, bank_images=args.bank_images)
+                        n_images=args.images, clicks_per_image=args.clicks_per_image, bank_images=args.bank_images,
+                        without=args.without)
 
 
 def config_overrides(cls, pairs: list[str]) -> dict:
@@ -506,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=10)
     p.add_argument("--clicks-per-image", type=int, default=5)
     p.add_argument("--bank-images", type=int, default=None, help="build the bank from the first N train/good images")
+    p.add_argument("--without", default=[], action="append", choices=["refinement", "seeds", "zoom"],
+                   help="time the clicks without this step (repeatable): zoom (zoom-in), refinement (the walker on "
+                        "small answers, the anchored cut), seeds (the clicks as hard seeds)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_bench)
     return parser

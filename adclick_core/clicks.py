@@ -19,6 +19,7 @@ __all__ = [
     "Click",
     "scale_clicks",
     "click_maps",
+    "click_disk",
     "next_eval_click",
     "sample_training_clicks",
     "next_training_click",
@@ -56,6 +57,20 @@ def click_maps(clicks: Iterable[Click], hw: tuple[int, int], radius: float = 5.0
         disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= r2
         maps[0 if c.positive else 1][disk] = 1.0
     return maps
+
+
+def click_disk(hw: tuple[int, int], x: float, y: float, radius: float) -> np.ndarray:
+    """Pixels within ``radius`` of (x, y), always including the pixel the click falls in."""
+    disk = np.zeros(hw, dtype=bool)
+    r = int(np.ceil(max(radius, 0.0)))
+    y0, y1 = max(0, int(np.floor(y)) - r), min(hw[0], int(np.ceil(y)) + r + 1)
+    x0, x1 = max(0, int(np.floor(x)) - r), min(hw[1], int(np.ceil(x)) + r + 1)
+    if y0 < y1 and x0 < x1:  # only the window around the click: full-image grids cost ms per click
+        yy = np.arange(y0, y1, dtype=np.float64)[:, None]
+        xx = np.arange(x0, x1, dtype=np.float64)[None, :]
+        disk[y0:y1, x0:x1] = (yy - y) ** 2 + (xx - x) ** 2 <= radius**2
+    disk[min(max(int(round(y)), 0), hw[0] - 1), min(max(int(round(x)), 0), hw[1] - 1)] = True
+    return disk
 
 
 def _error_click(
@@ -100,8 +115,10 @@ def _distance_inside(region: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
 
 
 def _clicked_mask(clicks: Sequence[Click], hw: tuple[int, int], radius: float) -> np.ndarray:
-    maps = click_maps(clicks, hw, radius)
-    return (maps[0] + maps[1]) > 0
+    clicked = np.zeros(hw, dtype=bool)
+    for c in clicks:
+        clicked |= click_disk(hw, c.x, c.y, radius)
+    return clicked
 
 
 def next_eval_click(

@@ -25,7 +25,7 @@ from .clicks import Click, next_eval_click
 from .data import MVTecFolder, Sample
 from .errors import DataError, InputError
 from .metrics import iou, mean_iou_at, noc, pixel_ap, segmentation_report
-from .predictor import ClickPredictor, ImageState
+from .predictor import ClickPredictor, ImageState, without_steps
 
 if TYPE_CHECKING:
     from .adaptation import AdaptConfig
@@ -39,8 +39,10 @@ THRESHOLD = 0.49
 NOC_TARGETS = (0.5, 0.8, 0.85, 0.9)  # NoC@50, NoC@80, NoC@85, NoC@90
 DEFAULT_CLICKS = (1, 3, 5, 10, 20)
 # "adclick_raw": the click model without boundary refinement (refinement.py); "adclick_global":
-# without zoom-in (zoom.py), on the whole image only; both for ablations.
-METHODS = ("adclick", "adclick_raw", "adclick_global", "random_walker", "residual_map")
+# without zoom-in (zoom.py), on the whole image only; "adclick_unseeded": without the clicks as hard
+# seeds (refinement.seeded_boundary); all for ablations.
+METHODS = ("adclick", "adclick_raw", "adclick_global", "adclick_unseeded", "random_walker", "residual_map")
+_ABLATED = {"adclick_raw": ["refinement"], "adclick_global": ["zoom"], "adclick_unseeded": ["seeds"]}
 # The ablations are asked for by name: each costs as much as the shipped model again.
 DEFAULT_METHODS = ("adclick", "random_walker", "residual_map")
 
@@ -110,12 +112,10 @@ def _methods_for(pred: ClickPredictor, state: ImageState, image: np.ndarray, nam
     out: dict[str, ClickMethod] = {}
     if "adclick" in names:
         out["adclick"] = lambda clicks, prev: pred.predict(state, clicks, prev_mask=prev)
-    if "adclick_raw" in names:
-        raw = pred.with_refinement(None)
-        out["adclick_raw"] = lambda clicks, prev: raw.predict(state, clicks, prev_mask=prev)
-    if "adclick_global" in names:
-        whole = pred.with_zoom(None)
-        out["adclick_global"] = lambda clicks, prev: whole.predict(state, clicks, prev_mask=prev)
+    for name, steps in _ABLATED.items():
+        if name in names:
+            ablated = without_steps(pred, steps)
+            out[name] = lambda clicks, prev, ablated=ablated: ablated.predict(state, clicks, prev_mask=prev)
     if "random_walker" in names:
         out["random_walker"] = lambda clicks, prev: random_walker_probability(image, clicks)
     if "residual_map" in names:

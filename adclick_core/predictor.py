@@ -24,7 +24,7 @@ from .refinement import ClickConsistency, RefineConfig, SeededBoundary, keep_cli
 from .residuals import ResidualConfig, compute_residuals, match_residuals
 from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_boxes
 
-__all__ = ["ImageState", "ClickPredictor", "SegPredictor", "smooth_probability", "seg_probabilities",
+__all__ = ["ImageState", "ClickPredictor", "SegPredictor", "ABLATIONS", "without_steps", "smooth_probability", "seg_probabilities",
            "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
 
 SEG_BLUR_SIGMA = 4.0  # px at the output size: ADClick-Seg maps are smoothed as in the papers' evaluation
@@ -439,6 +439,23 @@ class ClickPredictor(_ResidualPredictor):
 
 
 THRESHOLD_FOR_ZOOM = 0.5  # the answer's mask (as the backend cuts it) sets the crop
+
+# The steps of a click answer that an ablation can leave out, and how.
+ABLATIONS = {
+    "zoom": lambda p: p.with_zoom(None),
+    "refinement": lambda p: p.with_refinement(None),
+    "seeds": lambda p: p.with_boundary(None),
+}
+
+
+def without_steps(pred: ClickPredictor, steps: Sequence[str]) -> ClickPredictor:
+    """``pred`` without the answer steps named in ``steps`` (keys of ``ABLATIONS``)."""
+    unknown = sorted(set(steps) - set(ABLATIONS))
+    if unknown:
+        raise InputError(f"unknown steps {unknown}; choose from {', '.join(sorted(ABLATIONS))}")
+    for step in steps:
+        pred = ABLATIONS[step](pred)
+    return pred
 
 
 

@@ -25,12 +25,14 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
 from skimage.graph import route_through_array
 from skimage.transform import resize
 
-from .baselines import click_disk, paint_click_seeds, random_walker_foreground, solver_shape
-from .clicks import Click
+from .baselines import paint_click_seeds, random_walker_foreground, solver_shape
+from .clicks import Click, click_disk
 from .zoom import clicked_parts
 
 try:  # a dependency of scikit-learn, so normally present
@@ -239,11 +241,17 @@ class SeededBoundary:
     beta: float = 4.0
     prior_weight: float = 0.02
     prior_floor: float = 0.1
-    confidence_power: float = 1.0
     click_decay: float = 0.5
     seed_radius: float = 1.5  # px of the solved grid
     tol: float = 1e-3
     max_iter: int = 300
+
+
+def _shrink(planes: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """C x H x W float32 -> C x h x w, antialiased (torch: scikit-image's Gaussian pre-filter costs
+    ~0.3 s on a 2448 x 2048 photo's crop)."""
+    t = torch.from_numpy(np.ascontiguousarray(planes))[None]
+    return F.interpolate(t, size=hw, mode="bilinear", antialias=True, align_corners=False)[0].numpy()
 
 
 def _grid_weights(g: np.ndarray, beta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -305,24 +313,25 @@ def seeded_boundary(prob: np.ndarray, gray: np.ndarray, clicks: Sequence[Click],
     mx = config.margin * (max(cx) - min(cx)) + 8
     y0, y1 = int(max(0, min(cy) - my)), int(min(h, max(cy) + my + 1))
     x0, x1 = int(max(0, min(cx) - mx)), int(min(w, max(cx) + mx + 1))
-    g = gray[y0:y1, x0:x1].astype(np.float64)
+    g = gray[y0:y1, x0:x1].astype(np.float32)
     if gray.dtype == np.uint8:
         g /= 255.0
-    p = prob[y0:y1, x0:x1].astype(np.float64)
+    p = prob[y0:y1, x0:x1].astype(np.float32)
     ch, cw = p.shape
     scale, (sh, sw) = solver_shape((ch, cw), config.max_side)
     if scale < 1.0:
-        g = resize(g, (sh, sw), order=1, anti_aliasing=True)
-        p = resize(p, (sh, sw), order=1, anti_aliasing=True)
+        g, p = _shrink(np.stack([g, p]), (sh, sw))
+    g, p = g.astype(np.float64), p.astype(np.float64)
     seeds = np.zeros((sh, sw), np.int32)
     sy, sx = sh / ch, sw / cw
     paint_click_seeds(seeds, [Click((c.x - x0 + 0.5) * sx - 0.5, (c.y - y0 + 0.5) * sy - 0.5, c.positive)
                               for c in clicks], config.seed_radius)
-    sure = config.prior_floor + (1.0 - config.prior_floor) * np.abs(2.0 * p - 1.0) ** config.confidence_power
+    sure = config.prior_floor + (1.0 - config.prior_floor) * np.abs(2.0 * p - 1.0)
     lam = config.prior_weight * sure / len(clicks) ** config.click_decay
     x = _prior_walker(g, p, seeds, lam, config)
     if scale < 1.0:
-        x = resize(x, (ch, cw), order=1)
+        x = F.interpolate(torch.from_numpy(x.astype(np.float32))[None, None], size=(ch, cw), mode="bilinear",
+                          align_corners=False)[0, 0].numpy()
     out = np.array(prob, dtype=np.float32, copy=True)
     out[y0:y1, x0:x1] = x
     return out

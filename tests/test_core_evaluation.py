@@ -285,7 +285,23 @@ def test_bench_prints_the_latency_keys(toy, checkpoint, capsys):
         assert out[key]["p50"] > 0 and out[key]["p95"] >= out[key]["p50"]
     assert out["cold_click_ms"]["n"] == 2 and 2 <= out["warm_click_ms"]["n"] <= 4
     assert out["bank_build_ms_per_image"] > 0 and out["bank_images"] == 6
-    assert out["peak_rss_mb"] > 0 and out["device"] == "cpu"
+    assert out["peak_rss_mb"] > 0 and out["device"] == "cpu" and out["without"] == []
+    code = main(["bench", "--data", str(toy), "--checkpoint", str(checkpoint), "--images", "1",
+                 "--clicks-per-image", "2", "--device", "cpu", "--without", "seeds", "--without", "zoom"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["without"] == ["seeds", "zoom"]
+
+
+def test_ablations_leave_out_their_step_and_nothing_else(checkpoint):
+    from adclick_core.predictor import without_steps
+
+    pred = ClickPredictor.from_checkpoint(checkpoint, device="cpu")
+    unseeded = without_steps(pred, ["seeds"])
+    assert unseeded.boundary is None and unseeded.zoom == pred.zoom and unseeded.refinement == pred.refinement
+    assert pred.boundary is not None  # the shipped predictor keeps every step
+    bare = without_steps(pred, ["seeds", "zoom", "refinement"])
+    assert (bare.boundary, bare.zoom, bare.refinement) == (None, None, None)
+    with pytest.raises(InputError, match="unknown steps"):
+        without_steps(pred, ["crf"])
 
 
 def test_bench_rejects_counts_that_measure_nothing(toy, capsys):

@@ -168,37 +168,38 @@ def test_mask_parts_no_positive_click_touches_drop_out_of_the_mask():
 
 
 def _plate(seed=0):
-    """A bright 80 x 100 px patch (the defect) on a darker noisy plate, 240 x 300 px."""
+    """A bright 30 x 30 px patch (the defect) on a darker noisy plate, 240 x 300 px."""
     rng = np.random.default_rng(seed)
     gray = np.clip(90 + rng.normal(0, 3, (240, 300)), 0, 255)
     patch = np.zeros((240, 300), bool)
-    patch[80:160, 100:200] = True
+    patch[100:130, 130:160] = True
     gray[patch] += 80
     return gray.astype(np.uint8), patch
 
 
-def test_seeded_boundary_a_click_fills_the_region_an_unsure_model_missed():
+def test_seeded_boundary_a_click_takes_in_the_region_an_unsure_model_left_out():
     gray, patch = _plate()
-    prob = np.full(gray.shape, 0.3, np.float32)  # unsure everywhere: below the cut
-    out = seeded_boundary(prob, gray, [Click(150, 120, True)])
+    prob = np.where(patch, 0.45, 0.05).astype(np.float32)  # unsure on the patch, just below the cut
+    assert not (prob > 0.5).any()
+    out = seeded_boundary(prob, gray, [Click(145, 115, True)])
     assert out.shape == prob.shape and out.dtype == np.float32
-    assert iou(out > 0.5, patch) > 0.9  # the click's region, up to the patch's edges
+    assert iou(out > 0.5, patch) > 0.95  # up to the patch's edges, not beyond
 
 
-def test_seeded_boundary_a_negative_click_removes_a_wrong_region_and_keeps_the_rest():
+def test_seeded_boundary_a_negative_click_removes_an_unsure_region_and_keeps_the_sure_one():
     gray, patch = _plate()
-    gray[80:160, 20:80] += 80  # a second bright patch the model took in as well
-    prob = np.where(gray > 130, 0.7, 0.2).astype(np.float32)
-    clicks = [Click(150, 120, True), Click(50, 120, False)]
-    out = seeded_boundary(prob, gray, clicks)
-    assert iou(out > 0.5, patch) > 0.9
-    assert (out[80:160, 20:80] > 0.5).mean() < 0.05
+    gray[100:130, 60:90] += 80  # a second bright patch that the model half believes in
+    prob = np.where(patch, 0.9, 0.05).astype(np.float32)
+    prob[100:130, 60:90] = 0.6
+    out = seeded_boundary(prob, gray, [Click(145, 115, True), Click(75, 115, False)])
+    assert iou(out > 0.5, patch) > 0.95
+    assert (out[100:130, 60:90] > 0.5).mean() < 0.05
 
 
 def test_seeded_boundary_keeps_a_sure_answer_where_no_click_disagrees():
     gray, patch = _plate()
     prob = np.where(patch, 0.97, 0.03).astype(np.float32)
-    out = seeded_boundary(prob, gray, [Click(150, 120, True)])
+    out = seeded_boundary(prob, gray, [Click(145, 115, True)])
     assert iou(out > 0.5, patch) > 0.97
     np.testing.assert_array_equal(out[:20], prob[:20])  # outside the crop nothing moves
 
@@ -206,9 +207,9 @@ def test_seeded_boundary_keeps_a_sure_answer_where_no_click_disagrees():
 def test_seeded_boundary_every_click_disk_takes_its_label():
     gray, patch = _plate()
     prob = np.where(patch, 0.9, 0.1).astype(np.float32)
-    clicks = [Click(150, 120, True), Click(40, 40, True), Click(120, 100, False)]
+    clicks = [Click(145, 115, True), Click(40, 40, True), Click(135, 105, False)]
     out = seeded_boundary(prob, gray, clicks)
-    assert out[40, 40] > 0.99 and out[100, 120] < 0.01
+    assert out[40, 40] > 0.99 and out[105, 135] < 0.01
 
 
 def test_seeded_boundary_without_clicks_or_with_a_wrong_size():

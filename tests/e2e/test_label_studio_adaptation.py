@@ -5,7 +5,10 @@ and a project of its own: 8 OK-tagged references, then an annotator tags 4 more 
 Studio. The webhooks bring them to the backend, the bank reaches 12 and the adaptation starts by
 itself; clicks keep being answered meanwhile. When it is done the project's clicks are answered
 by the adapted model (the answer through Label Studio is the adapted checkpoint's own answer to
-the same click), and a restart of the backend finds it again.
+the same click), and a restart of the backend finds it again. A second project learns from its
+annotators' brush masks: after ``ADCLICK_LEARN_MASKS`` submitted masks the adaptation starts by
+itself, exports them through Label Studio's API, and the project's clicks are then answered by the
+model that learnt from them.
 """
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from .helpers import CONFIG, import_tasks, interactive, keypoint, local_url, pick_defects, pick_references, verdict_result
+from .helpers import (CONFIG, brush_result, import_tasks, interactive, keypoint, local_url, pick_defects,
+                      pick_references, verdict_result)
 
 pytestmark = pytest.mark.e2e
 
@@ -106,3 +110,58 @@ def test_ok_tags_in_label_studio_adapt_the_click_model_of_their_project(label_st
         again, _ = _click(ls, ml_id, task_id, img, gt, defect)
         assert backend.health()["projects"][str(pid)]["click_model"] == version
         assert (again & after).sum() / max(1, (again | after).sum()) >= 0.95
+
+
+def test_brush_masks_submitted_in_label_studio_teach_the_click_model_of_their_project(label_studio, start_backend,
+                                                                                       mtd_dir):
+    from adclick_core.predictor import ClickPredictor
+    from adclick_core.reference import ReferenceBank
+
+    ls = label_studio
+    refs = pick_references(mtd_dir, 8)
+    defects = pick_defects(mtd_dir, per_type=1)
+    (defect, img, gt_path), annotated = defects[0], defects[1:4]
+    gt = np.asarray(Image.open(gt_path).convert("L")) > 127
+    masks = 3
+    env = {"ADCLICK_LEARN_MASKS": str(masks), "ADCLICK_ADAPT_ITERATIONS": str(ITERATIONS)}
+    with start_backend(**env) as backend:
+        pid = ls.api("POST", "/api/projects", json={"title": "ADClick masks", "label_config": CONFIG})["id"]
+        ls.api("POST", "/api/storages/localfiles", json={
+            "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
+        tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
+                 for g in refs]
+        tasks += [{"data": {"image": local_url(p, mtd_dir), "defect": d}} for d, p, _ in [defects[0], *annotated]]
+        by_url = import_tasks(ls, pid, tasks)
+        ml_id = ls.api("POST", "/api/ml", json={"url": backend.url, "project": pid, "is_interactive": True,
+                                                "title": "ADClick learning"})["id"]
+        task_id = by_url[local_url(img, mtd_dir)]
+        v0 = backend.health()["projects"][str(pid)]["click_model"]
+        before, click = _click(ls, ml_id, task_id, img, gt, defect)
+        assert before.any() and _adaptation(backend, pid)["state"] == "idle"
+
+        for d, p, m in annotated:  # the annotator submits three painted masks
+            painted = np.asarray(Image.open(m).convert("L")) > 127
+            ls.api("POST", f"/api/tasks/{by_url[local_url(p, mtd_dir)]}/annotations/",
+                   json={"result": [brush_result(painted, d)]})
+        t0, st = time.time(), {}
+        while time.time() - t0 < ADAPT_TIMEOUT_S:
+            st = _adaptation(backend, pid)
+            if st.get("state") in ("done", "failed"):
+                break
+            time.sleep(1.0)
+        assert st.get("state") == "done", f"learning from masks did not finish in {ADAPT_TIMEOUT_S} s: {st}"
+        summary = st["last_result"]["summary"]
+        print(f"\nlearning from {summary['masks']} masks and {summary['references']} references: "
+              f"{st['last_result']['seconds']} s, pool {summary.get('pool_size')}", file=sys.stderr)
+        assert summary["masks"] == masks and summary["references"] == len(refs)
+        version = st["model_version"]
+        assert version.startswith("ADClick-adapted-") and version != v0
+        assert backend.health()["projects"][str(pid)]["click_model"] == version
+
+        after, _ = _click(ls, ml_id, task_id, img, gt, defect)
+        core = ClickPredictor.from_checkpoint(Path(st["last_result"]["checkpoint"]), device="cpu")
+        assert core.checkpoint_info["adapted"]["masks"] == masks
+        core = core.with_bank(ReferenceBank.build(core.extractor, refs, progress=False))
+        own = core.predict(core.set_image(img), [click]) >= 0.5
+        agreement = (own & after).sum() / max(1, (own | after).sum())
+        assert agreement >= 0.95, f"the answer through Label Studio is not the taught model's own ({agreement:.3f})"
