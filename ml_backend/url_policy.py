@@ -9,8 +9,13 @@ the factory network (SSRF). Allowed destinations:
 * hosts listed in ``ADCLICK_ALLOWED_HOSTS`` (comma-separated names, ``*.example.com`` for a domain,
   or ``*`` for every public host).
 
-Loopback, private, link-local (cloud metadata 169.254.169.254), multicast and reserved addresses are
-refused unless the host is the Label Studio host or listed by name. Names are resolved and every
+Every address that is not globally routable is refused unless the host is the Label Studio host or
+listed by name: loopback, private, link-local (cloud metadata 169.254.169.254), carrier-grade NAT
+(100.64.0.0/10: one cloud serves its metadata at 100.100.100.200), multicast, reserved, and the
+IPv6 ranges that embed or stand for an IPv4 address (6to4 2002::/16, NAT64 64:ff9b::/96) or a site
+(fec0::/10). A URL is parsed twice, by the standard library and by urllib3 (which the HTTP client
+connects with); where the two read another host, port or user part (a backslash or a control
+character in the authority), it is refused: the check must see the address the connection goes to. Names are resolved and every
 address they resolve to is checked, on every redirect hop (redirects are followed here, not by
 requests, so each hop is checked). The Label Studio token only ever goes to the Label Studio host.
 Downloads stop at ``max_bytes``.
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from urllib.parse import urljoin, urlparse
 
 import requests
+from urllib3.util import parse_url
 
 from .errors import BackendError, TooLarge
 
@@ -47,12 +53,37 @@ def _origin(url: str) -> tuple[str, str, int] | None:
     return p.scheme, p.hostname.lower(), port
 
 
+# Counted as global by the ipaddress module, yet a way into a private network.
+_NOT_PUBLIC = tuple(ipaddress.ip_network(n) for n in ("2002::/16", "64:ff9b::/96", "64:ff9b:1::/48", "fec0::/10"))
+
+
 def _public(addr: str) -> bool:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return not (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast
-                or ip.is_reserved or ip.is_unspecified)
+    if any(ip in net for net in _NOT_PUBLIC):
+        return False
+    return ip.is_global and not (ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+
+
+_AMBIGUOUS = set("\\") | {chr(c) for c in range(0x21)} | {chr(0x7F)}
+
+
+def require_unambiguous(url: str) -> None:
+    """Raise ``UrlRefused`` where the standard library and urllib3 (the HTTP client's parser) could
+    read ``url``'s authority differently: the policy would check one host and the client connect
+    to another (``http://10.0.0.1\\@label-studio/x.png``)."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if any(ch in _AMBIGUOUS for ch in authority):
+        raise UrlRefused("image URL refused: its host part holds a backslash, a space or a control character")
+    try:
+        ours, theirs = urlparse(url), parse_url(url)
+        same = ((ours.hostname or "").lower(), ours.port) == ((theirs.host or "").lower().strip("[]"), theirs.port)
+    except ValueError:
+        same = False
+    if not same:
+        raise UrlRefused("image URL refused: its host part reads differently to different URL parsers")
 
 
 def resolve_addresses(host: str, port: int) -> list[str]:
@@ -104,6 +135,7 @@ class UrlPolicy:
         origin = _origin(url)
         if origin is None:
             raise UrlRefused(f"image URL {url!r} is refused: only http(s) URLs are downloaded")
+        require_unambiguous(url)
         if self.is_label_studio(url):
             return
         _, host, port = origin

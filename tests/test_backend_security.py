@@ -195,3 +195,35 @@ def test_click_and_task_count_bounds(client, backend, monkeypatch):
     monkeypatch.setenv("ADCLICK_MAX_TASKS", "3")
     c = create_app(backend).test_client()
     assert_error(predict(c, None, tasks=[task(tid=i) for i in range(4)]), 413, "ADCLICK_MAX_TASKS")
+
+
+@pytest.mark.parametrize("url", ["http://10.0.0.1\\@ls.example:8080/x.png", "http://127.0.0.1:9\\@ls.example:8080/x",
+                                 "http://ls.example:8080\\@10.0.0.1/x.png", "http://10.0.0.1 @ls.example:8080/x",
+                                 "http://ls.example\t:8080/x.png"])
+def test_urls_that_parsers_read_differently_are_refused_before_any_connection(url):
+    # the standard library sees the Label Studio host, urllib3 (which connects) another one
+    policy = UrlPolicy("http://ls.example:8080", allowed_hosts=("ls.example",))
+    with pytest.raises(UrlRefused, match="host part"):
+        policy.check(url)
+    with pytest.raises(UrlRefused, match="host part"):
+        policy.check(url, redirected_by_label_studio=True)
+    policy.check("http://ls.example:8080/data/x\\y.png")  # a backslash in the path is no ambiguity
+
+
+@pytest.mark.parametrize("url", ["http://100.100.100.200/latest/meta-data/", "http://100.64.0.1/a.png",
+                                 "http://[2002:a9fe:a9fe::1]/a.png", "http://[fec0::1]/a.png",
+                                 "http://[64:ff9b::a9fe:a9fe]/a.png", "http://198.18.0.1/a.png"])
+def test_ranges_that_lead_into_private_networks_are_not_public(url):
+    policy = UrlPolicy("http://127.0.0.1:8080", allowed_hosts=("*",))
+    with pytest.raises(UrlRefused, match="non-public address"):
+        policy.check(url)
+
+
+def test_a_label_studio_redirect_that_parsers_read_differently_is_not_followed(foreign, ls):
+    s = PolicySession(UrlPolicy(ls.url, allowed_hosts=("localhost",)), timeout_s=5)
+    seen = len(foreign.seen)
+    # urllib3 would connect to the foreign host with the token meant for Label Studio
+    ls.redirects["/odd"] = foreign.url + "\\@" + ls.url.split("://", 1)[1] + "/defect.png"
+    with pytest.raises(UrlRefused, match="host part"):
+        s.get(ls.url + "/odd", headers={"Authorization": f"Token {TOKEN}"})
+    assert len(foreign.seen) == seen  # nothing reached the other host, token or not
