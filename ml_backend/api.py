@@ -102,7 +102,15 @@ class BasicAuth:
 
 
 def _json_body() -> dict:
-    data = request.get_json(silent=True, force=True)
+    # Only a JSON content type: a cross-site form or text/plain POST (which a browser sends without
+    # asking) must not reach /webhook or /train when authentication is off.
+    if not request.is_json:
+        raise BadRequest(f"the request body must be JSON with Content-Type application/json, "
+                         f"got {request.mimetype or 'none'!r}", status=415)
+    try:
+        data = request.get_json(silent=True)
+    except RecursionError:  # the parser's own depth limit: nested past Python's stack
+        raise BadRequest("the request body is nested too deeply") from None
     if data is None:
         raise BadRequest("the request body must be JSON")
     if not isinstance(data, dict):

@@ -295,8 +295,9 @@ def context_clicks(context: Any, cfg: LabelConfig, width: int | None, height: in
         )
 
     def label_of(item: dict) -> str:
-        labels = (item.get("value") or {}).get("keypointlabels") or []
-        return str(labels[0]) if labels else cfg.keypoint.labels[0]
+        value = item.get("value")
+        labels = (value.get("keypointlabels") if isinstance(value, dict) else None) or []
+        return str(labels[0]) if isinstance(labels, list) and labels else cfg.keypoint.labels[0]
 
     if len(points) > MAX_CLICKS:
         raise BadRequest(f"{len(points)} clicks in one request, above ADCLICK_MAX_CLICKS ({MAX_CLICKS})")

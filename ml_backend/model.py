@@ -108,15 +108,18 @@ def parse_project(project: Any) -> tuple[str, str | None]:
         pid = project.get("id")
         if pid is None:
             raise BadRequest("the project object has no 'id'")
+        if isinstance(pid, bool) or not (isinstance(pid, int) or (isinstance(pid, str) and pid.strip().isdigit())):
+            raise BadRequest(f"the project's 'id' must be a whole number, got {str(pid)[:40]!r}")
+        pid = int(pid)
         uid = None
         created = project.get("created_at")
         if isinstance(created, str):
             try:
                 ts = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
-                uid = f"{int(pid)}.{int(ts)}"
-            except ValueError:
+                uid = f"{pid}.{int(ts)}"
+            except (ValueError, OverflowError):
                 pass
-        return str(int(pid)), uid
+        return str(pid), uid
     if isinstance(project, bool) or project is None:
         raise BadRequest("the request has no 'project'")
     s = str(project).strip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import pytest
 from PIL import Image
@@ -11,7 +12,7 @@ from PIL import Image
 from ml_backend import convert
 from ml_backend.api import create_app
 from ml_backend.url_policy import PolicySession, TooLarge, UrlPolicy, UrlRefused
-from tests.test_backend_api import CONFIG, assert_error, backend, client, env, kp, ls, predict, refs_dir, task  # noqa: F401
+from tests.test_backend_api import CONFIG, PROJECT, assert_error, backend, client, env, kp, ls, predict, refs_dir, task  # noqa: F401,E501
 from tests.test_backend_fakes import TOKEN, ForeignServer, png_bytes
 
 USER, PASS = "annotator", "s3cret-pass"
@@ -227,3 +228,29 @@ def test_a_label_studio_redirect_that_parsers_read_differently_is_not_followed(f
     with pytest.raises(UrlRefused, match="host part"):
         s.get(ls.url + "/odd", headers={"Authorization": f"Token {TOKEN}"})
     assert len(foreign.seen) == seen  # nothing reached the other host, token or not
+
+
+@pytest.mark.parametrize("project", [{"id": "abc"}, {"id": [1]}, {"id": 1e400}, {"id": "NaN"}, {"id": float("nan")},
+                                     {"id": True}, "abc", [1]])
+def test_a_malformed_project_id_is_a_400(client, project):
+    body = json.dumps({"action": "PROJECT_UPDATED", "project": project}, allow_nan=True)
+    r = client.post("/webhook", data=body, content_type="application/json")
+    assert r.status_code == 400 and "project" in r.get_json()["error"]
+
+
+@pytest.mark.parametrize("value", [[1, 2], "50,50", None])
+def test_a_click_value_that_is_no_object_is_a_400(client, value):
+    item = kp(50, 50)
+    item["value"] = value
+    r = client.post("/predict", json={"tasks": [task()], "project": PROJECT, "label_config": CONFIG,
+                                      "params": {"context": {"result": [item]}}})
+    assert r.status_code == 400 and "'value' must be an object" in r.get_json()["error"]
+
+
+def test_json_only_with_a_json_content_type_and_never_nested_past_the_parser(client):
+    hook = json.dumps({"action": "START_TRAINING", "project": {"id": 1}})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        r = client.post("/webhook", data=hook, content_type=ctype)  # what a cross-site form can send
+        assert r.status_code == 415 and "application/json" in r.get_json()["error"], ctype
+    r = client.post("/predict", data="[" * 100_000 + "]" * 100_000, content_type="application/json")
+    assert r.status_code == 400 and "nested too deeply" in r.get_json()["error"]
