@@ -266,6 +266,41 @@ def _data_uri_bytes(url: str) -> bytes:
         raise BadRequest(f"the data: image URL is not valid base64: {e}") from None
 
 
+def fetch_task(creds: Credentials, task_id: int, timeout: float = 30.0) -> dict:
+    """One task as Label Studio has it (``/api/tasks/<id>``: its project, data and annotations),
+    with its annotations from ``/api/tasks/<id>/annotations/`` where the task answer has none. What
+    a webhook says of a task is re-read here before it changes anything."""
+    if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0:
+        raise BadRequest(f"a task id must be a whole number, got {str(task_id)[:40]!r}")
+    task = _get_json(creds, f"/api/tasks/{task_id}", f"task {task_id}", timeout)
+    if not isinstance(task, dict):
+        raise ImageAccessDenied(f"Label Studio answered task {task_id} with no task object")
+    if not isinstance(task.get("annotations"), list):
+        anns = _get_json(creds, f"/api/tasks/{task_id}/annotations/", f"the annotations of task {task_id}", timeout)
+        task = {**task, "annotations": anns if isinstance(anns, list) else []}
+    return task
+
+
+def _get_json(creds: Credentials, path: str, what: str, timeout: float):
+    if not creds.hostname:
+        raise ImageAccessDenied("the Label Studio URL is unknown: set LABEL_STUDIO_URL")
+    try:
+        r = requests.get(f"{creds.hostname}{path}", headers=auth_headers(creds), timeout=timeout)
+    except requests.RequestException as e:
+        raise ImageAccessDenied(
+            f"could not reach Label Studio at {creds.hostname} ({type(e).__name__}); check LABEL_STUDIO_URL") from None
+    if r.status_code in (401, 403):
+        raise ImageAccessDenied(f"Label Studio refused to show {what} (HTTP {r.status_code}): check LABEL_STUDIO_API_KEY")
+    if r.status_code == 404:
+        raise ImageNotFound(f"{what} not found at {creds.hostname}")
+    if r.status_code != 200:
+        raise ImageAccessDenied(f"reading {what} failed with HTTP {r.status_code}")
+    try:
+        return r.json()
+    except ValueError:
+        raise ImageAccessDenied(f"Label Studio answered {what} with no JSON") from None
+
+
 def export_annotated_tasks(creds: Credentials, project_id: int | str, timeout: float = 120.0) -> list[dict]:
     """Finished annotations of a project (annotated tasks only) through the export API."""
     if not creds.hostname:

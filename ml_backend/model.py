@@ -428,7 +428,7 @@ class ADClickModel:
                 self.references.schedule_sync(cfg, self.credentials)
             else:
                 creds = self.credentials
-                self.references.schedule(self.references.add_task, task, cfg, creds)
+                self.references.schedule(self.references.add_task, tid, cfg, creds)
             return {"status": "ok", "message": f"task {tid} tagged OK: added to the reference bank in the background"}
         if isinstance(tid, int) and f"task:{tid}" in self.references.sources:
             self.references.schedule_sync(cfg, self.credentials)

@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .convert import LabelConfig, decode_image, first_image_url, verdict_of
+from .convert import LabelConfig, decode_image, first_image_url, latest_annotation, verdict_of
 from .errors import BackendError, NoReferences, ServiceUnavailable
-from .images import Credentials, ImageLoader, export_annotated_tasks, utcnow
+from .images import Credentials, ImageLoader, export_annotated_tasks, fetch_task, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -246,11 +246,22 @@ class ProjectReferences:
         except Exception:  # noqa: BLE001 - what reacts to a new bank must not fail its sync
             logger.exception("project %s: reacting to the updated reference bank failed", self.project_id)
 
-    def add_task(self, task: dict, cfg: LabelConfig, creds: Credentials) -> int:
-        tid = task.get("id")
-        if not isinstance(tid, int) or f"task:{tid}" in self.sources:
+    def add_task(self, tid: int, cfg: LabelConfig, creds: Credentials) -> int:
+        """Add task ``tid``, tagged OK in a webhook, as Label Studio has it: the task is re-read
+        through the API (a webhook's body is not trusted: its image URL, verdict and project could be
+        forged), and it must belong to this project and its latest annotation must say OK."""
+        if isinstance(tid, bool) or not isinstance(tid, int) or f"task:{tid}" in self.sources:
             return 0
         if len(self.sources) >= self.max_references:
+            return 0
+        task = fetch_task(creds, tid)
+        if str(task.get("project")) != str(self.project_id):
+            logger.warning("project %s: webhook named task %s of project %s: not added", self.project_id, tid,
+                           str(task.get("project"))[:20])
+            return 0
+        ann = latest_annotation(task)
+        if ann is None or verdict_of(ann.get("result") or [], cfg) != "OK":
+            logger.info("project %s: task %s is not tagged OK in Label Studio: not added", self.project_id, tid)
             return 0
         with self._lock:
             if self.bank is None:

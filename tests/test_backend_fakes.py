@@ -149,13 +149,15 @@ def png_bytes(w: int = 64, h: int = 48, seed: int = 0) -> bytes:
 
 
 class FakeLabelStudio:
-    """Serves ``/data/upload/<project>/<name>`` images and ``/api/projects/<id>/export`` with
-    legacy-token auth, like Label Studio does (401 on a wrong token, 404 on unknown files)."""
+    """Serves ``/data/upload/<project>/<name>`` images, ``/api/projects/<id>/export`` and
+    ``/api/tasks/<id>`` (``tasks``, else the task in any export) with legacy-token auth, like Label
+    Studio does (401 on a wrong token, 404 on unknown files)."""
 
     def __init__(self, token: str = TOKEN):
         self.token = token
         self.files: dict[str, bytes] = {}
         self.exports: dict[str, list] = {}
+        self.tasks: dict[int, dict] = {}
         self.requests: list[str] = []
         self.redirects: dict[str, str] = {}  # path -> Location (cloud storage: LS answers a presigned URL)
         outer = self
@@ -174,6 +176,12 @@ class FakeLabelStudio:
                     if pid not in outer.exports:
                         return self._send(404, b'{"detail":"Not found."}', "application/json")
                     return self._send(200, json.dumps(outer.exports[pid]).encode(), "application/json")
+                parts = u.path.strip("/").split("/")
+                if len(parts) == 3 and parts[:2] == ["api", "tasks"] and parts[2].isdigit():
+                    task = outer.task(int(parts[2]))
+                    if task is None:
+                        return self._send(404, b'{"detail":"Not found."}', "application/json")
+                    return self._send(200, json.dumps(task).encode(), "application/json")
                 key = u.path
                 if u.path.startswith("/storage-data/uploaded"):
                     key = "/data/" + parse_qs(u.query).get("filepath", [""])[0]
@@ -202,6 +210,15 @@ class FakeLabelStudio:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
+
+    def task(self, tid: int) -> dict | None:
+        if tid in self.tasks:
+            return self.tasks[tid]
+        for pid, tasks in self.exports.items():
+            for t in tasks:
+                if t.get("id") == tid:
+                    return {"project": int(pid), **t}
+        return None
 
     def add_file(self, path: str, data: bytes) -> str:
         self.files[path] = data

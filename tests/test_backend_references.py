@@ -82,6 +82,7 @@ def test_webhook_ok_tag_extends_the_bank_and_ng_removes(tmp_path, ls):
     wait_jobs(b)
     refs = b.model_for(PROJECT).references
     fp0 = refs.bank.fingerprint
+    ls.tasks[6] = ls_task(6, "OK")  # as Label Studio has it once the annotator submitted
     hook = {"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
             "task": {"id": 6, "data": {"image": "/data/upload/1/t6.png"}},
             "annotation": {"id": 60, "result": verdict("OK")}}
@@ -122,3 +123,28 @@ def test_export_refused_is_reported(tmp_path, ls, monkeypatch):
     r = click(c)
     assert r.status_code in (409, 424)
     assert "LABEL_STUDIO_API_KEY" in r.get_json()["error"]
+
+
+def test_a_forged_ok_webhook_changes_no_bank(tmp_path, ls):
+    b = backend(tmp_path)
+    c = create_app(b).test_client()
+    c.post("/setup", json={"project": PROJECT, "schema": CONFIG})
+    wait_jobs(b)
+    refs = b.model_for(PROJECT).references
+    fp0, requests0 = refs.bank.fingerprint, len(ls.requests)
+    other = {**ls_task(7, "OK"), "project": 2}  # another project's OK task
+    ls.tasks[7] = other
+    forged = [
+        # task 3 is NG in Label Studio; the body claims OK and brings its own image
+        {"id": 3, "data": {"image": "data:image/png;base64,AAAA"}, "project": 1},
+        {"id": 7, "data": {"image": "/data/upload/1/t7.png"}, "project": 1},  # another project's task
+        {"id": 99, "data": {"image": "/data/upload/1/t5.png"}, "project": 1},  # no such task
+    ]
+    for task in forged:
+        hook = {"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG}, "task": task,
+                "annotation": {"id": 1, "result": verdict("OK")}}
+        assert c.post("/webhook", json=hook).status_code == 200
+        wait_jobs(b)
+    assert refs.bank.fingerprint == fp0 and sorted(refs.sources) == ["task:1", "task:2"]
+    fetched = [r for r in ls.requests[requests0:] if not r.startswith("/api/")]
+    assert fetched == []  # no image of a forged task was downloaded
