@@ -20,7 +20,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .checkpoint import ensemble_members, load_checkpoint, save_ensemble
+from .checkpoint import ensemble_members, replace_member
 from .errors import InputError
 from .predictor import ClickPredictor
 from .synthesis import AnomalySynthesizer
@@ -142,9 +142,8 @@ def adapt_click(
                                  callback=callback, checkpoint_every=0, init_state=state, sample_weights=weights)
         if members is not None:
             base = ensemble_members({"state_dict": pred.model.state_dict(), **pred.checkpoint_info})
-            base[config.member] = {**load_checkpoint(trained, "adclick_click"),
-                                   "checkpoint": f"member {config.member} adapted"}
-            save_ensemble(out, "adclick_click", base, adapted=meta["adapted"])
+            replace_member(base, config.member, trained, f"member {config.member} adapted", out,
+                           adapted=meta["adapted"])
     finally:
         if members is not None:
             Path(trained).unlink(missing_ok=True)

@@ -11,7 +11,7 @@ import torch
 from .errors import CheckpointError, MissingWeightsError
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "combine_checkpoints",
-           "ensemble_members", "save_ensemble", "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
+           "ensemble_members", "save_ensemble", "replace_member", "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
@@ -115,6 +115,21 @@ def save_ensemble(out: str | os.PathLike, kind: str, members: list[dict], **meta
                            **{k: first[k] for k in _MEMBER_MUST_MATCH if k in first},
                            **({"bank_fingerprint": joint_fingerprint(fingerprints)} if fingerprints else {}),
                            trained_on={"members": records}, **meta)
+
+
+def replace_member(members: list[dict], member: int, trained: str | os.PathLike, note: str,
+                   out: str | os.PathLike, kind: str = "adclick_click", **meta: Any) -> Path:
+    """The ensemble ``members`` (``ensemble_members``' list) with member ``member`` replaced by the
+    single-model checkpoint file ``trained`` (recorded as ``note``), written to ``out``; ``trained``
+    is removed. The other members keep answering as they were trained."""
+    if not 0 <= member < len(members):
+        raise CheckpointError(f"the ensemble has {len(members)} members; member {member} does not exist")
+    members = list(members)
+    members[member] = {**load_checkpoint(trained, kind), "checkpoint": note}
+    try:
+        return save_ensemble(out, kind, members, **meta)
+    finally:
+        Path(trained).unlink(missing_ok=True)
 
 
 def combine_checkpoints(paths: list[str | os.PathLike], out: str | os.PathLike, kind: str = "adclick_click") -> dict:

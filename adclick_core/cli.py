@@ -114,7 +114,7 @@ def _paired(files: list | None, folders: list, option: str, folder_option: str) 
 
 def cmd_train_click(args) -> dict:
     from .backbone import build_extractor
-    from .checkpoint import joint_fingerprint
+    from .checkpoint import ensemble_members, joint_fingerprint, load_checkpoint, replace_member
     from .data import MVTecFolder
     from .models import ADClickConfig
     from .reference import ReferenceBank
@@ -151,7 +151,11 @@ def cmd_train_click(args) -> dict:
     for d in defect_sets:
         if not MVTecFolder(d).test_samples(defective_only=True):
             raise DataError(f"{d}: no defect images with masks (test/<type>, ground_truth/<type>/<name>_mask.png)")
-    init_state, init_record = None, None
+    init_state, init_record, ensemble = None, None, []
+    if args.replace_member:
+        ensemble = ensemble_members(load_checkpoint(args.init, "adclick_click")) if args.init else []
+        if len(ensemble) < 2:
+            raise InputError("--replace-member needs --init to name an ensemble checkpoint")
     if args.init:
         pred = _init_predictor(args)
         init_state, _ = member_weights(pred, args.init_member)
@@ -220,7 +224,10 @@ def cmd_train_click(args) -> dict:
     }
     if init_record:
         meta["init"] = init_record
-    _, summary = train_click(pool, tcfg, out=args.out, meta=meta, device=extractor.device, init_state=init_state)
+    out = Path(args.out).with_name(f".{Path(args.out).name}.member.tmp") if args.replace_member else args.out
+    _, summary = train_click(pool, tcfg, out=out, meta=meta, device=extractor.device, init_state=init_state)
+    if args.replace_member:
+        replace_member(ensemble, args.init_member, out, f"member {args.init_member} continued", args.out)
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
                     "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool),
                     "sources": len(datas) + len(families)})
@@ -409,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None,
                    help="continue from this click checkpoint's weights (its backbone, model and residual config)")
     p.add_argument("--init-member", type=int, default=0, help="the ensemble member of --init to start from")
+    p.add_argument("--replace-member", action="store_true",
+                   help="with an ensemble --init: write the whole ensemble, the trained model in place of "
+                        "--init-member and the other members as they were")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     _add_backbone_args(p)

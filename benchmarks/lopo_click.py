@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adclick_core.checkpoint import ensemble_members, load_checkpoint, save_ensemble  # noqa: E402
+from adclick_core.checkpoint import ensemble_members, replace_member  # noqa: E402
 from adclick_core.data import MVTecFolder  # noqa: E402
 from adclick_core.evaluation import default_workers, evaluate_clicks, format_click_tables  # noqa: E402
 from adclick_core.predictor import ClickPredictor  # noqa: E402
@@ -113,12 +113,9 @@ def main() -> None:
                                "held_out": p, "synthesizer": mix}}
         _, train_summary = train_click(pool, tcfg, out=trained, meta=meta, device=base.device,
                                        checkpoint_every=0, init_state=start["state_dict"])
-        fold_members = list(members)
-        fold_members[args.member] = {**load_checkpoint(trained, "adclick_click"),
-                                     "checkpoint": f"member {args.member}, real defects without {p}"}
         ckpt = out / f"{p}.pt"
-        save_ensemble(ckpt, "adclick_click", fold_members, held_out=p)
-        trained.unlink()
+        replace_member(members, args.member, trained, f"member {args.member}, real defects without {p}", ckpt,
+                       held_out=p)
         fold = {"train": train_summary, "pool_size": len(pool), "checkpoint": str(ckpt)}
         if not args.skip_eval:
             fold["methods"] = evaluate_fold(args, root, out, p)

@@ -245,6 +245,21 @@ def test_train_click_continues_from_an_ensemble_member(tmp_path):
     assert load_checkpoint(again, "adclick_click")["trained_on"]["members"][0]["init"] == cont["init"]
     other = load_checkpoint(members[0], "adclick_click")["state_dict"]
     assert any(not torch.equal(other[n], v) for n, v in start["state_dict"].items())  # the members differ
+    # --replace-member: the whole ensemble back, the trained member in place, the other one untouched
+    whole = tmp_path / "whole.pt"
+    proc = run_cli("train-click", "--data", str(data), "--out", str(whole), "--init", str(ensemble),
+                   "--init-member", "1", "--replace-member", "--device", "cpu", "--iterations", "2",
+                   "--batch-size", "2", "--per-image", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = load_checkpoint(whole, "adclick_click")
+    assert ckpt["ensemble_members"] == 2 and ckpt["trained_on"]["members"][1]["checkpoint"] == "member 1 continued"
+    for name, value in other.items():
+        assert torch.equal(ckpt["state_dict"][f"members.0.{name}"], value), name
+    assert any(not torch.equal(ckpt["state_dict"][f"members.1.{n}"], v) for n, v in start["state_dict"].items())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left
+    code = main(["train-click", "--data", str(data), "--out", str(tmp_path / "x.pt"), "--init", str(members[0]),
+                 "--replace-member"])
+    assert code == 2 and not (tmp_path / "x.pt").exists()
 
 
 def test_train_click_init_refuses_another_architecture(tmp_path, capsys):
