@@ -568,9 +568,19 @@ def decode_brush(item: dict, width: int, height: int) -> np.ndarray:
 
     value = item.get("value") or {}
     ow, oh = item.get("original_width"), item.get("original_height")
-    ow = int(ow) if isinstance(ow, (int, float)) and ow else width
-    oh = int(oh) if isinstance(oh, (int, float)) and oh else height
-    flat = np.asarray(decode_rle(value["rle"]), dtype=np.uint8)
+    ow = int(ow) if isinstance(ow, (int, float)) and 0 < ow < 1e6 else width
+    oh = int(oh) if isinstance(oh, (int, float)) and 0 < oh < 1e6 else height
+    if ow * oh > min(MAX_IMAGE_PIXELS, 4 * width * height):
+        raise ValueError(f"the brush mask claims {ow}x{oh} pixels for a {width}x{height} image")
+    rle = value.get("rle") if isinstance(value, dict) else None
+    if not isinstance(rle, list) or len(rle) < 4 or not all(isinstance(b, int) and 0 <= b < 256 for b in rle):
+        raise ValueError("the brush mask has no RLE byte list")
+    # The RLE's first 32 bits say how many values it decodes to: checked before decoding, so a
+    # small annotation cannot make the decoder expand to hundreds of MB.
+    declared = int.from_bytes(bytes(rle[:4]), "big")
+    if declared != ow * oh * 4:
+        raise ValueError(f"the RLE declares {declared} values, not {ow}x{oh}x4")
+    flat = np.asarray(decode_rle(rle), dtype=np.uint8)
     if flat.size != ow * oh * 4:
         raise ValueError(f"the RLE holds {flat.size} values, not {ow}x{oh}x4")
     mask = flat.reshape(oh, ow, 4)[:, :, 3] > 127

@@ -254,3 +254,19 @@ def test_json_only_with_a_json_content_type_and_never_nested_past_the_parser(cli
         assert r.status_code == 415 and "application/json" in r.get_json()["error"], ctype
     r = client.post("/predict", data="[" * 100_000 + "]" * 100_000, content_type="application/json")
     assert r.status_code == 400 and "nested too deeply" in r.get_json()["error"]
+
+
+def test_a_brush_rle_is_checked_before_it_is_decoded(monkeypatch):
+    from ml_backend.convert import decode_brush
+
+    decoded = []
+    monkeypatch.setattr("label_studio_sdk.converter.brush.decode_rle", lambda rle: decoded.append(rle) or [])
+    small = [0] * 3000  # 3 kB
+    for w, h, declared in ((4000, 3000, 4000 * 3000 * 4), (64, 48, 10**9), (64, 48, 0)):
+        item = {"original_width": w, "original_height": h, "value": {"rle": list(declared.to_bytes(4, "big")) + small}}
+        with pytest.raises(ValueError, match="brush mask claims|RLE declares"):
+            decode_brush(item, 64, 48)
+    for rle in ("AAAA", [1, 2], [300, 0, 0, 0, 0], None):
+        with pytest.raises(ValueError, match="no RLE byte list"):
+            decode_brush({"value": {"rle": rle}}, 64, 48)
+    assert decoded == []  # nothing reached the decoder
