@@ -25,10 +25,12 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlparse
 
 import requests
+from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
 from urllib3.util import parse_url
 
 from .errors import BackendError, TooLarge
@@ -157,6 +159,14 @@ class UrlPolicy:
             )
 
 
+def _left(deadline: float) -> float:
+    """Seconds left before ``deadline`` (``time.monotonic``); ``requests.Timeout`` once it passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise requests.Timeout("the download took longer than ADCLICK_DOWNLOAD_TIMEOUT")
+    return left
+
+
 class PolicySession(requests.Session):
     """A requests session that applies a ``UrlPolicy`` to every hop, sends the Authorization
     header only to the Label Studio host, times out, and reads at most ``policy.max_bytes``."""
@@ -168,7 +178,9 @@ class PolicySession(requests.Session):
         self.trust_env = False  # a proxy from the environment would bypass the address check
 
     def request(self, method, url, **kwargs):  # noqa: D401 - requests API
-        kwargs.setdefault("timeout", self.timeout_s)
+        # ``timeout_s`` bounds the whole download, every hop and every byte of it: requests' own
+        # timeout bounds each socket read, so a server sending one byte a second never trips it.
+        deadline = time.monotonic() + float(kwargs.pop("timeout", None) or self.timeout_s)
         kwargs["allow_redirects"] = False
         kwargs["stream"] = True
         headers = dict(kwargs.pop("headers", None) or {})
@@ -178,27 +190,36 @@ class PolicySession(requests.Session):
             hop_headers = dict(headers)
             if not self.policy.is_label_studio(url):
                 hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
-            resp = super().request(method, url, headers=hop_headers, **kwargs)
+            resp = super().request(method, url, headers=hop_headers, timeout=_left(deadline), **kwargs)
             if not resp.is_redirect:
-                self._read_bounded(resp, url)
+                self._read_bounded(resp, url, deadline)
                 return resp
             from_ls = self.policy.is_label_studio(url)
             url = urljoin(url, resp.headers.get("location", ""))
             resp.close()
         raise UrlRefused(f"more than {MAX_REDIRECTS} redirects downloading the image", status=400)
 
-    def _read_bounded(self, resp: requests.Response, url: str) -> None:
+    def _read_bounded(self, resp: requests.Response, url: str, deadline: float) -> None:
         declared = resp.headers.get("content-length", "")
         chunks, total = [], int(declared) if declared.isdigit() else 0
         try:
             self.policy.require_size(total, f"the image at {url}")
             total = 0
-            for chunk in resp.iter_content(1 << 16):
+            # read1: whatever has arrived (iter_content waits for a whole chunk, so a trickle of
+            # one byte a second would never reach the deadline check)
+            while chunk := resp.raw.read1(1 << 16, decode_content=True):
                 total += len(chunk)
                 self.policy.require_size(total, f"the image at {url}")
                 chunks.append(chunk)
-        except TooLarge:
+                _left(deadline)
+        except (TooLarge, requests.Timeout):
             resp.close()
             raise
+        except ReadTimeoutError:  # raw reads raise urllib3's own errors: the caller knows requests'
+            resp.close()
+            raise requests.Timeout("the image server stopped sending") from None
+        except (ProtocolError, DecodeError) as e:
+            resp.close()
+            raise requests.ConnectionError(f"the image download broke off: {type(e).__name__}") from None
         resp._content = b"".join(chunks)  # requests' own slot: .content then serves these bytes
         resp._content_consumed = True

@@ -7,6 +7,7 @@ import io
 import json
 
 import pytest
+import requests
 from PIL import Image
 
 from ml_backend import convert
@@ -270,3 +271,41 @@ def test_a_brush_rle_is_checked_before_it_is_decoded(monkeypatch):
         with pytest.raises(ValueError, match="no RLE byte list"):
             decode_brush({"value": {"rle": rle}}, 64, 48)
     assert decoded == []  # nothing reached the decoder
+
+
+def test_the_download_deadline_bounds_the_whole_download_not_each_read():
+    import http.server
+    import socketserver
+    import threading
+    import time
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_GET(self):  # noqa: N802 - one byte every 0.2 s: each read is quick, the whole is not
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+        daemon_threads = True
+
+    srv = Server(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{srv.server_address[1]}/slow.png"
+        t0 = time.monotonic()
+        with pytest.raises(requests.Timeout, match="ADCLICK_DOWNLOAD_TIMEOUT"):
+            PolicySession(UrlPolicy(url), timeout_s=1.0).get(url)
+        assert time.monotonic() - t0 < 3.0  # the 20 s trickle was cut at the 1 s deadline
+    finally:
+        srv.shutdown()
+        srv.server_close()
