@@ -171,6 +171,9 @@ class ImageLoader:
 
         if not isinstance(url, str) or not url.strip():
             raise BadRequest("the task has no image URL")
+        if task_id is not None and (isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0):
+            # it goes into a Label Studio API path (cloud storage resolution) with the backend's token
+            raise BadRequest(f"a task id must be a whole number, got {str(task_id)[:40]!r}")
         url = url.strip()
         policy = UrlPolicy.from_env(creds.hostname)
         if url.startswith("data:"):

@@ -309,3 +309,13 @@ def test_the_download_deadline_bounds_the_whole_download_not_each_read():
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@pytest.mark.parametrize("tid", ["1/../../api/projects", "7", -1, 1.5, True])
+def test_a_task_id_that_is_no_whole_number_never_reaches_a_label_studio_url(client, ls, tid):
+    body = {"tasks": [{"id": tid, "data": {"image": "s3://bucket/a.png"}}], "project": PROJECT, "label_config": CONFIG,
+            "params": {"context": {"result": [kp(50, 50)]}}}
+    seen = len(ls.requests)
+    r = client.post("/predict", json=body)
+    assert r.status_code == 400 and "task id" in r.get_json()["error"]
+    assert len(ls.requests) == seen
