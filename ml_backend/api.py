@@ -42,6 +42,13 @@ def _reason(message: str) -> str:
     return s or "Error"
 
 
+def _loggable(text: str, limit: int = 300) -> str:
+    """``text`` with control characters escaped and bounded: a request path or message written to
+    the log cannot start a forged log line."""
+    s = re.sub(r"[\x00-\x1f\x7f]", lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
 def error_response(status: int, message: str) -> Response:
     resp = jsonify({"error": message, "status": status})
     resp.status = f"{int(status)} {_reason(message)}"
@@ -136,7 +143,7 @@ def create_app(backend: Backend | None = None) -> Flask:
         if request.path in ("/", "/health") and "Authorization" not in request.headers:
             return None  # a probe; wrong credentials get their 401, which Label Studio explains
         backend.stats["errors_4xx"] += 1
-        logger.warning("%s %s -> 401: no or wrong Basic credentials from %s", request.method, request.path,
+        logger.warning("%s %s -> 401: no or wrong Basic credentials from %s", request.method, _loggable(request.path),
                        request.remote_addr)
         where = ("Label Studio sends webhooks without them: add the header 'Authorization: Basic ...' to this "
                  "backend's webhook in Settings > Webhooks" if request.path == "/webhook"
@@ -150,10 +157,10 @@ def create_app(backend: Backend | None = None) -> Flask:
     def _backend_error(e: BackendError):
         if e.status >= 500:
             backend.stats["errors_5xx"] += 1
-            logger.error("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
+            logger.error("%s %s -> %d: %s", request.method, _loggable(request.path), e.status, _loggable(e.message))
         else:
             backend.stats["errors_4xx"] += 1
-            logger.warning("%s %s -> %d: %s", request.method, request.path, e.status, e.message)
+            logger.warning("%s %s -> %d: %s", request.method, _loggable(request.path), e.status, _loggable(e.message))
         return error_response(e.status, e.message)
 
     @app.errorhandler(HTTPException)
@@ -174,11 +181,12 @@ def create_app(backend: Backend | None = None) -> Flask:
         mapped = _core_error_status(e)
         if mapped is not None:
             status, msg = mapped
-            (logger.warning if status < 500 else logger.error)("%s %s -> %d: %s", request.method, request.path, status, msg)
+            (logger.warning if status < 500 else logger.error)("%s %s -> %d: %s", request.method,
+                                                               _loggable(request.path), status, _loggable(msg))
             backend.stats["errors_4xx" if status < 500 else "errors_5xx"] += 1
             return error_response(status, msg)
         backend.stats["errors_5xx"] += 1
-        logger.exception("%s %s failed", request.method, request.path)
+        logger.exception("%s %s failed", request.method, _loggable(request.path))
         return error_response(500, f"internal error in the ADClick backend: {type(e).__name__}: {e}")
 
     @app.get("/")
@@ -241,7 +249,7 @@ def create_app(backend: Backend | None = None) -> Flask:
         label_config = project.get("label_config") if isinstance(project, dict) else None
         model = backend.model_for(project, label_config=label_config)
         out = model.fit(action, data)
-        logger.info("webhook %s project %s -> %s", action, model.project_id, out.get("status"))
+        logger.info("webhook %s project %s -> %s", _loggable(str(action)), model.project_id, out.get("status"))
         return jsonify(out), 200
 
     @app.post("/train")

@@ -319,3 +319,13 @@ def test_a_task_id_that_is_no_whole_number_never_reaches_a_label_studio_url(clie
     r = client.post("/predict", json=body)
     assert r.status_code == 400 and "task id" in r.get_json()["error"]
     assert len(ls.requests) == seen
+
+
+def test_a_request_path_cannot_forge_a_log_line(auth_client, caplog):
+    caplog.set_level("INFO", logger="ml_backend.api")
+    forged = "/predict%0A2026-12-07 12:00:00 INFO ml_backend.api: POST /predict -> 200%0D"
+    r = auth_client.post(forged, json={})  # no credentials: the 401 is logged with the path
+    assert r.status_code == 401
+    logged = [rec.getMessage() for rec in caplog.records if rec.name == "ml_backend.api"]
+    assert logged and all("\n" not in m and "\r" not in m for m in logged)
+    assert any("\\x0a2026-12-07" in m for m in logged)  # kept, escaped
