@@ -31,6 +31,9 @@ from .errors import BadRequest, TooLarge
 # Bounds on what one request may make the backend decode (each a clear 4xx when passed).
 MAX_CLICKS = int(float(os.environ.get("ADCLICK_MAX_CLICKS", "100")))
 MAX_IMAGE_PIXELS = int(float(os.environ.get("ADCLICK_MAX_IMAGE_PIXELS", "50e6")))
+# A label config is a few kB with a handful of defect types; these bound the work of parsing one.
+MAX_CONFIG_CHARS = 200_000
+MAX_LABELS = 1000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's decompression-bomb guard stays on, at our bound
 
 logger = logging.getLogger(__name__)
@@ -116,6 +119,8 @@ def parse_label_config(xml: str | None) -> LabelConfig:
     a KeyPointLabels -> Image or BrushLabels -> Image pair."""
     if not xml or not isinstance(xml, str) or not xml.strip():
         raise BadRequest("the label config is empty: send the project's label config (XML)")
+    if len(xml) > MAX_CONFIG_CHARS:
+        raise BadRequest(f"the label config is {len(xml)} characters long; at most {MAX_CONFIG_CHARS}")
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as e:
@@ -192,7 +197,11 @@ def parse_label_config(xml: str | None) -> LabelConfig:
         raise BadRequest(f'<KeyPointLabels name="{kp.get("name")}"> has no <Label value="..."/>')
     if not br_labels:
         raise BadRequest(f'<BrushLabels name="{br.get("name")}"> has no <Label value="..."/>')
-    unmatched = [l for l in kp_labels if l.lower() not in {b.lower() for b in br_labels}]
+    for tag, labels in ((kp, kp_labels), (br, br_labels)):
+        if len(labels) > MAX_LABELS:
+            raise BadRequest(f'<{tag.tag} name="{tag.get("name")}"> has {len(labels)} labels; at most {MAX_LABELS}')
+    brush_names = {b.lower() for b in br_labels}
+    unmatched = [l for l in kp_labels if l.lower() not in brush_names]
     if unmatched and len(br_labels) > 1:
         warnings.append(
             f"KeyPoint label(s) {unmatched} have no BrushLabels label of the same name: their masks "

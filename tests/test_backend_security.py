@@ -329,3 +329,20 @@ def test_a_request_path_cannot_forge_a_log_line(auth_client, caplog):
     logged = [rec.getMessage() for rec in caplog.records if rec.name == "ml_backend.api"]
     assert logged and all("\n" not in m and "\r" not in m for m in logged)
     assert any("\\x0a2026-12-07" in m for m in logged)  # kept, escaped
+
+
+def test_a_huge_label_config_is_refused_quickly(client):
+    import time
+
+    labels = "".join(f'<Label value="t{i}"/>' for i in range(16000))
+    xml = (f'<View><Image name="image" value="$image"/><BrushLabels name="defect" toName="image">{labels}'
+           f'</BrushLabels><KeyPointLabels name="click" toName="image" smart="true">{labels}</KeyPointLabels></View>')
+    t0 = time.monotonic()
+    r = client.post("/validate", json={"config": xml})
+    assert r.status_code == 400 and "at most" in r.get_json()["error"]
+    assert time.monotonic() - t0 < 2.0
+    many = "".join(f'<Label value="t{i}"/>' for i in range(1500))
+    xml = (f'<View><Image name="image" value="$image"/><BrushLabels name="defect" toName="image">{many}'
+           f'</BrushLabels><KeyPointLabels name="click" toName="image" smart="true">{many}</KeyPointLabels></View>')
+    r = client.post("/validate", json={"config": xml})
+    assert r.status_code == 400 and "1500 labels; at most 1000" in r.get_json()["error"]
