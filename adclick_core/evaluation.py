@@ -31,8 +31,8 @@ if TYPE_CHECKING:
     from .adaptation import AdaptConfig
 
 __all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
-           "report_counts", "check_methods", "check_workers", "default_workers", "METHODS", "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS",
-           "DEFAULT_CLICKS"]
+           "report_counts", "check_methods", "check_workers", "default_workers", "masks_for_learning", "METHODS",
+           "DEFAULT_METHODS", "THRESHOLD", "NOC_TARGETS", "DEFAULT_CLICKS"]
 
 log = logging.getLogger(__name__)
 THRESHOLD = 0.49
