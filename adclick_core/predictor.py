@@ -25,8 +25,7 @@ from .residuals import ResidualConfig, compute_residuals, match_residuals
 from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_boxes
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "ABLATIONS", "without_steps", "smooth_probability",
-           "seg_probabilities",
-           "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
+           "seg_probabilities", "gate_by_image_score", "MapFusion", "fuse_with_map", "smooth_map", "SEG_BLUR_SIGMA"]
 
 SEG_BLUR_SIGMA = 4.0  # px at the output size: ADClick-Seg maps are smoothed as in the papers' evaluation
 
