@@ -153,15 +153,25 @@ def build_synthetic_pool(
             img, mask = synth(crop, rng, others=[other])
             whole = extractor(extractor.preprocess([resized(i)]))
             near = retrieve_neighbours(bank, whole.descriptor, k_zoom, exclude=[exclusions(i)])[0].tolist()
-            refs = [relative_crop(bank.source(r), box, cv.shape[:2]) for r in near if bank.sources[r] is not None]
-            feats = extractor(extractor.preprocess([img] + refs))
-            residuals.append(match_residuals(feats.grid[0].float(), feats.grid[1:].float(), residual_config)[None]
-                             .half().cpu())
-            fines.append(feats.fine[:1].half().cpu())
+            residual, fine = _crop_residual(extractor, img, bank, near, box, cv.shape[:2], residual_config)
+            residuals.append(residual)
+            fines.append(fine)
             masks.append(mask)
         bar.update(len(chunk))
     bar.close()
     return ClickPool(torch.cat(residuals), torch.cat(fines), np.stack(masks))
+
+
+def _crop_residual(extractor: FeatureExtractor, crop: np.ndarray, bank: ReferenceBank, near: Sequence[int],
+                   box: tuple[int, int, int, int], canvas_hw: tuple[int, int],
+                   residual_config: ResidualConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual 1 x C x g x g, stage-1 features) of a zoom-in ``crop`` (the image at ``box`` of its
+    canvas) against the same crop of the bank references ``near``, as ``ClickPredictor`` answers on
+    a crop; float16 on the CPU, as a pool keeps them."""
+    refs = [relative_crop(bank.source(r), box, canvas_hw) for r in near if bank.sources[r] is not None]
+    feats = extractor(extractor.preprocess([crop] + refs))
+    residual = match_residuals(feats.grid[0].float(), feats.grid[1:].float(), residual_config)[None]
+    return residual.half().cpu(), feats.fine[:1].half().cpu()
 
 
 def _resize_image(image: np.ndarray, side: int) -> np.ndarray:
@@ -244,11 +254,9 @@ def build_defect_pool(
                 if cols.stop - cols.start <= side else int(np.clip(cols.start, 0, cw - side))
             box = (y0, x0, side, side)
             crop = np.ascontiguousarray(cv[y0:y0 + side, x0:x0 + side])
-            refs = [relative_crop(bank.source(r), box, (ch, cw)) for r in near if bank.sources[r] is not None]
-            feats = extractor(extractor.preprocess([crop] + refs))
-            residuals.append(match_residuals(feats.grid[0].float(), feats.grid[1:].float(), residual_config)[None]
-                             .half().cpu())
-            fines.append(feats.fine[:1].half().cpu())
+            residual, fine = _crop_residual(extractor, crop, bank, near, box, (ch, cw), residual_config)
+            residuals.append(residual)
+            fines.append(fine)
             masks.append(_resize_defect_mask(cmask[y0:y0 + side, x0:x0 + side], (s, s)))
     bar.close()
     if not masks:
