@@ -225,9 +225,13 @@ def cmd_train_click(args) -> dict:
     if init_record:
         meta["init"] = init_record
     out = Path(args.out).with_name(f".{Path(args.out).name}.member.tmp") if args.replace_member else args.out
-    _, summary = train_click(pool, tcfg, out=out, meta=meta, device=extractor.device, init_state=init_state)
-    if args.replace_member:
-        replace_member(ensemble, args.init_member, out, f"member {args.init_member} continued", args.out)
+    try:
+        _, summary = train_click(pool, tcfg, out=out, meta=meta, device=extractor.device, init_state=init_state)
+        if args.replace_member:
+            replace_member(ensemble, args.init_member, out, f"member {args.init_member} continued", args.out)
+    finally:
+        if args.replace_member:  # a failed training leaves no temporary member behind
+            Path(out).unlink(missing_ok=True)
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
                     "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool),
                     "sources": len(datas) + len(families)})

@@ -75,12 +75,17 @@ def test_bank_from_ok_tasks_is_built_on_setup_and_persisted(tmp_path, ls):
     assert not any("t1.png" in r or "t2.png" in r for r in ls.requests)
 
 
-def test_webhook_ok_tag_extends_the_bank_and_ng_removes(tmp_path, ls):
+def set_up(tmp_path):
+    """(backend, client, the project's references) after /setup built its bank of the 2 OK tasks."""
     b = backend(tmp_path)
     c = create_app(b).test_client()
     c.post("/setup", json={"project": PROJECT, "schema": CONFIG})
     wait_jobs(b)
-    refs = b.model_for(PROJECT).references
+    return b, c, b.model_for(PROJECT).references
+
+
+def test_webhook_ok_tag_extends_the_bank_and_ng_removes(tmp_path, ls):
+    b, c, refs = set_up(tmp_path)
     fp0 = refs.bank.fingerprint
     ls.tasks[6] = ls_task(6, "OK")  # as Label Studio has it once the annotator submitted
     hook = {"action": "ANNOTATION_CREATED", "project": {"id": 1, "label_config": CONFIG},
@@ -126,11 +131,7 @@ def test_export_refused_is_reported(tmp_path, ls, monkeypatch):
 
 
 def test_a_forged_ok_webhook_changes_no_bank(tmp_path, ls):
-    b = backend(tmp_path)
-    c = create_app(b).test_client()
-    c.post("/setup", json={"project": PROJECT, "schema": CONFIG})
-    wait_jobs(b)
-    refs = b.model_for(PROJECT).references
+    b, c, refs = set_up(tmp_path)
     fp0, requests0 = refs.bank.fingerprint, len(ls.requests)
     other = {**ls_task(7, "OK"), "project": 2}  # another project's OK task
     ls.tasks[7] = other

@@ -44,6 +44,18 @@ def _click(ls, ml_id: int, task_id: int, img: Path, gt: np.ndarray, label: str):
     return mask, c
 
 
+def _project(ls, backend, mtd_dir: Path, title: str, tasks: list[dict]) -> tuple[int, dict[str, int], int]:
+    """A project of its own on the MTD folder (Local Storage) with ``tasks``, connected to ``backend``
+    as its interactive ML backend: (project id, image URL -> task id, ML backend id)."""
+    pid = ls.api("POST", "/api/projects", json={"title": title, "label_config": CONFIG})["id"]
+    ls.api("POST", "/api/storages/localfiles", json={
+        "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
+    by_url = import_tasks(ls, pid, tasks)
+    ml_id = ls.api("POST", "/api/ml", json={"url": backend.url, "project": pid, "is_interactive": True,
+                                            "title": title})["id"]
+    return pid, by_url, ml_id
+
+
 def _adaptation(backend, pid: int) -> dict:
     return backend.health()["adaptation"]["projects"].get(str(pid), {})
 
@@ -58,16 +70,11 @@ def test_ok_tags_in_label_studio_adapt_the_click_model_of_their_project(label_st
     gt = np.asarray(Image.open(gt_path).convert("L")) > 127
     env = {"ADCLICK_ADAPT_MIN_REFERENCES": str(MIN_REFERENCES), "ADCLICK_ADAPT_ITERATIONS": str(ITERATIONS)}
     with start_backend(**env) as backend:
-        pid = ls.api("POST", "/api/projects", json={"title": "ADClick adaptation", "label_config": CONFIG})["id"]
-        ls.api("POST", "/api/storages/localfiles", json={
-            "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
         tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
                  for g in refs[:8]]
         tasks += [{"data": {"image": local_url(g, mtd_dir)}} for g in refs[8:]]
         tasks.append({"data": {"image": local_url(img, mtd_dir), "defect": defect}})
-        by_url = import_tasks(ls, pid, tasks)
-        ml_id = ls.api("POST", "/api/ml", json={"url": backend.url, "project": pid, "is_interactive": True,
-                                                "title": "ADClick adapting"})["id"]
+        pid, by_url, ml_id = _project(ls, backend, mtd_dir, "ADClick adaptation", tasks)
         task_id = by_url[local_url(img, mtd_dir)]
         v0 = backend.health()["projects"][str(pid)]["click_model"]
 
@@ -125,15 +132,10 @@ def test_brush_masks_submitted_in_label_studio_teach_the_click_model_of_their_pr
     masks = 3
     env = {"ADCLICK_LEARN_MASKS": str(masks), "ADCLICK_ADAPT_ITERATIONS": str(ITERATIONS)}
     with start_backend(**env) as backend:
-        pid = ls.api("POST", "/api/projects", json={"title": "ADClick masks", "label_config": CONFIG})["id"]
-        ls.api("POST", "/api/storages/localfiles", json={
-            "project": pid, "path": str(mtd_dir), "title": "MTD", "use_blob_urls": True, "regex_filter": "^$"})
         tasks = [{"data": {"image": local_url(g, mtd_dir)}, "annotations": [{"result": verdict_result("OK")}]}
                  for g in refs]
         tasks += [{"data": {"image": local_url(p, mtd_dir), "defect": d}} for d, p, _ in [defects[0], *annotated]]
-        by_url = import_tasks(ls, pid, tasks)
-        ml_id = ls.api("POST", "/api/ml", json={"url": backend.url, "project": pid, "is_interactive": True,
-                                                "title": "ADClick learning"})["id"]
+        pid, by_url, ml_id = _project(ls, backend, mtd_dir, "ADClick masks", tasks)
         task_id = by_url[local_url(img, mtd_dir)]
         v0 = backend.health()["projects"][str(pid)]["click_model"]
         before, click = _click(ls, ml_id, task_id, img, gt, defect)
