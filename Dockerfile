@@ -31,6 +31,7 @@ RUN pip install --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29
 COPY adclick_core ./adclick_core
 COPY ml_backend ./ml_backend
 COPY label_config ./label_config
+COPY gunicorn.conf.py ./
 
 RUN useradd --create-home --uid 1000 adclick \
  && mkdir -p /data \

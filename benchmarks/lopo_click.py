@@ -14,6 +14,9 @@ Every product's defect pool is built once and shared by the folds.
 
 Writes ``<out>/<P>.pt`` (the fold's ensemble), ``<out>/<P>.json`` (its eval-click result) and
 ``<out>/summary.json``; prints the per-product table (ADClick fold model beside the random walker).
+
+``--ship`` trains one more model on the real defects of *every* product (no product held out, so no
+evaluation): ``<out>/all.pt``, the model shipped as ``adclick_core/weights/adclick_click.pt``.
 """
 from __future__ import annotations
 
@@ -63,12 +66,14 @@ def main() -> None:
     ap.add_argument("--methods", default="adclick,random_walker")
     ap.add_argument("--skip-eval", action="store_true", help="train the folds only")
     ap.add_argument("--eval-only", action="store_true", help="evaluate the folds already in --out")
+    ap.add_argument("--ship", action="store_true",
+                    help="also train on every product's defects (<out>/all.pt, the shipped model; not evaluated)")
     args = ap.parse_args()
 
     root, out = Path(args.root), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     products = [p for p in args.products.split(",") if p]
-    folds = [p for p in (args.folds or args.products).split(",") if p]
+    folds = [p for p in (args.folds if args.folds is not None else args.products).split(",") if p]
     t0 = time.time()
     base = ClickPredictor.from_checkpoint(args.checkpoint, device="auto")
     ext, rcfg = base.extractor, base.residual_config
@@ -101,23 +106,24 @@ def main() -> None:
     summary = {"pools_seconds": round(t_pools, 1), "iterations": args.iterations, "lr": args.lr,
                "defect_samples": {p: len(v) for p, v in defect_pools.items()},
                "synthetic_samples": sum(len(s) for s in synthetic), "folds": {}}
-    for p in folds:
+    for p in folds + (["all"] if args.ship else []):
         t1 = time.time()
-        pool = concat_pools(synthetic + [v for q, v in defect_pools.items() if q != p])
+        held_out = None if p == "all" else p
+        pool = concat_pools(synthetic + [v for q, v in defect_pools.items() if q != held_out])
         tcfg = ClickTrainConfig(iterations=args.iterations, lr=args.lr, warmup=30, max_extra_clicks=3,
                                 model=base.model.config)
         trained = out / f".{p}.member.pt"
         meta = {"backbone": ext.config.to_dict(), "residual_config": rcfg.to_dict(),
                 "bank_fingerprint": start.get("bank_fingerprint"),
-                "trained_on": {"defects": [q for q in products if q != p], "synthetic": args.synthetic,
-                               "held_out": p, "synthesizer": mix}}
+                "trained_on": {"defects": [q for q in products if q != held_out], "synthetic": args.synthetic,
+                               "held_out": held_out, "synthesizer": mix}}
         _, train_summary = train_click(pool, tcfg, out=trained, meta=meta, device=base.device,
                                        checkpoint_every=0, init_state=start["state_dict"])
         ckpt = out / f"{p}.pt"
-        replace_member(members, args.member, trained, f"member {args.member}, real defects without {p}", ckpt,
-                       held_out=p)
+        what = f"real defects without {held_out}" if held_out else f"real defects of {','.join(products)}"
+        replace_member(members, args.member, trained, f"member {args.member}, {what}", ckpt, held_out=held_out)
         fold = {"train": train_summary, "pool_size": len(pool), "checkpoint": str(ckpt)}
-        if not args.skip_eval:
+        if held_out and not args.skip_eval:
             fold["methods"] = evaluate_fold(args, root, out, p)
         fold["seconds"] = round(time.time() - t1, 1)
         summary["folds"][p] = fold

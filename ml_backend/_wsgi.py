@@ -4,7 +4,9 @@
 
 One worker holds the models once; threads serve concurrent clicks (the click model is shared,
 per-image states are cached). ``--timeout 0`` because building a reference bank on the first
-click of a project may take longer than gunicorn's default 30 s.
+click of a project may take longer than gunicorn's default 30 s. ``gunicorn.conf.py`` (read from
+the folder gunicorn starts in) sets the worker class ``ml_backend.server.BufferingThreadWorker``,
+which reads each request whole before a thread takes it (slow clients cannot take the threads).
 
 Environment variables
 ---------------------
@@ -24,7 +26,9 @@ ADCLICK_REFERENCE_DIR     Optional folder of defect-free images added to every p
 ADCLICK_MAX_REFERENCES    At most this many reference images per project (default 200).
 ADCLICK_STATE_CACHE_MB    Memory budget of the per-image state cache (default 512).
 ADCLICK_IMAGE_CACHE_MB    Disk budget of downloaded images (default 1024).
-ADCLICK_IMAGE_CACHE_DIR   Where downloaded images are cached (default <tmp>/adclick-image-cache).
+ADCLICK_IMAGE_CACHE_DIR   Where downloaded images are cached, in a folder only this user can read, each
+                          file checked against its SHA-256 on every read (default
+                          $XDG_CACHE_HOME or ~/.cache, then adclick/images).
 ADCLICK_MASK_THRESHOLD    Probability above which a pixel is in the mask (default 0.5).
 ADCLICK_BANK_WAIT_S       How long a click waits for a project's first bank build (default 80;
                           Label Studio gives /predict 100 s).
@@ -53,7 +57,24 @@ ADCLICK_MAX_REQUEST_MB    Largest request body (default 20; 413 above).
 ADCLICK_MAX_IMAGE_MB      Largest image download or data: URL (default 50; 413 above).
 ADCLICK_MAX_IMAGE_PIXELS  Largest image in pixels (default 50e6; 413 above, before decoding).
 ADCLICK_MAX_CLICKS        Most KeyPoints in one interactive request (default 100).
+ADCLICK_MAX_IMAGE_SIDE    Longest image side in pixels (default 30000; 413 above, before decoding).
+ADCLICK_MAX_IMAGE_ASPECT  Longest side / shortest side of an image (default 20; 413 above).
 ADCLICK_MAX_TASKS         Most tasks in one /predict (default 1000).
+ADCLICK_MAX_REQUEST_PIXELS
+                          Pixels one request may decode, all its images together (default twice
+                          ADCLICK_MAX_IMAGE_PIXELS; 413 above).
+ADCLICK_REQUEST_DEADLINE  Seconds of work one request may take; checked between tasks and before an
+                          image's features (default 120; 503 after it).
+ADCLICK_REQUEST_READ_TIMEOUT
+                          Seconds a client has to send a whole request from its first byte, and for
+                          each blocking write of an answer (default 60; the connection is closed).
+ADCLICK_READ_BUFFER_MB    Memory for requests still arriving, all connections together (default 4 x
+                          ADCLICK_MAX_REQUEST_MB; 503 above).
+ADCLICK_MAX_PROJECTS      Projects held in memory; the least recently used idle one leaves when a new
+                          one needs room (default 100; 503 when all are busy). Files stay on disk.
+ADCLICK_PROJECT_IDLE_S    A project unused this long leaves memory (default 3600).
+ADCLICK_MAX_DISK_MB       Budget of ADCLICK_MODEL_DIR: above it no bank is saved and no training or
+                          adaptation starts (default 20000; 507 with the reason).
 ADCLICK_PRELOAD           1 (default) loads the click model at start in the background; 0 on first use.
 ADCLICK_LOG_LEVEL         DEBUG | INFO (default) | WARNING.
 """

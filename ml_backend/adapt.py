@@ -77,7 +77,7 @@ class AdaptJob(BackgroundJob):
         if self.current is not None and references < 2 * self.references_adapted():
             return None
         self._auto_tried_at = references
-        return self.start(f"{references} reference images, ADCLICK_ADAPT_MIN_REFERENCES={minimum}")
+        return self._start_automatically(f"{references} reference images, ADCLICK_ADAPT_MIN_REFERENCES={minimum}")
 
     def note_mask(self) -> dict | None:
         """A brush mask was submitted (webhook): start an adaptation once ``ADCLICK_LEARN_MASKS`` new
@@ -86,7 +86,15 @@ class AdaptJob(BackgroundJob):
         self.masks_since += 1
         if every <= 0 or self.masks_since < every or self.running:
             return None
-        return self.start(f"{self.masks_since} new brush masks, ADCLICK_LEARN_MASKS={every}")
+        return self._start_automatically(f"{self.masks_since} new brush masks, ADCLICK_LEARN_MASKS={every}")
+
+    def _start_automatically(self, reason: str) -> dict | None:
+        # nobody asked for this one: a refusal (the model folder's disk budget) is logged, not answered
+        try:
+            return self.start(reason)
+        except BackendError as e:
+            logger.warning("project %s: no automatic adaptation (%s): %s", self.m.project_id, reason, e.message)
+            return None
 
     def _masks(self) -> tuple[list, dict]:
         """The project's brush masks as (image, mask) pairs, the most recent ``MAX_MASKS``; a

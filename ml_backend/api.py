@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from .budget import request_budget
 from .errors import BackendError, BadRequest, TooLarge
 from .model import Backend
 
@@ -134,6 +135,13 @@ def create_app(backend: Backend | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = int(float(os.environ.get("ADCLICK_MAX_REQUEST_MB", "20")) * 1024 * 1024)
     auth = BasicAuth.from_env()
     max_tasks = int(float(os.environ.get("ADCLICK_MAX_TASKS", "1000")))
+    wsgi_app = app.wsgi_app
+
+    def with_budget(environ, start_response):  # every request: a deadline and a decode budget (budget.py)
+        with request_budget():
+            return wsgi_app(environ, start_response)
+
+    app.wsgi_app = with_budget
 
     @app.before_request
     def _authenticate():

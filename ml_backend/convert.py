@@ -26,11 +26,15 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from adclick_core.clicks import Click
 
+from .budget import charge_pixels
 from .errors import BadRequest, TooLarge
 
 # Bounds on what one request may make the backend decode (each a clear 4xx when passed).
 MAX_CLICKS = int(float(os.environ.get("ADCLICK_MAX_CLICKS", "100")))
 MAX_IMAGE_PIXELS = int(float(os.environ.get("ADCLICK_MAX_IMAGE_PIXELS", "50e6")))
+# A 8 x 6,000,000 image is under the pixel bound yet costs minutes in every step sized by its long side.
+MAX_IMAGE_SIDE = int(float(os.environ.get("ADCLICK_MAX_IMAGE_SIDE", "30000")))
+MAX_IMAGE_ASPECT = float(os.environ.get("ADCLICK_MAX_IMAGE_ASPECT", "20"))
 # A label config is a few kB with a handful of defect types; these bound the work of parsing one.
 MAX_CONFIG_CHARS = 200_000
 MAX_LABELS = 1000
@@ -404,6 +408,12 @@ def _open(data: bytes) -> Image.Image:
     if w * h > MAX_IMAGE_PIXELS:
         raise TooLarge(f"the image is {w}x{h} = {w * h:,} pixels, above ADCLICK_MAX_IMAGE_PIXELS "
                        f"({MAX_IMAGE_PIXELS:,})")
+    if max(w, h) > MAX_IMAGE_SIDE:
+        raise TooLarge(f"the image is {w}x{h}: a side above ADCLICK_MAX_IMAGE_SIDE ({MAX_IMAGE_SIDE:,} px)")
+    if max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
+        raise TooLarge(f"the image is {w}x{h}: longer than ADCLICK_MAX_IMAGE_ASPECT ({MAX_IMAGE_ASPECT:g}) "
+                       "times its width")
+    charge_pixels(w * h)
     try:
         im.load()
         return im

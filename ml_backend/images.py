@@ -20,8 +20,10 @@ http(s)). We add what users of the official SAM backend kept tripping over:
 from __future__ import annotations
 
 import hashlib
+import hmac
 import logging
 import os
+import stat
 import tempfile
 import threading
 import time
@@ -127,43 +129,115 @@ def auth_headers(creds: Credentials) -> dict:
     return {"Authorization": f"{scheme} {tok}"}
 
 
-class ImageLoader:
-    """Fetches task images as bytes through the SDK helper, with a bounded on-disk cache."""
+def private_dir(path: Path) -> Path:
+    """``path`` as a folder only this user can read (0700), created if missing; a folder that is a
+    link or belongs to another user is refused (it could be read or planted by that user)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"{path} is a link or belongs to another user: not used as a private cache")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
-    def __init__(self, cache_dir: str | os.PathLike | None = None, max_cache_mb: float = 1024.0):
-        self.cache_root = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "adclick-image-cache"
-        self.max_cache_bytes = int(max_cache_mb * 1024 * 1024)
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adclick" / "images"
+
+
+class ImageCache:
+    """Downloaded images on disk, private and checked: the folder is 0700, each file is named by a
+    keyed hash of (credentials, URL), which nobody without the key can predict, and by the SHA-256
+    of its content, which is checked on every read (a file changed on disk is dropped and the image
+    downloaded again). Oldest files go first above ``max_bytes``."""
+
+    def __init__(self, root: Path, max_bytes: int):
+        try:
+            self.root = private_dir(root)
+        except OSError as e:
+            self.root = Path(tempfile.mkdtemp(prefix="adclick-images-"))
+            logger.warning("image cache %s not usable (%s): using %s", root, e, self.root)
+        self.max_bytes = max_bytes
+        self._key = self._secret()
         self._lock = threading.Lock()
         self._last_prune = 0.0
 
-    def _cache_dir(self, creds: Credentials) -> Path:
-        d = self.cache_root / creds.key
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def _secret(self) -> bytes:
+        path = self.root / ".key"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(os.urandom(32))
+        except FileExistsError:
+            pass
+        except OSError:
+            return os.urandom(32)
+        key = path.read_bytes()
+        return key if len(key) == 32 else os.urandom(32)
+
+    def _name(self, creds_key: str, url: str) -> str:
+        return hmac.new(self._key, f"{creds_key}\0{url}".encode(), hashlib.sha256).hexdigest()[:40]
+
+    def get(self, creds_key: str, url: str) -> bytes | None:
+        name = self._name(creds_key, url)
+        for path in self.root.glob(name + ".*"):
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(data).hexdigest() == path.name.rsplit(".", 1)[-1]:
+                try:
+                    os.utime(path)
+                except OSError:
+                    pass
+                return data
+            logger.warning("image cache: %s does not match its content hash: dropped", path.name)
+            path.unlink(missing_ok=True)
+        return None
+
+    def put(self, creds_key: str, url: str, data: bytes) -> None:
+        name = f"{self._name(creds_key, url)}.{hashlib.sha256(data).hexdigest()}"
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self.root / name)
+        except OSError as e:
+            logger.warning("image cache: cannot write (%s)", e)
+            return
+        with self._lock:
+            self._prune()
 
     def _prune(self) -> None:
         now = time.time()
         if now - self._last_prune < 30:
             return
         self._last_prune = now
-        files = []
-        total = 0
-        for p in self.cache_root.rglob("*"):
+        files, total = [], 0
+        for p in self.root.iterdir():
             try:
-                if p.is_file():
+                if p.is_file() and p.name != ".key":
                     st = p.stat()
-                    files.append((st.st_atime, st.st_size, p))
+                    files.append((st.st_mtime, st.st_size, p))
                     total += st.st_size
             except OSError:
                 continue
         files.sort()
-        while total > self.max_cache_bytes and files:
+        while total > self.max_bytes and files:
             _, size, p = files.pop(0)
             try:
                 p.unlink()
                 total -= size
             except OSError:
                 pass
+
+
+class ImageLoader:
+    """Fetches task images as bytes through the SDK helper (every hop checked by ``UrlPolicy``),
+    with a private, hash-checked cache (``ImageCache``)."""
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None, max_cache_mb: float = 1024.0):
+        self.cache = ImageCache(Path(cache_dir) if cache_dir else default_cache_dir(), int(max_cache_mb * 1024 * 1024))
 
     def fetch(self, url: str, creds: Credentials, task_id: int | None = None) -> bytes:
         """The image's bytes, or a BackendError with a message the annotator can act on."""
@@ -193,22 +267,29 @@ class ImageLoader:
                 f"LABEL_STUDIO_URL={creds.hostname!r} must start with http:// or https://"
             )
         host_for_msg = creds.hostname or "(no Label Studio URL)"
+        cached = self.cache.get(creds.key, url)
+        if cached is not None:
+            return cached
         token = ""
         if creds.token and creds.hostname:
             token = ACCESS_TOKENS.header_token(creds)
         try:
-            with ls_io.http_session(PolicySession(policy, DOWNLOAD_TIMEOUT_S)):
+            with ls_io.http_session(PolicySession(policy, DOWNLOAD_TIMEOUT_S)), \
+                    tempfile.TemporaryDirectory(dir=self.cache.root, prefix=".download-") as scratch:
                 path = ls_io.get_local_path(
                     url,
-                    cache_dir=str(self._cache_dir(creds)),
+                    cache_dir=scratch,
                     hostname=creds.hostname or None,
                     access_token=token or None,
                     download_resources=True,
                     task_id=task_id,
+                    # never Label Studio's upload folder on this machine: an upload is downloaded
+                    # through Label Studio, which checks that the token may see it
+                    image_dir=os.path.join(scratch, "no-local-uploads"),
                 )
-            policy.require_size(os.path.getsize(path), f"the image {url}")
-            with open(path, "rb") as fh:
-                data = fh.read()
+                policy.require_size(os.path.getsize(path), f"the image {url}")
+                with open(path, "rb") as fh:
+                    data = fh.read()
         except requests.HTTPError as e:
             code = e.response.status_code if e.response is not None else 0
             if code in (401, 403):
@@ -252,8 +333,7 @@ class ImageLoader:
             raise BadRequest(f"cannot download {url}: {e}") from None
         except OSError as e:
             raise ImageNotFound(f"cannot read the image {url}: {e}") from None
-        with self._lock:
-            self._prune()
+        self.cache.put(creds.key, url, data)
         return data
 
 

@@ -130,6 +130,7 @@ class BackgroundJob:
                     f"project {self.m.project_id}: {self.title} is already running "
                     f"({self.state.get('percent', 0):.0f}%): this request is ignored"),
                     "model_version": self.m.model_version}
+            self.m.backend.require_disk(f"project {self.m.project_id}: {self.title}")
             self.state.update(state="running", percent=0.0, message=f"starting ({reason})", started=utcnow(),
                               finished=None, error=None)
             self._on_start()

@@ -35,6 +35,8 @@ from .convert import (
     verdict_of,
 )
 from .convert import NG_CHOICE_NAMES, OK_CHOICE_NAMES
+from .budget import check_deadline
+from .env import env_float
 from .errors import BackendError, BadRequest, ServiceUnavailable
 from .images import Credentials, ImageLoader, utcnow
 from .references import ProjectReferences
@@ -47,15 +49,6 @@ INTERACTIVE_HINT = (
     "for this backend; on the labeling page switch on 'Auto-Annotation', pick the smart KeyPoint "
     "label and click the defect (Alt+click = negative click)."
 )
-
-
-def _env_float(name: str, default: float | None) -> float | None:
-    v = os.environ.get(name)
-    try:
-        return float(v) if v not in (None, "") else default
-    except ValueError:
-        logger.warning("%s=%r is not a number: using %s", name, v, default)
-        return default
 
 
 @dataclass
@@ -77,6 +70,9 @@ class Settings:
     adapt_min_references: int = 0  # 0: adapt only on request (POST /adapt)
     adapt_iterations: int = 300
     learn_masks: int = 10  # adapt to the project's own brush masks after this many new ones (0: only POST /adapt)
+    max_projects: int = 100  # live projects in memory; the least recently used idle one is evicted
+    project_idle_s: float = 3600.0  # a project unused this long leaves memory (its files stay)
+    max_disk_mb: float = 20000.0  # ADCLICK_MODEL_DIR budget: above it nothing new is written there
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -84,20 +80,23 @@ class Settings:
             model_dir=Path(os.path.expanduser(os.environ.get("ADCLICK_MODEL_DIR") or "~/.adclick/models")),
             checkpoint=os.environ.get("ADCLICK_CHECKPOINT") or None,
             device=os.environ.get("ADCLICK_DEVICE") or "auto",
-            state_cache_mb=_env_float("ADCLICK_STATE_CACHE_MB", 512.0),
-            image_cache_mb=_env_float("ADCLICK_IMAGE_CACHE_MB", 1024.0),
+            state_cache_mb=env_float("ADCLICK_STATE_CACHE_MB", 512.0),
+            image_cache_mb=env_float("ADCLICK_IMAGE_CACHE_MB", 1024.0),
             image_cache_dir=os.environ.get("ADCLICK_IMAGE_CACHE_DIR") or None,
-            threshold=_env_float("ADCLICK_MASK_THRESHOLD", 0.5),
+            threshold=env_float("ADCLICK_MASK_THRESHOLD", 0.5),
             reference_dir=os.environ.get("ADCLICK_REFERENCE_DIR") or None,
-            max_references=int(_env_float("ADCLICK_MAX_REFERENCES", 200)),
-            bank_wait_s=_env_float("ADCLICK_BANK_WAIT_S", 80.0),
-            bank_refresh_s=_env_float("ADCLICK_BANK_REFRESH_S", 600.0),
-            seg_iterations=max(1, int(_env_float("ADCLICK_SEG_ITERATIONS", 600))),
-            seg_threshold=_env_float("ADCLICK_SEG_THRESHOLD", None),
-            train_every=max(0, int(_env_float("ADCLICK_TRAIN_EVERY", 0))),
-            adapt_min_references=max(0, int(_env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
-            adapt_iterations=max(1, int(_env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
-            learn_masks=max(0, int(_env_float("ADCLICK_LEARN_MASKS", 10))),
+            max_references=int(env_float("ADCLICK_MAX_REFERENCES", 200)),
+            bank_wait_s=env_float("ADCLICK_BANK_WAIT_S", 80.0),
+            bank_refresh_s=env_float("ADCLICK_BANK_REFRESH_S", 600.0),
+            seg_iterations=max(1, int(env_float("ADCLICK_SEG_ITERATIONS", 600))),
+            seg_threshold=env_float("ADCLICK_SEG_THRESHOLD", None),
+            train_every=max(0, int(env_float("ADCLICK_TRAIN_EVERY", 0))),
+            adapt_min_references=max(0, int(env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
+            adapt_iterations=max(1, int(env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
+            learn_masks=max(0, int(env_float("ADCLICK_LEARN_MASKS", 10))),
+            max_projects=max(1, int(env_float("ADCLICK_MAX_PROJECTS", 100))),
+            project_idle_s=env_float("ADCLICK_PROJECT_IDLE_S", 3600.0, positive=True),
+            max_disk_mb=env_float("ADCLICK_MAX_DISK_MB", 20000.0, positive=True),
         )
 
 
@@ -178,6 +177,7 @@ class Backend:
         self._predictor_lock = threading.Lock()
         self._models: dict[str, "ADClickModel"] = {}
         self._models_lock = threading.Lock()
+        self._disk_checked: tuple[float, float] = (-1e9, 0.0)
         self.started = utcnow()
         self.click_tag = click_model_tag(self.settings.checkpoint)
         self.stats = {"clicks": 0, "cold_clicks": 0, "errors_4xx": 0, "errors_5xx": 0}
@@ -240,11 +240,52 @@ class Backend:
             if m is not None and uid and m.uid and uid != m.uid:
                 logger.info("project %s was re-created in Label Studio (%s -> %s): new model", pid, m.uid, uid)
                 m = None
+            self._evict_locked(keep=pid, room_for_one=m is None)
             if m is None:
                 m = ADClickModel(pid, self, uid=uid)
                 self._models[pid] = m
+            m.last_used = time.monotonic()
         m.update(label_config=label_config, hostname=hostname, access_token=access_token, uid=uid)
         return m
+
+    def _evict_locked(self, keep: str, room_for_one: bool) -> None:
+        """Projects leave memory when idle for ``project_idle_s`` or, least recently used first, when
+        a new one needs room above ``max_projects``; their files stay and load again on next use. A
+        project with a job or bank build running stays; if none can leave, the new one is a 503."""
+        now = time.monotonic()
+        idle = sorted((m for pid, m in self._models.items() if pid != keep and not m.busy()),
+                      key=lambda m: m.last_used)
+        for m in idle:
+            crowded = room_for_one and len(self._models) >= self.settings.max_projects
+            if not crowded and now - m.last_used < self.settings.project_idle_s:
+                break
+            del self._models[m.project_id]
+            logger.info("project %s left memory (%s); its files stay in %s", m.project_id,
+                        "ADCLICK_MAX_PROJECTS" if crowded else "idle", m.dir)
+        if room_for_one and len(self._models) >= self.settings.max_projects:
+            raise ServiceUnavailable(f"{len(self._models)} projects are busy (ADCLICK_MAX_PROJECTS="
+                                     f"{self.settings.max_projects}): try again when a job has finished")
+
+    def disk_used_mb(self) -> float:
+        """Size of ADCLICK_MODEL_DIR (cached for 30 s: a walk of the folder is not free)."""
+        now = time.monotonic()
+        if now - self._disk_checked[0] > 30.0:
+            total = 0
+            for f in self.settings.model_dir.rglob("*"):
+                try:
+                    total += f.stat().st_size if f.is_file() else 0
+                except OSError:
+                    pass
+            self._disk_checked = (now, total / 2**20)
+        return self._disk_checked[1]
+
+    def require_disk(self, what: str) -> None:
+        """507 before ``what`` writes to ADCLICK_MODEL_DIR when the folder is above ADCLICK_MAX_DISK_MB."""
+        used = self.disk_used_mb()
+        if used > self.settings.max_disk_mb:
+            raise BackendError(f"{what}: ADCLICK_MODEL_DIR holds {used:,.1f} MB, above ADCLICK_MAX_DISK_MB "
+                               f"({self.settings.max_disk_mb:,g}); remove old projects' folders or raise the bound",
+                               status=507)
 
     def models(self) -> list["ADClickModel"]:
         with self._models_lock:
@@ -310,11 +351,17 @@ class ADClickModel:
             reference_dir=backend.settings.reference_dir,
             max_references=backend.settings.max_references,
             on_update=lambda n: self.adapt.maybe_start(n),
+            require_disk=backend.require_disk,
         )
         self._pred_for_bank: tuple[tuple[str, int], Any] | None = None
         self._lock = threading.Lock()
         self.seg = SegJob(self)
         self.adapt = AdaptJob(self)
+        self.last_used = time.monotonic()
+
+    def busy(self) -> bool:
+        """A job or a reference-bank build is running: the project must stay in memory."""
+        return self.seg.running or self.adapt.running or self.references.building
 
     # ------------------------------------------------------------ state
     def update(self, label_config=None, hostname=None, access_token=None, uid=None) -> None:
@@ -390,9 +437,11 @@ class ADClickModel:
         if not isinstance(tasks, list) or not tasks:
             raise BadRequest("'tasks' must be a non-empty list of tasks")
         cfg = self.config
-        if context is None:
-            return [self._preannotate(t, cfg) for t in tasks]
-        return [self._interactive(t, context, cfg) for t in tasks]
+        out = []
+        for t in tasks:
+            check_deadline()  # a long batch stops with a 503 between tasks, not minutes later
+            out.append(self._preannotate(t, cfg) if context is None else self._interactive(t, context, cfg))
+        return out
 
     def fit(self, event: str, data: dict, **kwargs) -> dict:
         if event == "START_TRAINING":
@@ -532,6 +581,7 @@ class ADClickModel:
 
         def create() -> StateEntry:
             image = decode_image(data)
+            check_deadline()
             try:
                 state = pred.set_image(image)
             except EmptyBankError as e:

@@ -71,6 +71,7 @@ class ProjectReferences:
         reference_dir: str | None,
         max_references: int,
         on_update: Callable[[int], Any] | None = None,
+        require_disk: Callable[[str], Any] | None = None,
     ):
         self.dir = Path(project_dir)
         self.project_id = project_id
@@ -81,6 +82,7 @@ class ProjectReferences:
         self.reference_dir = reference_dir
         self.max_references = max_references
         self._on_update = on_update  # called with the number of references after each sync / addition
+        self._require_disk = require_disk  # raises (507) when the model folder is above its budget
         self.bank = None
         self.sources: list[str] = []  # "task:<id>" / "file:<path>" in bank order
         self.status = "not built"
@@ -89,6 +91,11 @@ class ProjectReferences:
         self._lock = threading.RLock()  # guards bank/sources swaps and builds
         self._job = None  # future of the queued/running sync
         self._job_lock = threading.Lock()
+
+    @property
+    def building(self) -> bool:
+        job = self._job
+        return job is not None and not job.done()
 
     # ---------------------------------------------------------------- info
     def info(self) -> dict:
@@ -131,6 +138,13 @@ class ProjectReferences:
     def _persist(self) -> None:
         if self.bank is None or len(self.bank) == 0:
             return
+        if self._require_disk is not None:
+            try:
+                self._require_disk(f"saving the reference bank of project {self.project_id}")
+            except BackendError as e:  # the bank still answers clicks; it is rebuilt after a restart
+                logger.warning("project %s: %s", self.project_id, e.message)
+                self.last_error = e.message
+                return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.bank.save(self.dir / BANK_FILE)
         tmp = self.dir / (SOURCES_FILE + ".tmp")
