@@ -395,7 +395,7 @@ def mask_to_result(
 # ---------------------------------------------------------------- images
 
 
-def _open(data: bytes) -> Image.Image:
+def _open(data: bytes, load: bool = True) -> Image.Image:
     if not data:
         raise BadRequest("the image is empty (0 bytes)")
     try:
@@ -413,12 +413,20 @@ def _open(data: bytes) -> Image.Image:
     if max(w, h) > MAX_IMAGE_ASPECT * min(w, h):
         raise TooLarge(f"the image is {w}x{h}: longer than ADCLICK_MAX_IMAGE_ASPECT ({MAX_IMAGE_ASPECT:g}) "
                        "times its width")
+    if not load:
+        return im
     charge_pixels(w * h)
     try:
         im.load()
         return im
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadRequest(f"the image is corrupt or not a supported format: {e}") from None
+
+
+def check_image(data: bytes) -> None:
+    """The bounds on an image's format and size, from its header alone (no pixel decoded): what a
+    request checks before it starts any other work for the image."""
+    _open(data, load=False)
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -27,6 +27,7 @@ from .convert import (
     LabelConfig,
     brush_label_for,
     context_clicks,
+    check_image,
     decode_image,
     first_image_url,
     has_brush_mask,
@@ -569,6 +570,7 @@ class ADClickModel:
         url = first_image_url(task, cfg)
         creds = self.credentials
         data = self.backend.loader.fetch(url, creds, task_id=task.get("id"))
+        check_image(data)  # a refused image starts no bank build
         digest = hashlib.sha1(data).hexdigest()
         t_fetch = time.perf_counter()
         self.backend.predictor()  # a model that cannot load is a 503, not "no references"

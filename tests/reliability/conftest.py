@@ -25,7 +25,8 @@ from tests.e2e.conftest import BackendServer, free_port, label_studio, mtd_dir  
 from tests.e2e.helpers import CONFIG, import_tasks, keypoint, local_url, pick_references, verdict_result
 
 REPORT: dict[str, dict] = {}
-REPORT_COLUMNS = ("inputs", "2xx", "4xx", "5xx", "wrong masks", "crashes", "data lost")
+REPORT_COLUMNS = ("inputs", "2xx", "4xx", "5xx", "wrong masks", "crashes", "data lost",
+                  "requests to a refused address", "token off the Label Studio host")
 
 
 def pytest_terminal_summary(terminalreporter):
