@@ -57,6 +57,8 @@ def main() -> None:
     ap.add_argument("--banks", default="runs", help="folder of <product>_bank.safetensors (made when missing)")
     ap.add_argument("--out", default="runs/lopo")
     ap.add_argument("--checkpoint", default=None, help="click model to start from (default: the shipped one)")
+    ap.add_argument("--start-dir", default=None,
+                    help="start each fold from <dir>/<P>.pt (e.g. an earlier run's folds, to fine-tune another member)")
     ap.add_argument("--member", type=int, default=0, help="the ensemble member fine-tuned")
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -109,6 +111,10 @@ def main() -> None:
     for p in folds + (["all"] if args.ship else []):
         t1 = time.time()
         held_out = None if p == "all" else p
+        if args.start_dir:  # this fold's own earlier model: its other members stay as they were trained
+            fold_base = ClickPredictor.from_checkpoint(str(Path(args.start_dir) / f"{p}.pt"), device="cpu")
+            members = ensemble_members({"state_dict": fold_base.model.state_dict(), **fold_base.checkpoint_info})
+            start = members[args.member]
         pool = concat_pools(synthetic + [v for q, v in defect_pools.items() if q != held_out])
         tcfg = ClickTrainConfig(iterations=args.iterations, lr=args.lr, warmup=30, max_extra_clicks=3,
                                 model=base.model.config)
