@@ -17,7 +17,8 @@ IPv6 ranges that embed or stand for an IPv4 address (6to4 2002::/16, NAT64 64:ff
 connects with); where the two read another host, port or user part (a backslash or a control
 character in the authority), it is refused: the check must see the address the connection goes to. Names are resolved and every
 address they resolve to is checked, on every redirect hop (redirects are followed here, not by
-requests, so each hop is checked). The Label Studio token only ever goes to the Label Studio host.
+requests, so each hop is checked), and the connection goes to the address that was checked (no
+second DNS lookup that a rebinding name could answer differently). The Label Studio token only ever goes to the Label Studio host.
 Downloads stop at ``max_bytes``.
 """
 from __future__ import annotations
@@ -25,12 +26,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlparse
 
 import requests
-from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, DecodeError, NewConnectionError, ProtocolError, ReadTimeoutError
+from urllib3.util import connection as urllib3_connection
 from urllib3.util import parse_url
 
 from .errors import BackendError, TooLarge
@@ -132,14 +138,15 @@ class UrlPolicy:
                 return "name"
         return "any" if "*" in self.allowed_hosts else None
 
-    def check(self, url: str, redirected_by_label_studio: bool = False) -> None:
-        """Raise ``UrlRefused`` unless ``url`` may be fetched."""
+    def check(self, url: str, redirected_by_label_studio: bool = False) -> str | None:
+        """Raise ``UrlRefused`` unless ``url`` may be fetched. Returns the checked address the
+        connection must go to, or None for a host trusted by name (Label Studio, a listed name)."""
         origin = _origin(url)
         if origin is None:
             raise UrlRefused(f"image URL {url!r} is refused: only http(s) URLs are downloaded")
         require_unambiguous(url)
         if self.is_label_studio(url):
-            return
+            return None
         _, host, port = origin
         listed = self._listed(host)
         if listed is None and not redirected_by_label_studio:
@@ -149,14 +156,61 @@ class UrlPolicy:
                 "(comma-separated, '*.example.com' for a domain) to allow downloads from it"
             )
         if listed == "name":
-            return
-        private = [a for a in resolve_addresses(host, port) if not _public(a)]
+            return None
+        addresses = resolve_addresses(host, port)
+        private = [a for a in addresses if not _public(a)]
         if private:
             raise UrlRefused(
                 f"image URL {url} is refused: {host} resolves to the non-public address {private[0]} "
                 "(loopback, private or link-local); list the host by name in ADCLICK_ALLOWED_HOSTS "
                 "if the backend should download from it"
             )
+        return addresses[0]
+
+
+# ---------------------------------------------------------------- connecting to the checked address
+_PINS = threading.local()  # (host, port) -> the address the policy checked, for this thread's hop
+
+
+class _PinnedConnectionMixin:
+    """Connects to the address ``UrlPolicy.check`` approved for this host instead of resolving the
+    name again; the Host header, TLS server name and certificate check keep the name."""
+
+    def _new_conn(self):
+        pinned = getattr(_PINS, "map", {}).get((self.host.lower(), self.port))
+        if pinned is None:
+            return super()._new_conn()
+        try:
+            return urllib3_connection.create_connection((pinned, self.port), self.timeout,
+                                                        source_address=self.source_address,
+                                                        socket_options=self.socket_options)
+        except socket.timeout as e:
+            raise ConnectTimeoutError(self, f"Connection to {self.host} timed out") from e
+        except OSError as e:
+            raise NewConnectionError(self, f"Failed to establish a new connection: {e}") from e
+
+
+class _PinnedHTTPConnection(_PinnedConnectionMixin, HTTPConnection):
+    pass
+
+
+class _PinnedHTTPSConnection(_PinnedConnectionMixin, HTTPSConnection):
+    pass
+
+
+class _PinnedHTTPConnectionPool(HTTPConnectionPool):
+    ConnectionCls = _PinnedHTTPConnection
+
+
+class _PinnedHTTPSConnectionPool(HTTPSConnectionPool):
+    ConnectionCls = _PinnedHTTPSConnection
+
+
+class _PinnedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args, **kwargs):
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _PinnedHTTPConnectionPool,
+                                                   "https": _PinnedHTTPSConnectionPool}
 
 
 def _left(deadline: float) -> float:
@@ -176,6 +230,8 @@ class PolicySession(requests.Session):
         self.policy = policy
         self.timeout_s = timeout_s
         self.trust_env = False  # a proxy from the environment would bypass the address check
+        self.mount("http://", _PinnedAdapter())
+        self.mount("https://", _PinnedAdapter())
 
     def request(self, method, url, **kwargs):  # noqa: D401 - requests API
         # ``timeout_s`` bounds the whole download, every hop and every byte of it: requests' own
@@ -186,11 +242,16 @@ class PolicySession(requests.Session):
         headers = dict(kwargs.pop("headers", None) or {})
         from_ls = False
         for _ in range(MAX_REDIRECTS + 1):
-            self.policy.check(url, redirected_by_label_studio=from_ls)
+            address = self.policy.check(url, redirected_by_label_studio=from_ls)
             hop_headers = dict(headers)
             if not self.policy.is_label_studio(url):
                 hop_headers = {k: v for k, v in hop_headers.items() if k.lower() != "authorization"}
-            resp = super().request(method, url, headers=hop_headers, timeout=_left(deadline), **kwargs)
+            _, host, port = _origin(url)
+            _PINS.map = {(host, port): address} if address else {}
+            try:
+                resp = super().request(method, url, headers=hop_headers, timeout=_left(deadline), **kwargs)
+            finally:
+                _PINS.map = {}
             if not resp.is_redirect:
                 self._read_bounded(resp, url, deadline)
                 return resp

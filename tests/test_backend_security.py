@@ -346,3 +346,23 @@ def test_a_huge_label_config_is_refused_quickly(client):
            f'</BrushLabels><KeyPointLabels name="click" toName="image" smart="true">{many}</KeyPointLabels></View>')
     r = client.post("/validate", json={"config": xml})
     assert r.status_code == 400 and "1500 labels; at most 1000" in r.get_json()["error"]
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(foreign, monkeypatch):
+    """No second DNS lookup between the check and the connection (DNS rebinding): a name the check
+    resolved to a (stand-in) public address is connected to at that address, though DNS itself
+    would answer differently (here: not at all)."""
+    from ml_backend import url_policy
+
+    checked = []
+
+    def resolve_once(host, port):
+        checked.append(host)
+        return ["127.0.0.1"]
+
+    monkeypatch.setattr(url_policy, "resolve_addresses", resolve_once)
+    monkeypatch.setattr(url_policy, "_public", lambda addr: addr == "127.0.0.1")
+    s = PolicySession(UrlPolicy("", allowed_hosts=("*",), max_bytes=1 << 20), timeout_s=5)
+    r = s.get(f"http://rebinding.invalid:{foreign.port}/defect.png")
+    assert r.status_code == 200 and r.content == foreign.files["/defect.png"]
+    assert checked == ["rebinding.invalid"]
