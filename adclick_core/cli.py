@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import logging
 import sys
 import time
@@ -121,10 +122,12 @@ def cmd_train_click(args) -> dict:
     from .synthesis import AnomalySynthesizer
     from .adaptation import member_weights
     from .textures import texture_families
+    from .distributed import Distributed
     from .training import ClickTrainConfig, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
+    dist = Distributed.from_env(args.device)  # under torchrun: one of N processes
     if args.max_extra_clicks < 0:
         raise AdclickError(f"--max-extra-clicks must be >= 0, got {args.max_extra_clicks}")
     if args.textures < 0 or args.texture_images < 2:
@@ -168,6 +171,11 @@ def cmd_train_click(args) -> dict:
         mcfg = ADClickConfig(in_channels=extractor.feature_dim, input_size=extractor.config.input_size,
                              grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
                              embed_dim=args.embed_dim or 96, depth=args.depth or 4)
+
+    with dist.main_first():  # rank 0 builds and saves the banks, the other processes load them
+        for data, bank_path in list(zip(datas, banks)) + list(zip(defect_sets, defect_banks)):
+            if bank_path:
+                MVTecFolder(data).reference_bank(extractor, bank_path)
 
     # Each source (a product folder or a texture family) pastes anomalies on its own images and
     # takes residuals against its own bank; the first keeps the single-folder random stream.
@@ -226,12 +234,15 @@ def cmd_train_click(args) -> dict:
         meta["init"] = init_record
     out = Path(args.out).with_name(f".{Path(args.out).name}.member.tmp") if args.replace_member else args.out
     try:
-        _, summary = train_click(pool, tcfg, out=out, meta=meta, device=extractor.device, init_state=init_state)
-        if args.replace_member:
+        _, summary = train_click(pool, tcfg, out=out, meta=meta, device=extractor.device, init_state=init_state,
+                                 dist=dist)
+        if args.replace_member and dist.is_main:
             replace_member(ensemble, args.init_member, out, f"member {args.init_member} continued", args.out)
     finally:
-        if args.replace_member:  # a failed training leaves no temporary member behind
+        if args.replace_member and dist.is_main:  # a failed training leaves no temporary member behind
             Path(out).unlink(missing_ok=True)
+        dist.barrier()  # the checkpoint is complete before any process returns
+        dist.shutdown()
     summary.update({"checkpoint": str(args.out), "pool_seconds": round(t_pool, 1),
                     "total_seconds": round(time.time() - t0, 1), "pool_size": len(pool),
                     "sources": len(datas) + len(families)})
@@ -320,13 +331,16 @@ def cmd_train_seg(args) -> dict:
     from .data import MVTecFolder
     from .predictor import ClickPredictor
     from .seg_evaluation import _ok_items, split_folds, weak_items
+    from .distributed import Distributed
     from .seg_training import SegTrainConfig, seg_synthetic_pool, train_seg
 
     t0 = time.time()
+    dist = Distributed.from_env(args.device)  # under torchrun: one of N processes
     data = Path(args.data)
     folder = MVTecFolder(data)
     clicker = ClickPredictor.from_checkpoint(args.click_checkpoint, device=args.device)
-    bank = folder.reference_bank(clicker.extractor, args.bank)
+    with dist.main_first():  # rank 0 builds and saves the bank, the other processes load it
+        bank = folder.reference_bank(clicker.extractor, args.bank)
     clicker = clicker.with_bank(bank)
     samples = folder.test_samples(defective_only=True)
     if args.fold is not None:
@@ -342,8 +356,13 @@ def cmd_train_seg(args) -> dict:
     cfg = SegTrainConfig(seed=args.seed, language=not args.no_language, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations
-    _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
-                           synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device)
+    try:
+        _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
+                               synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device,
+                               dist=dist)
+    finally:
+        dist.barrier()  # the checkpoint is complete before any process returns
+        dist.shutdown()
     summary.update({"checkpoint": str(args.out), "mode": mode, "fold": args.fold,
                     "total_seconds": round(time.time() - t0, 1)})
     return summary
@@ -538,5 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     except AdclickError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # under torchrun the first process reports
+        print(json.dumps(result, indent=2))
     return 0

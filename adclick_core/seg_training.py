@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
+from .distributed import Distributed
 from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
 from .labels import box_cover, box_labels, exact_labels, pseudo_labels, tag_labels
 from .losses import normalized_focal_loss, soft_dice_loss
@@ -393,19 +394,24 @@ def train_seg(
     out: str | Path | None = None,
     progress: bool | ProgressFn = True,
     device: str | torch.device = "cpu",
+    dist: Distributed | None = None,
 ) -> tuple[ADClick, dict]:
     """Train ADClick-Seg from labelled items (+ an optional synthetic pool); write ``out``.
 
     ``progress``: True for a progress bar, or a callback ``(fraction, message)`` (used by the
-    Label Studio backend to report percent done).
+    Label Studio backend to report percent done). ``dist``: the torchrun process group (default:
+    the one this process joined, if any): each process draws its share of every batch, DDP
+    averages the gradients, rank 0 reports and writes ``out``.
     """
     config = config or SegTrainConfig()
     rcfg = residual_config or ResidualConfig()
-    callback = progress if callable(progress) else None
-    bar_on = progress is True
-    rng = np.random.default_rng(config.seed)
+    dist = dist or Distributed.current()
+    callback = progress if callable(progress) and dist.is_main else None
+    bar_on = progress is True and dist.is_main
+    out = out if dist.is_main else None
+    rng = np.random.default_rng(config.seed + dist.rank)  # each process its own draws
     torch.manual_seed(config.seed)
-    device = torch.device(device)
+    device = dist.device(torch.device(device))
     t0 = time.time()
     types = sorted(set(defect_types or [])) or sorted({i.defect_type for i in items if i.defect_type}) or ["defect"]
     if config.language and prompt_encoder is None:
@@ -444,6 +450,7 @@ def train_seg(
         scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
     model.residual_embed.input_scale.copy_(scale.to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
+    trained = dist.wrap(model, find_unused=True)  # the gradient step (the text branch may sit out a step)
     s = mcfg.input_size
     losses: list[float] = []
 
@@ -472,7 +479,7 @@ def train_seg(
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(it)
-        b = config.batch_size
+        b = dist.share(config.batch_size)
         n_n = int(round(b * config.normal_fraction)) if normals is not None else 0
         n_s = max(0, int(round(b * syn_frac)) - n_n) if n_real else b
         n_r = b - n_s - n_n
@@ -531,7 +538,7 @@ def train_seg(
             clicks = [[Click(s - 1 - c.x, c.y, c.positive) for c in cl] for cl in clicks]
         maps = encode_clicks(clicks, None, s, mcfg.click_radius).to(device)
         lang = language_for(type_parts)
-        logits = F.interpolate(model(res, maps, None, lang), size=(s, s), mode="bilinear", align_corners=False)
+        logits = F.interpolate(trained(res, maps, None, lang), size=(s, s), mode="bilinear", align_corners=False)
         loss = normalized_focal_loss(logits, (target > 0.5).float(), valid)
         if config.dice_weight:
             loss = loss + config.dice_weight * soft_dice_loss(logits, (target > 0.5).float(), valid)
@@ -581,6 +588,7 @@ def train_seg(
         "label_kinds": {k: data.kind.count(k) for k in sorted(set(data.kind))}, "synthetic_pool": n_syn,
         "defect_types": types, "language": prompts is not None,
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
+        "processes": dist.world_size,
     }
     model = ema.module.eval()
     fusion = None

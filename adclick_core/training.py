@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from .backbone import FeatureExtractor, load_image
 from .checkpoint import save_checkpoint
+from .distributed import Distributed
 from .clicks import encode_clicks, next_training_click, sample_training_clicks
 from .data import load_mask
 from .losses import normalized_focal_loss, soft_dice_loss
@@ -330,8 +331,12 @@ def train_click(
     checkpoint_every: int = 500,
     init_state: dict | None = None,
     sample_weights: np.ndarray | None = None,
+    dist: Distributed | None = None,
 ) -> tuple[ADClick, dict]:
     """Train ADClick on a pool. Returns the EMA model and a summary; writes ``out``.
+
+    ``dist``: the torchrun process group (default: the one this process joined, if any): each
+    process draws its share of every batch, DDP averages the gradients, rank 0 writes ``out``.
 
     ``sample_weights``: how often each pool entry is drawn (normalised here; None: uniformly), so
     that a few real masks are not drowned by hundreds of synthetic anomalies.
@@ -339,9 +344,10 @@ def train_click(
     ``init_state``: weights to start from (fine-tuning, e.g. ``adaptation.adapt_click``) instead
     of a fresh model; the input scale is measured on this pool either way, so a product whose
     residuals run larger or smaller reaches the network at the scale it learnt on."""
+    dist = dist or Distributed.current()
     torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    device = torch.device(device)
+    rng = np.random.default_rng(config.seed + dist.rank)  # each process its own draws
+    device = dist.device(torch.device(device))
     mcfg = config.model
     model = ADClick(mcfg).to(device)
     if init_state is not None:
@@ -349,6 +355,11 @@ def train_click(
     model.residual_embed.input_scale.copy_(
         input_scale(pool.residual, torch.from_numpy(pool.masks), mcfg.residual_input).to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
+    trained = dist.wrap(model)  # the gradient step; corrective clicks are simulated on ``model``
+    batch_size = dist.share(config.batch_size)
+    progress = progress and dist.is_main
+    out = out if dist.is_main else None
+    callback = callback if dist.is_main else None
 
     def lr_at(it: int) -> float:
         return warmup_cosine_lr(it, config.lr, config.warmup, config.iterations)
@@ -381,8 +392,7 @@ def train_click(
     for it in bar:
         for g in opt.param_groups:
             g["lr"] = lr_at(it)
-        idx = rng.choice(len(pool), size=config.batch_size, replace=draw is not None or len(pool) < config.batch_size,
-                         p=draw)
+        idx = rng.choice(len(pool), size=batch_size, replace=draw is not None or len(pool) < batch_size, p=draw)
         res, fine, gt = _augment(pool.residual[idx].float(), pool.fine[idx].float(), pool.masks[idx], rng)
         res, fine = res.to(device), fine.to(device)
         clicks = [sample_training_clicks(m, rng) for m in gt]
@@ -398,7 +408,7 @@ def train_click(
                         c = next_training_click(gt[b], pred[b], rng)
                         if c is not None:
                             clicks[b].append(c)
-        logits = model(res, encode_clicks(clicks, prev, s, mcfg.click_radius).to(device), fine)
+        logits = trained(res, encode_clicks(clicks, prev, s, mcfg.click_radius).to(device), fine)
         logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
         target = torch.from_numpy(gt).float()[:, None].to(device)
         loss = normalized_focal_loss(logits, target, gamma=config.nfl_gamma, alpha=config.nfl_alpha)
@@ -425,5 +435,6 @@ def train_click(
         "seconds": round(time.time() - t0, 1),
         "loss_first_50": float(np.mean(losses[:50])) if losses else None,
         "loss_last_50": float(np.mean(losses[-50:])) if losses else None,
+        "processes": dist.world_size,
     }
     return ema.module.eval(), summary
