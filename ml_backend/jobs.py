@@ -8,6 +8,10 @@ name, loads it, records it in ``<project dir>/<current file>`` and only then swa
 model being served changes after the file is complete, and a failure keeps the previous model and
 records the error. Serving never stops. Progress: log lines every 10 %, and ``status()`` (shown
 per project in ``/health``).
+
+With Redis configured (``queue.py``) a job is not run here: ``start()`` puts it on the queue, a
+worker process (``worker.py``) runs ``run_inline()``, and ``status()`` / ``refresh()`` read its
+state from the queue and its model from the shared project folder.
 """
 from __future__ import annotations
 
@@ -68,9 +72,31 @@ class BackgroundJob:
                             "finished": None, "last_request": None, "last_result": None, "error": None}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.on_progress: Callable[[dict], Any] | None = None  # a worker reports the state to the queue
+        self._seen: int | None = None  # mtime of the current file when last read
         self._restore()
 
     # ---------------------------------------------------------------- persistence
+    def refresh(self) -> None:
+        """Serve the model another process (a queue worker, another replica) recorded in the shared
+        project folder since this one last looked (a stat per call; the model loads on first use)."""
+        f = self.m.dir / self.current_file
+        try:
+            seen = f.stat().st_mtime_ns
+        except OSError:
+            return
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            version = json.loads(f.read_text()).get("version")
+        except (OSError, ValueError):
+            return
+        if self.current is None or version != self.current.version:
+            logger.info("project %s: %s model %s recorded by another process: serving it",
+                        self.m.project_id, self.title, version)
+            self._restore()
+
     def _restore(self) -> None:
         f = self.m.dir / self.current_file
         try:
@@ -106,23 +132,42 @@ class BackgroundJob:
 
     # ---------------------------------------------------------------- status
     @property
+    def queue(self):
+        return self.m.backend.queue
+
+    @property
     def running(self) -> bool:
+        if self.queue is not None:
+            return self.queue.running(self.file_prefix, self.m.project_id)
         return self._thread is not None and self._thread.is_alive()
 
     def status(self) -> dict:
+        self.refresh()
         out = dict(self.state)
+        if self.queue is not None:
+            out.update(self.queue.status(self.file_prefix, self.m.project_id) or {})
         out["model_version"] = self.current.version if self.current else None
         return out
+
+    def _report(self) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(dict(self.state))
+            except Exception as e:  # noqa: BLE001 - progress reports never stop a training
+                logger.debug("progress report failed: %s", e)
 
     def _progress(self, fraction: float, message: str) -> None:
         pct = round(100.0 * max(0.0, min(1.0, float(fraction))), 1)
         last = self.state.get("percent") or 0.0
         self.state.update(percent=pct, message=message)
+        self._report()
         if int(pct // 10) != int(last // 10) or pct >= 100.0:
             logger.info("project %s: %s %3.0f%%: %s", self.m.project_id, self.title, pct, message)
 
     # ---------------------------------------------------------------- the job
     def start(self, reason: str) -> dict:
+        if self.queue is not None:
+            return self._start_on_queue(reason)
         with self._lock:
             self.state["last_request"] = utcnow()
             if self.running:
@@ -142,11 +187,37 @@ class BackgroundJob:
             f"project {self.m.project_id}: {self.title} runs in the background; GET /health shows its progress"),
             "model_version": self.m.model_version}
 
+    def _start_on_queue(self, reason: str) -> dict:
+        with self._lock:
+            self.state["last_request"] = utcnow()
+            self.m.backend.require_disk(f"project {self.m.project_id}: {self.title}")
+            args = {"project": self.m.project_id, "uid": self.m.uid, "label_config": self.m.label_config_xml,
+                    "hostname": self.m.hostname, "reason": reason}
+            if not self.queue.submit(self.file_prefix, self.m.project_id, args):
+                return {"status": self.running_status, "message": (
+                    f"project {self.m.project_id}: {self.title} is already queued or running on a worker: "
+                    "this request is ignored"), "model_version": self.m.model_version}
+            self._on_start()
+        logger.info("project %s: %s queued (%s) on %s", self.m.project_id, self.title, reason, self.queue.queue.name)
+        return {"status": self.started_status, "message": (
+            f"project {self.m.project_id}: {self.title} is queued for a worker (RQ queue "
+            f"{self.queue.queue.name}); GET /health shows its progress"), "model_version": self.m.model_version}
+
     def _on_start(self) -> None:
         """Called under the job's lock as a run starts."""
 
     def _run(self) -> None:
+        try:
+            self.run_inline()
+        except Exception:  # noqa: BLE001 - run_inline logged it and recorded it in the state
+            pass
+
+    def run_inline(self) -> dict:
+        """Train now, in this thread; the job's result. A failure is recorded, logged and raised
+        (a queue worker reports it as the job's failure); the previous model keeps serving."""
         t0 = time.time()
+        self.state.update(state="running", percent=0.0, started=self.state.get("started") or utcnow(), error=None)
+        self._report()
         try:
             lock = self.m.backend.training_lock
             if not lock.acquire(blocking=False):
@@ -159,11 +230,14 @@ class BackgroundJob:
             result["seconds"] = round(time.time() - t0, 1)
             self.state.update(state="done", percent=100.0, message=f"done: model {result['version']}",
                               finished=utcnow(), last_result=result, error=None)
+            self._report()
             logger.info("project %s: %s done in %.1f s: %s", self.m.project_id, self.title, time.time() - t0,
                         result["version"])
+            return result
         except Exception as e:  # noqa: BLE001 - a failed job keeps the old model and says why
             msg = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             self.state.update(state="failed", message=f"failed: {msg}", finished=utcnow(), error=msg)
+            self._report()
             previous = self.current.version if self.current else "none"
             if isinstance(e, (BackendError, ValueError)):
                 logger.error("project %s: %s failed: %s (the previous model %s keeps serving)",
@@ -171,6 +245,7 @@ class BackgroundJob:
             else:
                 logger.exception("project %s: %s failed (the previous model %s keeps serving)",
                                  self.m.project_id, self.title, previous)
+            raise
 
     def _train(self) -> dict:
         raise NotImplementedError
@@ -235,6 +310,7 @@ class BackgroundJob:
 
     def predictor(self, bank) -> Any:
         """The current model's predictor (loaded on first use after a restart), or None."""
+        self.refresh()
         current = self.current
         if current is None:
             return None

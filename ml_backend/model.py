@@ -160,8 +160,15 @@ class Backend:
         seg_loader: Callable | None = None,
         click_adapter: Callable | None = None,
         click_loader: Callable | None = None,
+        queue: Any = None,
     ):
         self.settings = settings or Settings.from_env()
+        # Redis (REDIS_URL / REDIS_HOST): trainings go to queue workers; False: always in this process
+        if queue is None:
+            from .queue import RedisJobs
+
+            queue = RedisJobs.from_env()
+        self.queue = queue or None
         self._predictor_factory = predictor_factory or self._default_predictor
         self._bank_cls = bank_cls
         self.seg_trainer = seg_trainer or default_trainer  # (items, extractor, bank, iterations, rcfg, types, out, progress, device)
@@ -353,6 +360,7 @@ class ADClickModel:
             max_references=backend.settings.max_references,
             on_update=lambda n: self.adapt.maybe_start(n),
             require_disk=backend.require_disk,
+            shared_lock=backend.queue.lock if backend.queue is not None else None,
         )
         self._pred_for_bank: tuple[tuple[str, int], Any] | None = None
         self._lock = threading.Lock()
@@ -400,6 +408,7 @@ class ADClickModel:
     @property
     def click_version(self) -> str:
         """The project's click model: its adapted version once there is one, else the shared one's tag."""
+        self.adapt.refresh()
         adapted = self.adapt.current
         return adapted.version if adapted is not None else f"ADClick-{self.backend.click_tag}"
 
@@ -407,6 +416,7 @@ class ADClickModel:
     def model_version(self) -> str:
         """The ADClick-Seg version once one is trained (Label Studio re-predicts tasks whose
         prediction has another version), else the click model's."""
+        self.seg.refresh()
         seg = self.seg.current
         return seg.version if seg is not None else self.click_version
 

@@ -72,6 +72,7 @@ class ProjectReferences:
         max_references: int,
         on_update: Callable[[int], Any] | None = None,
         require_disk: Callable[[str], Any] | None = None,
+        shared_lock: Callable[[str, float], Any] | None = None,
     ):
         self.dir = Path(project_dir)
         self.project_id = project_id
@@ -83,6 +84,7 @@ class ProjectReferences:
         self.max_references = max_references
         self._on_update = on_update  # called with the number of references after each sync / addition
         self._require_disk = require_disk  # raises (507) when the model folder is above its budget
+        self._shared_lock = shared_lock  # (name, timeout) -> a lock all replicas see (queue.RedisJobs.lock)
         self.bank = None
         self.sources: list[str] = []  # "task:<id>" / "file:<path>" in bank order
         self.status = "not built"
@@ -193,7 +195,14 @@ class ProjectReferences:
         return items
 
     def sync(self, cfg: LabelConfig, creds: Credentials, full: bool = False) -> dict:
-        """Bring the bank in line with the folder and the project's OK-tagged tasks."""
+        """Bring the bank in line with the folder and the project's OK-tagged tasks. With replicas
+        (Redis), one builds a project's bank while the others wait and then load it from disk."""
+        if self._shared_lock is None:
+            return self._sync(cfg, creds, full)
+        with self._shared_lock(f"bank-{self.dir.name}", 600.0):
+            return self._sync(cfg, creds, full)
+
+    def _sync(self, cfg: LabelConfig, creds: Credentials, full: bool = False) -> dict:
         t0 = time.time()
         with self._lock:
             self.status = "building" if self.bank is None else "updating"
