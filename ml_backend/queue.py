@@ -6,8 +6,9 @@ adaptations on the queue ``RQ_QUEUE_NAME`` (default ``adclick``) instead of trai
 its own; ``adclick worker`` (``ml_backend.worker``) runs them, on any machine that sees the same
 ``ADCLICK_MODEL_DIR`` (a shared volume). Without Redis the embedded default stays: a thread.
 
-* one job per project and kind across all replicas: the job id is ``adclick-<kind>-<project>``,
-  and a request while that job is queued or running is answered "already running";
+* one job per project and kind across all replicas: Redis names the latest job of each project
+  and kind (``adclick-job-<kind>-<project>``), and a request while that job is queued or running is
+  answered "already running";
 * its state and progress (the worker writes them into the job's ``meta``) are what every replica's
   ``/health`` shows;
 * a worker killed mid-job stops sending heartbeats; RQ then moves the job to its failed registry
@@ -22,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -48,8 +50,9 @@ def queue_name() -> str:
     return os.environ.get("RQ_QUEUE_NAME") or "adclick"
 
 
-def job_id(kind: str, project_id: str) -> str:
-    return f"adclick-{kind}-{project_id}"
+def job_key(kind: str, project_id: str) -> str:
+    """The Redis key that names the id of the project's latest job of ``kind``."""
+    return f"adclick-job-{kind}-{project_id}"
 
 
 _STATES = {"queued": "queued", "deferred": "queued", "scheduled": "queued", "started": "running",
@@ -61,10 +64,14 @@ class RedisJobs:
 
     def __init__(self, url: str, name: str | None = None):
         from redis import Redis
+        from redis.backoff import ExponentialBackoff
+        from redis.retry import Retry
         from rq import Queue
 
         self.url = url
-        self.redis = Redis.from_url(url)
+        # a /health must not hang on a Redis that is gone: short connect timeout, two quick retries
+        self.redis = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30,
+                                    retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), 2))
         self.queue = Queue(name or queue_name(), connection=self.redis)
 
     @classmethod
@@ -76,8 +83,11 @@ class RedisJobs:
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
+        latest = self.redis.get(job_key(kind, project_id))
+        if latest is None:
+            return None
         try:
-            return Job.fetch(job_id(kind, project_id), connection=self.redis)
+            return Job.fetch(latest.decode(), connection=self.redis)
         except NoSuchJobError:
             return None
 
@@ -135,12 +145,11 @@ class RedisJobs:
             st = self._status(kind, project_id)
             if st is not None and st["state"] in ("queued", "running"):
                 return False
-            old = self._job(kind, project_id)
-            if old is not None:
-                old.delete()
-            self.queue.enqueue("ml_backend.worker.run_job", job_id=job_id(kind, project_id),
-                               job_timeout=JOB_TIMEOUT_S, result_ttl=7 * 86400, failure_ttl=7 * 86400,
-                               args=(kind,), kwargs=args)
+            # a new id per run (old runs expire on their own): the latest is what every replica shows
+            new_id = f"adclick-{kind}-{project_id}-{uuid.uuid4().hex[:12]}"
+            self.queue.enqueue("ml_backend.worker.run_job", job_id=new_id, job_timeout=JOB_TIMEOUT_S,
+                               result_ttl=7 * 86400, failure_ttl=7 * 86400, args=(kind,), kwargs=args)
+            self.redis.set(job_key(kind, project_id), new_id)
         return True
 
     @contextlib.contextmanager

@@ -74,12 +74,35 @@ class WorkerProcess:
         return self
 
     def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGKILL to the worker and its job's process (RQ starts each job in a session of its own,
+        so a signal to the worker's group alone would leave the job running): a machine lost."""
+        for pid in [*descendants(self.proc.pid), self.proc.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait(timeout=30)
+
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             _stop(self.proc)
+
+
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +195,7 @@ def test_a_worker_killed_mid_training_fails_the_job_and_the_replicas_keep_servin
 
     cluster["workers"].append(WorkerProcess(cluster["workdir"], cluster["worker_env"]).start())
     ls.api("POST", f"/api/ml/{cluster['ml_id']}/train", json={})
+    wait_for(lambda: state(a, project).get("state") in ("queued", "running", "done"), 60, "training 3 queued")
     wait_for(lambda: state(a, project).get("state") in ("done", "failed"), 600, "training 3 on the new worker")
     st = state(a, project)
     assert st["state"] == "done" and st["model_version"] != v1, st
