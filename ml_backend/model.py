@@ -498,6 +498,7 @@ class ADClickModel:
     # ------------------------------------------------------------ predictions
     def _preannotate(self, task: dict, cfg: LabelConfig) -> dict:
         tid = task.get("id") if isinstance(task, dict) else None
+        self.seg.refresh()  # a model a queue worker or another replica recorded since
         if self.seg.current is None:
             logger.info(
                 "project %s: task %s: no pre-annotation: no ADClick-Seg model for this project yet "
