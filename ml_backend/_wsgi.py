@@ -75,6 +75,10 @@ ADCLICK_MAX_PROJECTS      Projects held in memory; the least recently used idle 
 ADCLICK_PROJECT_IDLE_S    A project unused this long leaves memory (default 3600).
 ADCLICK_MAX_DISK_MB       Budget of ADCLICK_MODEL_DIR: above it no bank is saved and no training or
                           adaptation starts (default 20000; 507 with the reason).
+REDIS_URL                 redis://host:6379/0 (or REDIS_HOST / REDIS_PORT): trainings and adaptations
+                          become jobs on the Redis queue RQ_QUEUE_NAME (default adclick), run by
+                          `adclick worker` on any machine that sees ADCLICK_MODEL_DIR (ml_backend/queue.py).
+                          Unset (default): they run in a thread of this process.
 ADCLICK_PRELOAD           1 (default) loads the click model at start in the background; 0 on first use.
 ADCLICK_LOG_LEVEL         DEBUG | INFO (default) | WARNING.
 """
