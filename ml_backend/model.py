@@ -261,12 +261,13 @@ class Backend:
         a new one needs room above ``max_projects``; their files stay and load again on next use. A
         project with a job or bank build running stays; if none can leave, the new one is a 503."""
         now = time.monotonic()
-        idle = sorted((m for pid, m in self._models.items() if pid != keep and not m.busy()),
-                      key=lambda m: m.last_used)
-        for m in idle:
+        # least recently used first; busy() (a queue read with Redis) only for those that would leave
+        for m in sorted((m for pid, m in self._models.items() if pid != keep), key=lambda m: m.last_used):
             crowded = room_for_one and len(self._models) >= self.settings.max_projects
             if not crowded and now - m.last_used < self.settings.project_idle_s:
                 break
+            if m.busy():
+                continue
             del self._models[m.project_id]
             logger.info("project %s left memory (%s); its files stay in %s", m.project_id,
                         "ADCLICK_MAX_PROJECTS" if crowded else "idle", m.dir)
