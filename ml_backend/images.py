@@ -147,9 +147,12 @@ def default_cache_dir() -> Path:
 
 class ImageCache:
     """Downloaded images on disk, private and checked: the folder is 0700, each file is named by a
-    keyed hash of (credentials, URL), which nobody without the key can predict, and by the SHA-256
-    of its content, which is checked on every read (a file changed on disk is dropped and the image
-    downloaded again). Oldest files go first above ``max_bytes``."""
+    keyed hash of (credentials, URL), which nobody without the key can predict, and starts with the
+    SHA-256 of the image, which is checked on every read (a file changed on disk is dropped and the
+    image downloaded again). One file per name, so a read opens one path. Oldest files go first
+    above ``max_bytes``."""
+
+    DIGEST = 64  # hex characters of the SHA-256 in front of the image bytes
 
     def __init__(self, root: Path, max_bytes: int):
         try:
@@ -179,29 +182,29 @@ class ImageCache:
         return hmac.new(self._key, f"{creds_key}\0{url}".encode(), hashlib.sha256).hexdigest()[:40]
 
     def get(self, creds_key: str, url: str) -> bytes | None:
-        name = self._name(creds_key, url)
-        for path in self.root.glob(name + ".*"):
-            try:
-                data = path.read_bytes()
-            except OSError:
-                continue
-            if hashlib.sha256(data).hexdigest() == path.name.rsplit(".", 1)[-1]:
-                try:
-                    os.utime(path)
-                except OSError:
-                    pass
-                return data
+        path = self.root / self._name(creds_key, url)
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        digest, data = raw[: self.DIGEST], raw[self.DIGEST:]
+        if hashlib.sha256(data).hexdigest().encode() != digest:
             logger.warning("image cache: %s does not match its content hash: dropped", path.name)
             path.unlink(missing_ok=True)
-        return None
+            return None
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+        return data
 
     def put(self, creds_key: str, url: str, data: bytes) -> None:
-        name = f"{self._name(creds_key, url)}.{hashlib.sha256(data).hexdigest()}"
         try:
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".part-")
             with os.fdopen(fd, "wb") as fh:
+                fh.write(hashlib.sha256(data).hexdigest().encode())
                 fh.write(data)
-            os.replace(tmp, self.root / name)
+            os.replace(tmp, self.root / self._name(creds_key, url))
         except OSError as e:
             logger.warning("image cache: cannot write (%s)", e)
             return
