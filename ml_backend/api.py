@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from .budget import request_budget
+from .budget import max_request_bytes, request_budget
 from .errors import BackendError, BadRequest, TooLarge
 from .model import Backend
 
@@ -132,7 +132,7 @@ def create_app(backend: Backend | None = None) -> Flask:
     app.json.sort_keys = False
     backend = backend or Backend()
     app.config["ADCLICK_BACKEND"] = backend
-    app.config["MAX_CONTENT_LENGTH"] = int(float(os.environ.get("ADCLICK_MAX_REQUEST_MB", "20")) * 1024 * 1024)
+    app.config["MAX_CONTENT_LENGTH"] = max_request_bytes()
     auth = BasicAuth.from_env()
     max_tasks = int(float(os.environ.get("ADCLICK_MAX_TASKS", "1000")))
     wsgi_app = app.wsgi_app

@@ -29,8 +29,14 @@ def request_deadline_s() -> float:
 
 
 def request_max_pixels() -> int:
-    image_pixels = env_float("ADCLICK_MAX_IMAGE_PIXELS", 50e6, positive=True)
-    return int(env_float("ADCLICK_MAX_REQUEST_PIXELS", 2 * image_pixels, positive=True))
+    from .convert import MAX_IMAGE_PIXELS  # here, not at the top: convert charges this module
+
+    return int(env_float("ADCLICK_MAX_REQUEST_PIXELS", 2 * MAX_IMAGE_PIXELS, positive=True))
+
+
+def max_request_bytes() -> int:
+    """``ADCLICK_MAX_REQUEST_MB``: the largest request body (the app's 413; the worker's buffers)."""
+    return int(env_float("ADCLICK_MAX_REQUEST_MB", 20.0, positive=True) * 1024 * 1024)
 
 
 @dataclass

@@ -33,22 +33,18 @@ from functools import partial
 
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
+from .budget import max_request_bytes
 from .env import env_float
 
 MAX_HEAD_BYTES = 64 * 1024
-
 
 
 def request_read_timeout() -> float:
     return env_float("ADCLICK_REQUEST_READ_TIMEOUT", 60.0, positive=True)
 
 
-def max_request_bytes() -> int:
-    return int(env_float("ADCLICK_MAX_REQUEST_MB", 20.0, positive=True) * 1024 * 1024)
-
-
 def read_buffer_bytes() -> int:
-    request_mb = env_float("ADCLICK_MAX_REQUEST_MB", 20.0, positive=True)
+    request_mb = max_request_bytes() / 2**20
     return int(env_float("ADCLICK_READ_BUFFER_MB", 4 * request_mb, positive=True) * 1024 * 1024)
 
 
