@@ -172,10 +172,11 @@ def cmd_train_click(args) -> dict:
                              grid_size=extractor.grid_size, fine_channels=extractor.fine_channels,
                              embed_dim=args.embed_dim or 96, depth=args.depth or 4)
 
-    with dist.main_first():  # rank 0 builds and saves the banks, the other processes load them
-        for data, bank_path in list(zip(datas, banks)) + list(zip(defect_sets, defect_banks)):
-            if bank_path:
-                MVTecFolder(data).reference_bank(extractor, bank_path)
+    if dist.active:  # rank 0 builds and saves the banks first; below, every process loads them
+        with dist.main_first():
+            for data, bank_path in list(zip(datas, banks)) + list(zip(defect_sets, defect_banks)):
+                if bank_path:
+                    MVTecFolder(data).reference_bank(extractor, bank_path)
 
     # Each source (a product folder or a texture family) pastes anomalies on its own images and
     # takes residuals against its own bank; the first keeps the single-folder random stream.
