@@ -139,7 +139,10 @@ class BackgroundJob:
     def running(self) -> bool:
         if self.queue is not None:
             return self.queue.running(self.file_prefix, self.m.project_id)
-        return self._thread is not None and self._thread.is_alive()
+        # the recorded state decides: a thread that has recorded "done" / "failed" (and released the
+        # training lock) is only unwinding, and a new request may start the next run
+        return (self._thread is not None and self._thread.is_alive()
+                and self.state.get("state") not in ("done", "failed"))
 
     def status(self) -> dict:
         self.refresh()
