@@ -360,11 +360,52 @@ def cmd_train_seg(args) -> dict:
     try:
         _, summary = train_seg(items, clicker.extractor, bank, cfg, residual_config=clicker.residual_config,
                                synthetic=pool, defect_types=folder.defect_types, out=args.out, device=clicker.device,
-                               dist=dist)
+                               dist=dist, init=args.init)
     finally:
         dist.barrier()  # the checkpoint is complete before any process returns
         dist.shutdown()
     summary.update({"checkpoint": str(args.out), "mode": mode, "fold": args.fold,
+                    "total_seconds": round(time.time() - t0, 1)})
+    return summary
+
+
+def cmd_pretrain_seg(args) -> dict:
+    """ADClick-Seg pre-trained on the real defects (painted masks) of several products, each
+    against its own references: the starting point of ``train-seg --init`` and of Start Training."""
+    from .data import MVTecFolder
+    from .distributed import Distributed
+    from .predictor import ClickPredictor
+    from .seg_training import SegItem, SegProduct, SegTrainConfig, train_seg
+
+    t0 = time.time()
+    roots = [Path(d) for part in args.data for d in part.split(",") if d]
+    if len(set(roots)) != len(roots) or not roots:
+        raise SystemExit("--data: give each product folder once")
+    dist = Distributed.from_env(args.device)
+    clicker = ClickPredictor.from_checkpoint(args.click_checkpoint, device=args.device)
+    products = []
+    for root in roots:
+        folder = MVTecFolder(root)
+        cache = Path(args.bank_dir) / f"{root.name}_bank.safetensors" if args.bank_dir else None
+        with dist.main_first():
+            bank = folder.reference_bank(clicker.extractor, cache)
+        items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]
+        if not items:
+            raise SystemExit(f"{root}: no defective test image with a mask to pre-train on")
+        products.append(SegProduct(items, bank, root.name))
+        log.info("%s: %d defect images, %d references", root.name, len(items), len(bank))
+    cfg = SegTrainConfig(seed=args.seed, **config_overrides(SegTrainConfig, args.set))
+    if args.iterations:
+        cfg.iterations = args.iterations
+    first, rest = products[0], products[1:]
+    try:
+        _, summary = train_seg(first.items, clicker.extractor, first.bank, cfg,
+                               residual_config=clicker.residual_config, out=args.out, device=clicker.device,
+                               dist=dist, others=rest)
+    finally:
+        dist.barrier()
+        dist.shutdown()
+    summary.update({"checkpoint": str(args.out), "products": [p.name for p in products],
                     "total_seconds": round(time.time() - t0, 1)})
     return summary
 
@@ -376,7 +417,8 @@ def cmd_eval_seg(args) -> dict:
                           iterations=args.iterations, train_missing=not args.no_train,
                           click_checkpoint=args.click_checkpoint, bank_path=args.bank, device=args.device,
                           only_folds=[int(f) for f in args.folds.split(",")] if args.folds else None,
-                          gate={"checkpoint": None, "on": True, "off": False}[args.gate])
+                          gate={"checkpoint": None, "on": True, "off": False}[args.gate],
+                          pretrained=args.pretrained)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -511,10 +553,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SegTrainConfig field (repeatable), e.g. --set lr=2e-4")
     p.add_argument("--click-checkpoint", default=None, help="ADClick checkpoint for pseudo labels (default: shipped)")
+    p.add_argument("--init", default=None,
+                   help="continue from this ADClick-Seg checkpoint (e.g. one from pretrain-seg) instead of a random model")
     p.add_argument("--bank", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_train_seg)
+
+    p = sub.add_parser("pretrain-seg", help="pre-train ADClick-Seg on the real defects of other products")
+    p.add_argument("--data", required=True, action="append",
+                   help="MVTec-style product folders (comma-separated or repeated): every defective test image "
+                        "with its mask, against the product's own train/good")
+    p.add_argument("--out", required=True, help="checkpoint to write")
+    p.add_argument("--iterations", type=int, default=None)
+    p.add_argument("--bank-dir", default=None, help="cache each product's bank here as <folder name>_bank.safetensors")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a SegTrainConfig field (repeatable)")
+    p.add_argument("--click-checkpoint", default=None, help="its backbone is the one used (default: shipped)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_pretrain_seg)
 
     p = sub.add_parser("eval-seg", help="ADClick-Seg from every kind of label, side by side, two folds")
     p.add_argument("--data", required=True)
@@ -523,6 +581,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "clicks5_no_language"]))
     p.add_argument("--iterations", type=int, default=None, help="training iterations for missing checkpoints")
     p.add_argument("--no-train", action="store_true", help="fail instead of training missing checkpoints")
+    p.add_argument("--pretrained", default=None,
+                   help="ADClick-Seg checkpoint pre-trained on other products (pretrain-seg): the modes "
+                        "'pretrained' (as it is, no label of this product) and 'pretrained_fused' (fused with "
+                        "the training-free map) score it, and every mode that trains starts from it")
     p.add_argument("--folds", default=None, help="only these folds, e.g. 0 (default: both; the mean is over those run)")
     p.add_argument("--gate", choices=["checkpoint", "on", "off"], default="checkpoint",
                    help="scale Seg maps by the image score: as each checkpoint was calibrated (default), "

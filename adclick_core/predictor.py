@@ -503,6 +503,34 @@ class SegPredictor(_ResidualPredictor):
     def defect_types(self) -> list[str]:
         return list(self.checkpoint_info.get("defect_types") or ["defect"])
 
+    def with_defect_types(self, defect_types: Sequence[str], encoder=None, object_name: str | None = None,
+                          phrases: dict[str, list[str]] | None = None) -> "SegPredictor":
+        """A predictor sharing these weights that also answers for ``defect_types`` it was not
+        trained on (a model pre-trained on other products, used on a new project): each unknown
+        type gets its averaged prompt feature from ``encoder`` (default: the shipped
+        ``PromptEncoder``). A model without language answers every type already."""
+        missing = [t for t in defect_types if t not in self.prompt_features]
+        if self.model.config.text_dim == 0 or not missing:
+            return self
+        if encoder is None:
+            from .prompts import PromptEncoder
+
+            encoder = PromptEncoder()
+        obj = object_name or self.checkpoint_info.get("object_name") or "surface"
+        other = copy.copy(self)
+        other.prompt_features = dict(self.prompt_features)
+        for t in missing:
+            feats = encoder.defect_features(t, phrases=(phrases or {}).get(t), object_name=obj)
+            other.prompt_features[t] = feats.mean.detach().float().to(self.device)
+        return other
+
+    def with_map_fusion(self, fusion: "MapFusion | None") -> "SegPredictor":
+        """A predictor sharing these weights whose answer is fused with the training-free map as
+        ``fusion`` says (None: not fused), whatever the checkpoint recorded."""
+        other = copy.copy(self)
+        other.checkpoint_info = {**self.checkpoint_info, "map_fusion": fusion.to_dict() if fusion else None}
+        return other
+
     @property
     def threshold(self) -> float:
         """Probability at which a pixel is called defective: calibrated on the training labels

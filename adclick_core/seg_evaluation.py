@@ -21,14 +21,18 @@ from .data import MVTecFolder, Sample
 from .evaluation import simulate_clicks
 from .metrics import image_auroc, segmentation_report
 from .predictor import ClickPredictor, ImageState, SegPredictor
-from .seg_training import (SegItem, SegTrainConfig, seg_synthetic_pool,
+from .predictor import MapFusion
+from .seg_training import (SegItem, SegTrainConfig, bank_map_reference, seg_synthetic_pool,
                            train_seg)
 from .training import ClickPool
 
-__all__ = ["SEG_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
+__all__ = ["SEG_MODES", "PRETRAINED_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 
 log = logging.getLogger(__name__)
 SEG_MODES = ("residual_map", "unsupervised", "clicks5", "boxes", "tags", "masks", "clicks5_no_language")
+# Modes that score a checkpoint pre-trained on other products (``pretrained=``) with no label of
+# this product: as it is, and fused with this product's training-free map.
+PRETRAINED_MODES = ("pretrained", "pretrained_fused")
 
 
 def split_folds(samples: Sequence[Sample], seed: int = 0, n_folds: int = 2) -> list[list[Sample]]:
@@ -107,10 +111,15 @@ def evaluate_seg(
     progress: bool = True,
     only_folds: Sequence[int] | None = None,
     gate: bool | None = None,
+    pretrained: str | Path | None = None,
 ) -> dict:
     """Train what is missing and score every mode on every fold (``only_folds``: these folds only;
     the mean is then over them). ``gate``: score the Seg maps with / without image-score gating
-    whatever the checkpoints say (None: as each checkpoint says)."""
+    whatever the checkpoints say (None: as each checkpoint says). ``pretrained``: a checkpoint
+    pre-trained on other products, scored by ``PRETRAINED_MODES`` and continued from by every
+    mode that trains (missing checkpoints only)."""
+    if any(m in PRETRAINED_MODES for m in modes) and pretrained is None:
+        raise ValueError(f"modes {PRETRAINED_MODES} need a pre-trained checkpoint (pretrained=...)")
     t0 = time.time()
     runs = Path(runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -128,6 +137,8 @@ def evaluate_seg(
     def checkpoint_for(mode: str, fold: int) -> Path | None:
         if mode == "residual_map":
             return None
+        if mode in PRETRAINED_MODES:
+            return Path(pretrained)
         path = runs / (f"{mode}.pt" if mode == "unsupervised" else f"{mode}_fold{fold}.pt")
         if path.is_file() or not train_missing:
             return path
@@ -148,9 +159,19 @@ def evaluate_seg(
         t = time.time()
         train_seg(items, extractor, bank, cfg, residual_config=rcfg, synthetic=pools[unsupervised],
                   defect_types=defect_types,
-                  out=path, progress=progress, device=clicker.device)
+                  out=path, progress=progress, device=clicker.device, init=pretrained)
         timings[path.name] = round(time.time() - t, 1)
         return path
+
+    fusion: list[MapFusion] = []
+
+    def fusion_for_bank() -> MapFusion:
+        """How an unsupervised model is fused with the map (SegTrainConfig's defaults), on this bank."""
+        if not fusion:
+            cfg = SegTrainConfig()
+            fusion.append(MapFusion(cfg.map_fusion_weight, bank_map_reference(bank, rcfg, seed=seed),
+                                    cfg.map_fusion_gate))
+        return fusion[0]
 
     # Residual states of every evaluation image once; all models share them.
     states: dict[str, ImageState] = {}
@@ -175,6 +196,10 @@ def evaluate_seg(
             maps, scores = [], []
             seg = None if ckpt is None else SegPredictor.from_checkpoint(ckpt, bank=bank, device=device,
                                                                         extractor=extractor)
+            if seg is not None and mode in PRETRAINED_MODES:
+                seg = seg.with_defect_types(defect_types)
+                if mode == "pretrained_fused":
+                    seg = seg.with_map_fusion(fusion_for_bank())
             if seg is not None and gate is not None:
                 seg.gate = gate
             for s in held_out:
@@ -201,5 +226,6 @@ def evaluate_seg(
                   "evaluated_on": "the other fold's defective images + all good test images"},
         "gate": "as each checkpoint says" if gate is None else gate,
         "training_seconds": timings,
+        "pretrained": str(pretrained) if pretrained is not None else None,
         "seconds": round(time.time() - t0, 1),
     }

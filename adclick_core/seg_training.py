@@ -9,6 +9,10 @@ Labels arrive as plain Python / numpy data (:class:`SegItem`), never as Label St
 * OK / NG tags                           -> all normal / unknown with "a defect somewhere"
 * nothing (unsupervised)                 -> synthetic anomalies on defect-free images
 * the reference bank's own images        -> all normal, a share of every batch (``bank_normals``)
+* other products' labelled images        -> pre-training (``others``): each product's images against
+                                            its own bank, as the paper pre-trains ADClick-Seg on the
+                                            other categories' real defects; ``init`` continues from
+                                            such a checkpoint on the project's own labels
 
 Unknown pixels are trained semi-supervised (ResMixMatch-style, simplified): the model's own
 prediction averaged over two augmented residual views (flip, channel scaling in [0.8, 1.25]),
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .backbone import FeatureExtractor, load_image
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import Distributed
 from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
 from .labels import box_cover, box_labels, exact_labels, pseudo_labels, tag_labels
@@ -39,7 +43,7 @@ from .residuals import ResidualConfig, Residuals, compute_residuals
 from .synthesis import AnomalySynthesizer
 from .training import ClickPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
-__all__ = ["SegItem", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind",
+__all__ = ["SegItem", "SegProduct", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind",
            "UNSUPERVISED_PHOTOMETRIC_FRACTION", "seg_synthesizer"]
 
 SEG_KIND = "adclick_seg"
@@ -75,6 +79,18 @@ def item_label_kind(item: SegItem) -> str:
     if item.verdict is not None:
         return "tag"
     raise ValueError("SegItem without any label (mask, click_prob, boxes or OK/NG tag)")
+
+
+@dataclass
+class SegProduct:
+    """Another product's labelled images and its own reference bank: what pre-training on other
+    products' real defects learns from (``train_seg(..., others=[...])``). Residuals are taken
+    against the product's own bank, so the model learns what a defect looks like relative to
+    *its* normal surface, which is what transfers to a product it has never seen."""
+
+    items: Sequence[SegItem]
+    bank: ReferenceBank
+    name: str = "product"
 
 
 @dataclass
@@ -144,6 +160,14 @@ class _Prepared:
     kind: list[str]
     clicks: list[list[Click]]  # for "clicks": the clicks in model-input pixels
     defect_type: list[str | None]
+
+
+def _concat(parts: Sequence[_Prepared]) -> _Prepared:
+    parts = [p for p in parts if p.kind] or list(parts[:1])
+    return _Prepared(torch.cat([p.residual for p in parts]), torch.cat([p.target for p in parts]),
+                     torch.cat([p.valid for p in parts]), torch.cat([p.mil for p in parts]),
+                     [k for p in parts for k in p.kind], [c for p in parts for c in p.clicks],
+                     [t for p in parts for t in p.defect_type])
 
 
 def _resize(arr: np.ndarray, s: int, mode: str) -> np.ndarray:
@@ -380,6 +404,25 @@ def calibrate_threshold(
             "images": len(targets)}
 
 
+def _initial_weights(init: str | Path, extractor: FeatureExtractor) -> dict:
+    """The checkpoint training continues from; it must have been trained on this backbone."""
+    start = load_checkpoint(init, SEG_KIND)
+    if start.get("backbone") != extractor.config.to_dict():
+        raise ValueError(f"{init} was trained on backbone {start.get('backbone')}, not on "
+                         f"{extractor.config.to_dict()}: train from scratch or pre-train on this backbone")
+    return start
+
+
+def _continued_config(start: dict, fresh: ADClickConfig, init: str | Path) -> ADClickConfig:
+    """The starting checkpoint's model config, checked against what this training feeds it."""
+    mcfg = ADClickConfig.from_dict(start["model_config"])
+    for key in ("in_channels", "input_size", "grid_size", "text_dim"):
+        if getattr(mcfg, key) != getattr(fresh, key):
+            raise ValueError(f"{init}: its model has {key}={getattr(mcfg, key)}, this training needs "
+                             f"{getattr(fresh, key)} (language on/off and the backbone must match)")
+    return mcfg
+
+
 def train_seg(
     items: Sequence[SegItem],
     extractor: FeatureExtractor,
@@ -395,8 +438,14 @@ def train_seg(
     progress: bool | ProgressFn = True,
     device: str | torch.device = "cpu",
     dist: Distributed | None = None,
+    others: Sequence[SegProduct] = (),
+    init: str | Path | None = None,
 ) -> tuple[ADClick, dict]:
     """Train ADClick-Seg from labelled items (+ an optional synthetic pool); write ``out``.
+
+    ``others``: other products' labelled images, each against its own bank, trained on beside
+    ``items`` (pre-training; their defect types join the model's). ``init``: an ADClick-Seg
+    checkpoint (same backbone) whose weights training starts from instead of a random model.
 
     ``progress``: True for a progress bar, or a callback ``(fraction, message)`` (used by the
     Label Studio backend to report percent done). ``dist``: the torchrun process group (default:
@@ -413,7 +462,9 @@ def train_seg(
     torch.manual_seed(config.seed)
     device = dist.device(torch.device(device))
     t0 = time.time()
-    types = sorted(set(defect_types or [])) or sorted({i.defect_type for i in items if i.defect_type}) or ["defect"]
+    own = set(defect_types or []) or {i.defect_type for i in items if i.defect_type}
+    types = sorted(own | {i.defect_type for o in others for i in o.items if i.defect_type}) or ["defect"]
+    start = _initial_weights(init, extractor) if init is not None else None
     if config.language and prompt_encoder is None:
         from .prompts import PromptEncoder
 
@@ -423,17 +474,27 @@ def train_seg(
     if callback:
         callback(0.0, f"computing residuals of {len(items)} labelled images")
     data = _prepare(items, extractor, bank, rcfg, bar_on)
+    if others:
+        data = _concat([data, *(_prepare(o.items, extractor, o.bank, rcfg, bar_on) for o in others)])
     # OK-tagged items are real normals already (in a Label Studio project, the very images the
     # bank holds): the bank's images stand in only where the labels have none.
     has_ok = any(item_label_kind(it) == "tag" and it.verdict == "OK" for it in items)
     use_bank = len(data.kind) and not has_ok and config.normal_fraction > 0
-    n_normals = min(config.bank_normals, len(bank) - 1) if use_bank else 0
+    banks = [bank, *(o.bank for o in others)]
+    # Pre-training shares the normals between the products' banks.
+    per_bank = config.bank_normals if len(banks) == 1 else max(1, config.bank_normals // len(banks))
+    counts = [max(0, min(per_bank, len(b) - 1)) if use_bank else 0 for b in banks]
+    n_normals = sum(counts)
     normals = None
     if n_normals > 0:
         if callback:
             callback(0.0, f"residuals of {n_normals} defect-free reference images")
-        picked = np.sort(np.random.default_rng(config.seed + 2).choice(len(bank), size=n_normals, replace=False))
-        normals = _bank_normals(bank, rcfg, picked.tolist(), extractor.config.input_size)
+        parts = []
+        for b, n in zip(banks, counts):
+            if n:
+                picked = np.sort(np.random.default_rng(config.seed + 2).choice(len(b), size=n, replace=False))
+                parts.append(_bank_normals(b, rcfg, picked.tolist(), extractor.config.input_size))
+        normals = _concat(parts)
     n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
     if n_real == 0 and n_syn == 0:
         raise ValueError("nothing to train on: no labelled item and no synthetic pool")
@@ -443,12 +504,17 @@ def train_seg(
                                     "input_size": extractor.config.input_size, "grid_size": extractor.grid_size,
                                     "fine_channels": 0, "head": "token",
                                     "text_dim": prompt_encoder.feature_dim if prompts else 0})
+    if start is not None:
+        mcfg = _continued_config(start, mcfg, init)
     model = ADClick(mcfg).to(device)
-    if n_syn:
+    if start is not None:  # its input scale too: the weights were learnt on inputs scaled by it
+        model.load_state_dict(start["state_dict"], strict=True)
+    elif n_syn:
         scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
+        model.residual_embed.input_scale.copy_(scale.to(device))
     else:
         scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
-    model.residual_embed.input_scale.copy_(scale.to(device))
+        model.residual_embed.input_scale.copy_(scale.to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
     trained = dist.wrap(model, find_unused=True)  # the gradient step (the text branch may sit out a step)
     s = mcfg.input_size
@@ -589,6 +655,8 @@ def train_seg(
         "defect_types": types, "language": prompts is not None,
         "loss_first_50": float(np.mean(losses[:50])), "loss_last_50": float(np.mean(losses[-50:])),
         "processes": dist.world_size,
+        "other_products": [{"name": o.name, "labelled_images": len(o.items)} for o in others],
+        "initialised_from": str(init) if init is not None else None,
     }
     model = ema.module.eval()
     fusion = None

@@ -24,7 +24,7 @@ from adclick_core.prompts import PromptEncoder, TextEncoderConfig
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
 from adclick_core.synthesis import AnomalySynthesizer
-from adclick_core.seg_training import (SEG_KIND, SegItem, SegTrainConfig, bank_map_reference, item_label_kind,
+from adclick_core.seg_training import (SEG_KIND, SegItem, SegProduct, SegTrainConfig, bank_map_reference, item_label_kind,
                                        seg_synthesizer, seg_synthetic_pool,
                                        train_seg)
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
@@ -625,3 +625,80 @@ def test_seg_synthesizer_recipes():
     labelled, unsupervised = seg_synthesizer(), seg_synthesizer(unsupervised=True)
     assert labelled.p_photometric == 0 and labelled.p_finish == 0 and labelled.p_edge > 0
     assert unsupervised.p_photometric > 0.5 and unsupervised.p_finish > 0 and unsupervised.p_uneven > labelled.p_uneven
+
+
+# ---------------------------------------------------------------- pre-training on other products
+
+
+@pytest.fixture(scope="module")
+def other_product(world):
+    """A second product: other textures as references, its own defects (type 'dent')."""
+    extractor = world[0]
+    normals = [texture(100 + i) for i in range(5)]
+    bank = ReferenceBank.build(extractor, normals, names=[f"o{i}" for i in range(5)], progress=False)
+    items = [SegItem(img, "dent", mask=m) for img, m in (defective(70 + i) for i in range(3))]
+    return SegProduct(items, bank, "other")
+
+
+def test_pretraining_learns_from_every_product_against_its_own_bank(world, other_product, encoder, tmp_path):
+    """``others``: their images count as labelled, their types join the model's, each is matched
+    against its own bank (not the first product's), and the bank normals come from both banks."""
+    from adclick_core.seg_training import _prepare
+
+    extractor, bank, _, _ = world
+    items = labelled_items()["mask"]
+    out = tmp_path / "pre.pt"
+    _, summary = train_seg(items, extractor, bank, tiny_config(iterations=3, bank_normals=6), residual_config=RESIDUAL,
+                           prompt_encoder=encoder, out=out, progress=False, others=[other_product])
+    assert summary["labelled_images"] == 5 and summary["label_kinds"] == {"mask": 5}
+    assert summary["defect_types"] == ["crack", "dent", "scratch"]
+    assert summary["other_products"] == [{"name": "other", "labelled_images": 3}]
+    assert summary["bank_normals"] == 3 + 3  # 6 shared by the two banks, each capped at its size - 1
+    ckpt = load_checkpoint(out, SEG_KIND)
+    assert sorted(ckpt["prompt_features"]) == ["crack", "dent", "scratch"]
+    own = _prepare(other_product.items, extractor, other_product.bank, RESIDUAL, progress=False)
+    wrong = _prepare(other_product.items, extractor, bank, RESIDUAL, progress=False)
+    assert not torch.allclose(own.residual.float(), wrong.residual.float())  # the bank matters
+
+
+def test_training_continues_from_an_initial_checkpoint(world, other_product, encoder, tmp_path):
+    """``init``: the starting weights (input scale included) are the checkpoint's; a checkpoint of
+    another shape (language off) or backbone is refused with a clear error."""
+    extractor, bank, _, pool = world
+    pre = tmp_path / "pre.pt"
+    train_seg(labelled_items()["mask"], extractor, bank, tiny_config(iterations=3), residual_config=RESIDUAL,
+              prompt_encoder=encoder, out=pre, progress=False, others=[other_product])
+    start = load_checkpoint(pre, SEG_KIND)["state_dict"]
+    model, summary = train_seg([], extractor, bank, tiny_config(iterations=1, lr=0.0, warmup=0),
+                               residual_config=RESIDUAL, synthetic=pool, prompt_encoder=encoder, defect_types=TYPES,
+                               progress=False, init=pre)
+    assert summary["initialised_from"] == str(pre)
+    for k, v in model.state_dict().items():  # lr 0: nothing moved away from the start
+        torch.testing.assert_close(v.float(), start[k].float(), msg=k)
+    with pytest.raises(ValueError, match="text_dim"):
+        train_seg([], extractor, bank, tiny_config(iterations=1, language=False), residual_config=RESIDUAL,
+                  synthetic=pool, progress=False, init=pre)
+    other = build_extractor(BackboneConfig(input_size=96), random_init=True, device="cpu")
+    with pytest.raises(ValueError, match="backbone"):
+        train_seg([], other, bank, tiny_config(iterations=1), residual_config=RESIDUAL, synthetic=pool,
+                  prompt_encoder=encoder, progress=False, init=pre)
+
+
+def test_pretrained_model_answers_a_new_projects_types_and_fuses_with_its_map(lang_ckpt, world, encoder):
+    """A model pre-trained elsewhere answers a project's own defect types (prompts encoded on
+    demand, the known ones kept), and ``with_map_fusion`` fuses with this bank's map."""
+    _, bank, _, _ = world
+    pred = load_predictor(lang_ckpt, bank)
+    state = pred.set_image(defective(63)[0])
+    with pytest.raises(InputError):
+        pred.predict_per_type(state, ["dent"])
+    new = pred.with_defect_types(["crack", "dent"], encoder=encoder)
+    per = new.predict_per_type(state, ["crack", "dent"])
+    assert set(per) == {"crack", "dent"} and per["dent"].shape == state.original_hw
+    np.testing.assert_allclose(per["crack"], pred.predict_per_type(state, ["crack"])["crack"], atol=1e-6)
+    assert "dent" not in pred.prompt_features  # the original predictor is unchanged
+    assert pred.map_fusion is None
+    fusion = MapFusion(1.5, bank_map_reference(bank, RESIDUAL), 0.5)
+    fused = new.with_map_fusion(fusion)
+    assert fused.map_fusion == fusion and new.map_fusion is None
+    assert not np.allclose(fused.predict_per_type(state, ["dent"])["dent"], per["dent"])

@@ -257,8 +257,9 @@ def test_cli_seg_commands_wiring(capsys):
 
     parser = build_parser()
     for cmd, flags in (("eval-seg", ["--runs", "--modes", "--no-train", "--json", "--click-checkpoint", "--folds",
-                                     "--gate"]),
-                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--set"])):
+                                     "--gate", "--pretrained"]),
+                       ("train-seg", ["--mode", "--fold", "--no-language", "--clicks", "--out", "--set", "--init"]),
+                       ("pretrain-seg", ["--data", "--out", "--iterations", "--bank-dir", "--set"])):
         with pytest.raises(SystemExit) as exc:
             parser.parse_args([cmd, "--help"])
         assert exc.value.code == 0
@@ -271,3 +272,48 @@ def test_cli_seg_commands_wiring(capsys):
     assert args.func is cmd_train_seg and args.mode == "boxes" and args.fold == 1 and args.clicks == 5
     with pytest.raises(SystemExit):
         parser.parse_args(["train-seg", "--data", "d", "--mode", "clicks5", "--out", "o.pt"])
+    from adclick_core.cli import cmd_pretrain_seg
+
+    args = parser.parse_args(["pretrain-seg", "--data", "a,b", "--data", "c", "--out", "p.pt"])
+    assert args.func is cmd_pretrain_seg and args.data == ["a,b", "c"]
+    with pytest.raises(SystemExit, match="once"):
+        cmd_pretrain_seg(parser.parse_args(["pretrain-seg", "--data", "a,a", "--out", "p.pt"]))
+
+
+def test_evaluate_seg_scores_a_model_pretrained_on_other_products(mvtec, click_setup, tiny_bert_dir, tmp_path,
+                                                                  monkeypatch):
+    """``pretrained``: the modes 'pretrained' (no label of this product) and 'pretrained_fused'
+    score the checkpoint as it is on this product's types and bank, and a mode that trains starts
+    from it; without one those modes are refused."""
+    from adclick_core.seg_evaluation import PRETRAINED_MODES
+    from adclick_core.seg_training import SegItem, SegProduct, SegTrainConfig, train_seg
+    from adclick_core.models import ADClickConfig
+
+    click_path, pred = click_setup
+    monkeypatch.setenv(TEXT_ENCODER_ENV, tiny_bert_dir)
+    other = write_mvtec(tmp_path / "other", [texture(80 + i) for i in range(5)],
+                        {"dent": [_square(40 + k) for k in range(3)]}, [])
+    folder = MVTecFolder(other)
+    from adclick_core.reference import ReferenceBank
+
+    bank = ReferenceBank.build(pred.extractor, folder.train_good(), progress=False)
+    items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]
+    pre = tmp_path / "pre.pt"
+    cfg = SegTrainConfig(iterations=2, batch_size=4, warmup=1, model=ADClickConfig(
+        head="token", embed_dim=16, depth=2, num_heads=2, window_size=4, drop_path=0.0))
+    train_seg(items[:1], pred.extractor, bank, cfg, residual_config=RESIDUAL, out=pre, progress=False,
+              others=[SegProduct(items[1:], bank, "other")])
+    modes = ("residual_map", *PRETRAINED_MODES, "unsupervised")
+    result = evaluate_seg(mvtec, tmp_path / "runs", modes=modes, seed=0, iterations=2,
+                          click_checkpoint=str(click_path), bank_path=str(tmp_path / "bank.pt"), device="cpu",
+                          progress=False, pretrained=pre)
+    assert result["pretrained"] == str(pre)
+    for mode in modes:
+        assert 0.0 <= result["methods"][mode]["ap"] <= 1.0
+    assert result["methods"]["pretrained"] != result["methods"]["pretrained_fused"]
+    unsup = torch.load(tmp_path / "runs" / "unsupervised.pt", weights_only=True)
+    assert unsup["train_summary"]["initialised_from"] == str(pre)
+    assert not (tmp_path / "runs" / "pretrained.pt").exists()  # scored as it is, nothing trained
+    with pytest.raises(ValueError, match="pre-trained checkpoint"):
+        evaluate_seg(mvtec, tmp_path / "runs", modes=("pretrained",), click_checkpoint=str(click_path),
+                     bank_path=str(tmp_path / "bank.pt"), device="cpu", progress=False)

@@ -3,7 +3,7 @@ both on 127.0.0.1 at free ports, started once per test run and stopped after.
 
 Label Studio comes from ``.lsvenv`` (created by ``scripts/install_label_studio.sh``, which this
 fixture runs when the venv is missing: ~1-2 min, once). The images are the committed MTD sample
-``tests/data/mtd_sample`` (see its SOURCE.md), or any MVTec-style MTD folder named by
+``tests/data/mtd_sample`` (see its SOURCE.md), or any MVTec-style folder (any product, JPEG or PNG) named by
 ``ADCLICK_E2E_DATA`` (e.g. the full set); a folder that lacks train/good or ground_truth FAILS the
 tests with a message (nothing is skipped).
 """
@@ -22,11 +22,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from .helpers import SEG_ITERATIONS
+from .helpers import DATA as MTD
+from .helpers import DEFECTS, MTD_SAMPLE, SEG_ITERATIONS, images_in
 
 REPO = Path(__file__).resolve().parents[2]
-MTD_SAMPLE = REPO / "tests" / "data" / "mtd_sample"
-MTD = Path(os.environ.get("ADCLICK_E2E_DATA") or MTD_SAMPLE).resolve()
 LS_VERSION = "1.23.2"
 LS_START_TIMEOUT_S = 180
 BACKEND_START_TIMEOUT_S = 120
@@ -64,10 +63,10 @@ def _stop(proc: subprocess.Popen, timeout: float = 20.0) -> None:
 
 @pytest.fixture(scope="session")
 def mtd_dir() -> Path:
-    if not (MTD / "train" / "good").is_dir() or not (MTD / "ground_truth").is_dir():
+    if not images_in(MTD / "train" / "good") or not DEFECTS:
         pytest.fail(
-            f"the MTD data set is missing: expected {MTD} with train/good, test/<defect> and "
-            f"ground_truth/<defect> (unset ADCLICK_E2E_DATA to use the committed sample {MTD_SAMPLE})",
+            f"the end-to-end data set is missing: expected {MTD} with images in train/good, test/<defect> "
+            f"and ground_truth/<defect> (unset ADCLICK_E2E_DATA to use the committed sample {MTD_SAMPLE})",
             pytrace=False,
         )
     return MTD
@@ -318,5 +317,5 @@ def mtd_project(label_studio, backend_server, mtd_dir):
         "defects": [(d, by_url[local_url(img, mtd_dir)], img, gt) for d, img, gt in defects],
         "missing_task": by_url[missing_url(mtd_dir)],
         "any_task": by_url[local_url(defects[0][1], mtd_dir)],
-        "goods_unused": [g for g in sorted((mtd_dir / "train" / "good").glob("*.jpg")) if g not in refs],
+        "goods_unused": [g for g in images_in(mtd_dir / "train" / "good") if g not in refs],
     }

@@ -6,8 +6,59 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG = (REPO / "label_config" / "interactive_weak.xml").read_text()
-DEFECTS = ("blowhole", "break", "crack", "fray", "uneven")
+MTD_SAMPLE = REPO / "tests" / "data" / "mtd_sample"
+# The product the end-to-end tests label: the committed MTD sample, or any MVTec-style folder
+# (train/good, test/<type>, ground_truth/<type>/<stem>_mask.png; JPEG, PNG, BMP or TIFF images).
+DATA = Path(os.environ.get("ADCLICK_E2E_DATA") or MTD_SAMPLE).resolve()
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files of ``folder``, sorted by name (none when it does not exist)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def mask_of(data: Path, defect: str, image: Path) -> Path:
+    """The ground-truth mask of a test image: ``<stem>_mask.png`` (MVTec) or ``<stem>.png``."""
+    folder = data / "ground_truth" / defect
+    for name in (f"{image.stem}_mask.png", f"{image.stem}.png"):
+        if (folder / name).is_file():
+            return folder / name
+    raise FileNotFoundError(f"no ground-truth mask for {image} in {folder}")
+
+
+def defect_types(data: Path) -> tuple[str, ...]:
+    """The defect types of an MVTec-style folder: test/<type> folders (not ``good``) with images
+    and a ground_truth/<type> folder."""
+    test = data / "test"
+    if not test.is_dir():
+        return ()
+    return tuple(sorted(d.name for d in test.iterdir() if d.is_dir() and d.name != "good" and images_in(d)
+                        and (data / "ground_truth" / d.name).is_dir()))
+
+
+_PALETTE = ("#e6194b", "#f58231", "#ffe119", "#3cb44b", "#4363d8", "#911eb4", "#46f0f0", "#f032e6")
+
+
+def label_config(types: tuple[str, ...]) -> str:
+    """``label_config/interactive_weak.xml`` with its brush, click and box labels set to ``types``."""
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring((REPO / "label_config" / "interactive_weak.xml").read_text())
+    for tag in ("BrushLabels", "KeyPointLabels", "RectangleLabels"):
+        for labels in root.iter(tag):
+            template = dict(labels.find("Label").attrib)
+            for old in list(labels.findall("Label")):
+                labels.remove(old)
+            for i, t in enumerate(types):
+                ET.SubElement(labels, "Label", {**template, "value": t, "background": _PALETTE[i % len(_PALETTE)]})
+    return ET.tostring(root, encoding="unicode")
+
+
+DEFECTS = defect_types(DATA)
+CONFIG = label_config(DEFECTS) if DEFECTS else (REPO / "label_config" / "interactive_weak.xml").read_text()
 N_REFERENCES = 30
 PER_TYPE = 2
 # Start Training in the end-to-end tests: iterations of the backend's ADClick-Seg training
@@ -23,7 +74,7 @@ def local_url(path: Path, mtd: Path) -> str:
 
 def missing_url(mtd: Path) -> str:
     """A Local Storage URL under the document root whose file does not exist."""
-    return local_url(mtd / "test" / "crack" / "this_file_does_not_exist.jpg", mtd)
+    return local_url(mtd / "test" / DEFECTS[0] / "this_file_does_not_exist.jpg", mtd)
 
 
 def verdict_result(value: str = "OK") -> list[dict]:
@@ -32,7 +83,7 @@ def verdict_result(value: str = "OK") -> list[dict]:
 
 def pick_references(mtd: Path, n: int = N_REFERENCES) -> list[Path]:
     """``n`` train/good images spread over the sorted file list (deterministic): the references."""
-    goods = sorted((mtd / "train" / "good").glob("*.jpg"))
+    goods = images_in(mtd / "train" / "good")
     return goods[:: max(1, len(goods) // n)][:n]
 
 
@@ -105,10 +156,10 @@ def pick_defects(mtd: Path, per_type: int = PER_TYPE, offset: int = 0) -> list[t
     """``per_type`` images of each defect type, spread over the sorted file list (deterministic)."""
     out = []
     for d in DEFECTS:
-        files = sorted((mtd / "test" / d).glob("*.jpg"))
+        files = images_in(mtd / "test" / d)
         for i in range(per_type):
             img = files[((i * len(files)) // per_type + len(files) // (2 * per_type) + offset) % len(files)]
-            out.append((d, img, mtd / "ground_truth" / d / f"{img.stem}_mask.png"))
+            out.append((d, img, mask_of(mtd, d, img)))
     return out
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .helpers import import_tasks, interactive, keypoint, local_url, pick_defects
+from .helpers import DEFECTS, import_tasks, interactive, keypoint, local_url, pick_defects
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def test_click_round_trip_through_label_studio(label_studio, mtd_project, backen
     by_url = import_tasks(label_studio, mtd_project["id"], [{"data": {"image": local_url(p, mtd_dir)}} for p in imgs])
     # one throw-away click so the bank build / model load is not in the numbers
     warmup = interactive(label_studio, mtd_project["ml_id"], mtd_project["any_task"],
-                         {"result": [keypoint(5, 5, 100, 100, "crack")]})[0]
+                         {"result": [keypoint(5, 5, 100, 100, DEFECTS[0])]})[0]
     assert "errors" not in warmup, warmup
     rng = np.random.default_rng(0)
     cold, warm = [], []

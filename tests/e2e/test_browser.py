@@ -7,7 +7,8 @@ for our backend's BrushLabels suggestion. A screenshot of the labeling page is s
 Needs ``bash scripts/install_browser.sh`` (run here when chromium or node_modules is missing).
 Run: ``pytest -q tests/e2e/test_browser.py -m e2e``. Environment:
 ``ADCLICK_BROWSER_SCREENSHOT`` (default ``runs/browser/labeling_page.png``),
-``ADCLICK_BROWSER_DEFECT`` (defect type of the task to open, default ``crack``).
+``ADCLICK_BROWSER_DEFECT`` (defect type of the task to open; default ``crack``, or the first type
+of an ``ADCLICK_E2E_DATA`` folder without one).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
 from .conftest import PASSWORD, REPO, USER, _tail
+from .helpers import DEFECTS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -75,7 +77,7 @@ def _cache_lookups(backend_server) -> int:
 
 def test_keypoint_click_in_the_browser_shows_a_brush_suggestion(browser_tools, label_studio, mtd_project,
                                                                  backend_server):
-    defect = os.environ.get("ADCLICK_BROWSER_DEFECT", "crack")
+    defect = os.environ.get("ADCLICK_BROWSER_DEFECT") or ("crack" if "crack" in DEFECTS else DEFECTS[0])
     mine = [x for x in mtd_project["defects"] if x[0] == defect]
     assert mine, f"no task of defect type {defect!r} in the e2e project"
     # The last one of the type: test_label_studio_training annotates the first of each type.

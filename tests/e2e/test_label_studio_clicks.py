@@ -24,7 +24,7 @@ from PIL import Image
 
 from adclick_core.clicks import next_eval_click
 
-from .helpers import interactive, keypoint, verdict_result
+from .helpers import DEFECTS, interactive, keypoint, verdict_result
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +138,7 @@ def _error_of(r) -> str:
 
 def _one_click(x=50.0, y=50.0):
     return {"result": [{"type": "keypointlabels", "from_name": "click", "to_name": "image",
-                        "value": {"x": x, "y": y, "keypointlabels": ["crack"]}}]}
+                        "value": {"x": x, "y": y, "keypointlabels": [DEFECTS[0]]}}]}
 
 
 def test_unknown_image_url_is_a_clear_404(label_studio, mtd_project):
