@@ -471,6 +471,11 @@ def _resize_mask(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return F.interpolate(t, size=hw, mode="nearest")[0, 0].numpy() > 0.5
 
 
+# Residual scale per bank fingerprint (per-bank normalised models): 24 self-residuals, computed once.
+_BANK_SCALES: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+_SCALE_LOCK = threading.Lock()
+
+
 class SegPredictor(_ResidualPredictor):
     """ADClick-Seg inference: zero clicks, once per defect type, pixel-wise max (Eq. 7)."""
 
@@ -524,6 +529,30 @@ class SegPredictor(_ResidualPredictor):
             other.prompt_features[t] = feats.mean.detach().float().to(self.device)
         return other
 
+    @property
+    def per_bank(self) -> bool:
+        """Whether the model expects residuals divided by the bank's own scale (a model pre-trained
+        on several products: ``seg_training.bank_residual_scale``)."""
+        from .seg_training import PER_BANK
+
+        return self.checkpoint_info.get("residual_normalization") == PER_BANK
+
+    def _model_residual(self, state: ImageState) -> torch.Tensor:
+        if not self.per_bank:
+            return state.residual
+        from .seg_training import bank_residual_scale, normalize_residual
+
+        key = self.bank.fingerprint
+        with _SCALE_LOCK:
+            cached = _BANK_SCALES.get(key)
+        if cached is None:
+            cached = bank_residual_scale(self.bank, self.residual_config)
+            with _SCALE_LOCK:
+                _BANK_SCALES[key] = cached
+                while len(_BANK_SCALES) > 64:
+                    _BANK_SCALES.popitem(last=False)
+        return normalize_residual(state.residual, cached)
+
     def with_map_fusion(self, fusion: "MapFusion | None") -> "SegPredictor":
         """A predictor sharing these weights whose answer is fused with the training-free map as
         ``fusion`` says (None: not fused), whatever the checkpoint recorded."""
@@ -558,8 +587,8 @@ class SegPredictor(_ResidualPredictor):
         """Anomaly probability per defect type, H x W float32 at the original size (one shared
         array for every type when the model has no language branch)."""
         types = list(defect_types or self.defect_types)
-        probs = seg_probabilities(self.model, state.residual, types, self.prompt_features, state.original_hw,
-                                  state.fine, self.blur_sigma)
+        probs = seg_probabilities(self.model, self._model_residual(state), types, self.prompt_features,
+                                  state.original_hw, state.fine, self.blur_sigma)
         fusion = self.map_fusion
         if fusion is not None:  # carries its own image-score gate
             distance = smooth_map(state.distance[None, None].to(self.device), state.original_hw, self.blur_sigma)

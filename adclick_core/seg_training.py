@@ -162,6 +162,15 @@ class _Prepared:
     defect_type: list[str | None]
 
 
+def mcfg_kind(config: "SegTrainConfig") -> str:
+    return config.model.residual_input
+
+
+def _normalized(data: _Prepared, scale: torch.Tensor) -> _Prepared:
+    return _Prepared(normalize_residual(data.residual, scale), data.target, data.valid, data.mil, data.kind,
+                     data.clicks, data.defect_type)
+
+
 def _concat(parts: Sequence[_Prepared]) -> _Prepared:
     parts = [p for p in parts if p.kind] or list(parts[:1])
     return _Prepared(torch.cat([p.residual for p in parts]), torch.cat([p.target for p in parts]),
@@ -286,6 +295,38 @@ UNSUPERVISED_FINISH_FRACTION = 1.0
 # 0.76-0.95, the good test images (re-shot parts again) at 0.45. A model that trained on the small
 # leave-one-out residuals fires over the whole of a new part.
 UNSUPERVISED_EXCLUDE_SIMILAR = 20
+
+
+# Residuals of several products differ in scale (mean r^2 of a product's normal surface against its
+# own references, 24 bank images each: glass edge 0.071, BSD 0.126, lens 0.182, MTD 0.211, metal
+# plate 0.284). A model pre-trained on several products sees each product's residuals divided by
+# its own scale (``bank_residual_scale``), and so does it on a new product: the checkpoint records
+# ``residual_normalization = "per_bank"`` and ``SegPredictor`` divides by the scale of the bank it
+# answers with.
+PER_BANK = "per_bank"
+BANK_SCALE_IMAGES = 24
+
+
+def bank_residual_scale(bank: ReferenceBank, rcfg: ResidualConfig, images: int = BANK_SCALE_IMAGES) -> torch.Tensor:
+    """Per-channel mean of r^2 over (up to ``images``, spread over the bank) reference images, each
+    against the rest of the bank: how much this product's normal surface differs from its
+    references (C, float32, on the CPU)."""
+    if len(bank) < 2:
+        raise ValueError("the reference bank needs at least 2 images to measure its own residuals")
+    picked = sorted({int(i) for i in np.linspace(0, len(bank) - 1, min(images, len(bank))).round()})
+    total = None
+    for i in picked:
+        r = _bank_self_residuals(bank, rcfg, i).residual.float().cpu()
+        sq = (r * r).mean(dim=(0, 2, 3))
+        total = sq if total is None else total + sq
+    return (total / len(picked)).clamp_min(1e-8)
+
+
+def normalize_residual(residual: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``residual`` (N x C x g x g) divided by the square root of a bank's ``bank_residual_scale``,
+    in the residual's own dtype and device."""
+    root = scale.to(residual.device, torch.float32).sqrt().view(1, -1, 1, 1)
+    return (residual.float() / root).to(residual.dtype)
 
 
 def bank_map_reference(bank: ReferenceBank, rcfg: ResidualConfig, max_images: int = 200, seed: int = 0,
@@ -474,16 +515,29 @@ def train_seg(
     if callback:
         callback(0.0, f"computing residuals of {len(items)} labelled images")
     data = _prepare(items, extractor, bank, rcfg, bar_on)
-    if others:
-        data = _concat([data, *(_prepare(o.items, extractor, o.bank, rcfg, bar_on) for o in others)])
+    per_bank = bool(others)
+    scales = {}
+    if per_bank:
+        if mcfg_kind(config) != "square":
+            raise ValueError("pre-training on several products needs the 'square' residual input")
+        if callback:
+            callback(0.0, f"residual scale of {1 + len(others)} products' references")
+        scales = {id(b): bank_residual_scale(b, rcfg) for b in [bank, *(o.bank for o in others)]}
+        parts = [_normalized(data, scales[id(bank)])]
+        for o in others:
+            parts.append(_normalized(_prepare(o.items, extractor, o.bank, rcfg, bar_on), scales[id(o.bank)]))
+        data = _concat(parts)
+        if synthetic is not None:  # drawn against the first product's bank
+            synthetic = ClickPool(normalize_residual(synthetic.residual, scales[id(bank)]), synthetic.fine,
+                                  synthetic.masks)
     # OK-tagged items are real normals already (in a Label Studio project, the very images the
     # bank holds): the bank's images stand in only where the labels have none.
     has_ok = any(item_label_kind(it) == "tag" and it.verdict == "OK" for it in items)
     use_bank = len(data.kind) and not has_ok and config.normal_fraction > 0
     banks = [bank, *(o.bank for o in others)]
     # Pre-training shares the normals between the products' banks.
-    per_bank = config.bank_normals if len(banks) == 1 else max(1, config.bank_normals // len(banks))
-    counts = [max(0, min(per_bank, len(b) - 1)) if use_bank else 0 for b in banks]
+    normals_each = config.bank_normals if len(banks) == 1 else max(1, config.bank_normals // len(banks))
+    counts = [max(0, min(normals_each, len(b) - 1)) if use_bank else 0 for b in banks]
     n_normals = sum(counts)
     normals = None
     if n_normals > 0:
@@ -493,7 +547,8 @@ def train_seg(
         for b, n in zip(banks, counts):
             if n:
                 picked = np.sort(np.random.default_rng(config.seed + 2).choice(len(b), size=n, replace=False))
-                parts.append(_bank_normals(b, rcfg, picked.tolist(), extractor.config.input_size))
+                part = _bank_normals(b, rcfg, picked.tolist(), extractor.config.input_size)
+                parts.append(_normalized(part, scales[id(b)]) if per_bank else part)
         normals = _concat(parts)
     n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
     if n_real == 0 and n_syn == 0:
@@ -509,6 +564,14 @@ def train_seg(
     model = ADClick(mcfg).to(device)
     if start is not None:  # its input scale too: the weights were learnt on inputs scaled by it
         model.load_state_dict(start["state_dict"], strict=True)
+        if per_bank:
+            model.residual_embed.input_scale.fill_(1.0)
+        elif start.get("residual_normalization") == PER_BANK:
+            # Pre-trained on residuals divided by each product's scale: this project's scale, once
+            # and for all, in the input scale the model divides by.
+            model.residual_embed.input_scale.copy_(bank_residual_scale(bank, rcfg).to(device))
+    elif per_bank:
+        pass  # inputs already divided by their bank's scale: the buffer stays 1
     elif n_syn:
         scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
         model.residual_embed.input_scale.copy_(scale.to(device))
@@ -679,6 +742,7 @@ def train_seg(
             backbone=extractor.config.to_dict(), residual_config=rcfg.to_dict(),
             bank_fingerprint=bank.fingerprint, defect_types=types, object_name=object_name,
             threshold=calibration["threshold"],
+            residual_normalization=PER_BANK if per_bank else None,
             map_fusion=fusion.to_dict() if fusion is not None else None,
             # The averaged prompt of each type (Eq. 6) travels with the weights: inference needs no text encoder.
             prompt_features={t: prompts[t].mean.detach().float().cpu() for t in types} if prompts else {},

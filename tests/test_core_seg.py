@@ -24,7 +24,8 @@ from adclick_core.prompts import PromptEncoder, TextEncoderConfig
 from adclick_core.reference import ReferenceBank
 from adclick_core.residuals import ResidualConfig
 from adclick_core.synthesis import AnomalySynthesizer
-from adclick_core.seg_training import (SEG_KIND, SegItem, SegProduct, SegTrainConfig, bank_map_reference, item_label_kind,
+from adclick_core.seg_training import (SEG_KIND, SegItem, SegProduct, SegTrainConfig, bank_map_reference,
+                                       bank_residual_scale, item_label_kind, normalize_residual,
                                        seg_synthesizer, seg_synthetic_pool,
                                        train_seg)
 from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
@@ -655,6 +656,8 @@ def test_pretraining_learns_from_every_product_against_its_own_bank(world, other
     assert summary["other_products"] == [{"name": "other", "labelled_images": 3}]
     assert summary["bank_normals"] == 3 + 3  # 6 shared by the two banks, each capped at its size - 1
     ckpt = load_checkpoint(out, SEG_KIND)
+    assert ckpt["residual_normalization"] == "per_bank"
+    assert (ckpt["state_dict"]["residual_embed.input_scale"] == 1).all()
     assert sorted(ckpt["prompt_features"]) == ["crack", "dent", "scratch"]
     own = _prepare(other_product.items, extractor, other_product.bank, RESIDUAL, progress=False)
     wrong = _prepare(other_product.items, extractor, bank, RESIDUAL, progress=False)
@@ -674,7 +677,12 @@ def test_training_continues_from_an_initial_checkpoint(world, other_product, enc
                                progress=False, init=pre)
     assert summary["initialised_from"] == str(pre)
     for k, v in model.state_dict().items():  # lr 0: nothing moved away from the start
-        torch.testing.assert_close(v.float(), start[k].float(), msg=k)
+        if k != "residual_embed.input_scale":
+            torch.testing.assert_close(v.float(), start[k].float(), msg=k)
+    # Pre-trained on residuals divided by each product's scale: this project's scale is now the
+    # input scale the model divides r^2 by.
+    assert (start["residual_embed.input_scale"] == 1).all()
+    torch.testing.assert_close(model.residual_embed.input_scale.float(), bank_residual_scale(bank, RESIDUAL))
     with pytest.raises(ValueError, match="text_dim"):
         train_seg([], extractor, bank, tiny_config(iterations=1, language=False), residual_config=RESIDUAL,
                   synthetic=pool, progress=False, init=pre)
@@ -702,3 +710,38 @@ def test_pretrained_model_answers_a_new_projects_types_and_fuses_with_its_map(la
     fused = new.with_map_fusion(fusion)
     assert fused.map_fusion == fusion and new.map_fusion is None
     assert not np.allclose(fused.predict_per_type(state, ["dent"])["dent"], per["dent"])
+
+
+def test_bank_residual_scale_and_a_per_bank_model_divides_by_its_banks_scale(world, other_product, encoder, tmp_path):
+    """The scale is the mean r^2 of bank images against the rest of their bank, per channel; a
+    per-bank model answers on residuals divided by the scale of the bank it is given."""
+    from adclick_core.seg_training import _bank_self_residuals
+    from adclick_core.predictor import seg_probabilities
+
+    extractor, bank, _, _ = world
+    scale = bank_residual_scale(bank, RESIDUAL, images=3)
+    picked = [0, 2, 5]  # 3 spread over 6 images
+    r = torch.cat([_bank_self_residuals(bank, RESIDUAL, i).residual.float() for i in picked])
+    torch.testing.assert_close(scale, (r * r).mean(dim=(0, 2, 3)))
+    x = torch.randn(2, scale.numel(), 4, 4)
+    torch.testing.assert_close(normalize_residual(x, scale) ** 2, x ** 2 / scale.view(1, -1, 1, 1))
+    with pytest.raises(ValueError, match="at least 2"):
+        bank_residual_scale(ReferenceBank.build(extractor, [texture(0)], progress=False), RESIDUAL)
+
+    pre = tmp_path / "pre.pt"
+    train_seg(labelled_items()["mask"], extractor, bank, tiny_config(iterations=2), residual_config=RESIDUAL,
+              prompt_encoder=encoder, out=pre, progress=False, others=[other_product])
+    pred = load_predictor(pre, bank)
+    assert pred.per_bank
+    state = pred.set_image(defective(64)[0])
+    got = pred.predict_per_type(state, ["crack"])["crack"]
+    want = seg_probabilities(pred.model, normalize_residual(state.residual, bank_residual_scale(bank, RESIDUAL)),
+                             ["crack"], pred.prompt_features, state.original_hw, state.fine)["crack"]
+    pred.gate = False
+    ungated = pred.predict_per_type(state, ["crack"])["crack"]
+    np.testing.assert_allclose(ungated, want[0, 0].numpy(), atol=1e-6)
+    assert got.shape == ungated.shape
+    # Another bank, another scale, another answer to the same residuals.
+    other = load_predictor(pre, other_product.bank)
+    other.gate = False
+    assert not np.allclose(other.predict_per_type(state, ["crack"])["crack"], ungated)

@@ -29,7 +29,7 @@ COLD_P50_MAX_MS = 3000.0
 @pytest.mark.benchmark
 def test_click_round_trip_through_label_studio(label_studio, mtd_project, backend_server, mtd_dir):
     # images nobody clicked yet in this test run (other defects than the IoU test's), so first clicks are cold
-    imgs = [img for _, img, _ in pick_defects(mtd_dir, per_type=2, offset=3)][:N_IMAGES]
+    imgs = [img for _, img, _ in pick_defects(mtd_dir, per_type=-(-N_IMAGES // len(DEFECTS)), offset=3)][:N_IMAGES]
     by_url = import_tasks(label_studio, mtd_project["id"], [{"data": {"image": local_url(p, mtd_dir)}} for p in imgs])
     # one throw-away click so the bank build / model load is not in the numbers
     warmup = interactive(label_studio, mtd_project["ml_id"], mtd_project["any_task"],

@@ -21,7 +21,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from .helpers import (CONFIG, brush_result, import_tasks, interactive, keypoint, local_url, pick_defects,
+from .helpers import (CONFIG, DEFECTS, brush_result, import_tasks, interactive, keypoint, local_url, pick_defects,
                       pick_references, verdict_result)
 
 pytestmark = pytest.mark.e2e
@@ -126,7 +126,7 @@ def test_brush_masks_submitted_in_label_studio_teach_the_click_model_of_their_pr
 
     ls = label_studio
     refs = pick_references(mtd_dir, 8)
-    defects = pick_defects(mtd_dir, per_type=1)
+    defects = pick_defects(mtd_dir, per_type=-(-4 // len(DEFECTS)))[:4]  # 4 images whatever the number of types
     (defect, img, gt_path), annotated = defects[0], defects[1:4]
     gt = np.asarray(Image.open(gt_path).convert("L")) > 127
     masks = 3
