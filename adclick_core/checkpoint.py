@@ -11,10 +11,14 @@ import torch
 from .errors import CheckpointError, MissingWeightsError
 
 __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "combine_checkpoints",
-           "ensemble_members", "save_ensemble", "replace_member", "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT"]
+           "ensemble_members", "save_ensemble", "replace_member", "joint_fingerprint", "SHIPPED_CLICK_CHECKPOINT",
+           "SHIPPED_SEG_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
+# ADClick-Seg pre-trained on the real defects of the development products (``pretrain-seg``): what
+# Start Training and ``train-seg --init`` continue from.
+SHIPPED_SEG_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_seg_pretrained.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, state_dict: dict, **meta: Any) -> Path:

@@ -568,8 +568,15 @@ def train_seg(
             model.residual_embed.input_scale.fill_(1.0)
         elif start.get("residual_normalization") == PER_BANK:
             # Pre-trained on residuals divided by each product's scale: this project's scale, once
-            # and for all, in the input scale the model divides by.
-            model.residual_embed.input_scale.copy_(bank_residual_scale(bank, rcfg).to(device))
+            # and for all, in the input scale the model divides by (a one-image bank has no scale
+            # of its own: then the training inputs' normal pixels give it, as for a new model).
+            if len(bank) >= 2:
+                scale = bank_residual_scale(bank, rcfg)
+            elif n_syn:
+                scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
+            else:
+                scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
+            model.residual_embed.input_scale.copy_(scale.to(device))
     elif per_bank:
         pass  # inputs already divided by their bank's scale: the buffer stays 1
     elif n_syn:

@@ -67,6 +67,9 @@ class Settings:
     bank_refresh_s: float = 600.0
     seg_iterations: int = 600
     seg_threshold: float | None = None  # None: the threshold calibrated at training (in the checkpoint)
+    # What Start Training continues from: None = the shipped pre-trained ADClick-Seg when installed,
+    # "none" = a new model, else a checkpoint path (ADCLICK_SEG_INIT).
+    seg_init: str | None = None
     train_every: int = 0
     adapt_min_references: int = 0  # 0: adapt only on request (POST /adapt)
     adapt_iterations: int = 300
@@ -91,6 +94,7 @@ class Settings:
             bank_refresh_s=env_float("ADCLICK_BANK_REFRESH_S", 600.0),
             seg_iterations=max(1, int(env_float("ADCLICK_SEG_ITERATIONS", 600))),
             seg_threshold=env_float("ADCLICK_SEG_THRESHOLD", None),
+            seg_init=os.environ.get("ADCLICK_SEG_INIT") or None,
             train_every=max(0, int(env_float("ADCLICK_TRAIN_EVERY", 0))),
             adapt_min_references=max(0, int(env_float("ADCLICK_ADAPT_MIN_REFERENCES", 0))),
             adapt_iterations=max(1, int(env_float("ADCLICK_ADAPT_ITERATIONS", 300))),
@@ -99,6 +103,22 @@ class Settings:
             project_idle_s=env_float("ADCLICK_PROJECT_IDLE_S", 3600.0, positive=True),
             max_disk_mb=env_float("ADCLICK_MAX_DISK_MB", 20000.0, positive=True),
         )
+
+    def seg_init_checkpoint(self) -> Path | None:
+        """The checkpoint Start Training continues from (``seg_init``), or None for a new model."""
+        from adclick_core.checkpoint import SHIPPED_SEG_CHECKPOINT
+
+        value = (self.seg_init or "").strip()
+        if value.lower() in ("none", "off", "scratch"):
+            return None
+        if value:
+            return Path(os.path.expanduser(value))
+        return SHIPPED_SEG_CHECKPOINT if SHIPPED_SEG_CHECKPOINT.is_file() else None
+
+
+def _init_name(path: Path | None) -> str:
+    """What /health says Start Training starts from (a file name, never the server's folders)."""
+    return "a new model" if path is None else path.name
 
 
 def parse_project(project: Any) -> tuple[str, str | None]:
@@ -317,6 +337,7 @@ class Backend:
                 "threshold": (self.settings.seg_threshold if self.settings.seg_threshold is not None
                               else "calibrated per model"),
                 "train_every": self.settings.train_every,
+                "starts_from": _init_name(self.settings.seg_init_checkpoint()),
                 "projects": {m.project_id: m.seg.current.version for m in self.models() if m.seg.current},
             },
             "training": {m.project_id: m.seg.status() for m in self.models()},

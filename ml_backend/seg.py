@@ -20,17 +20,22 @@ logger = logging.getLogger(__name__)
 CURRENT_FILE = "seg_current.json"
 
 
-def default_trainer(items, extractor, bank, iterations, residual_config, defect_types, out, progress, device):
-    """Calls ``train_seg``; without a text encoder installed, trains without the language branch."""
+def default_trainer(items, extractor, bank, iterations, residual_config, defect_types, out, progress, device,
+                    init=None):
+    """Calls ``train_seg``, continuing from ``init`` (a pre-trained checkpoint) when given; without
+    a text encoder installed, trains without the language branch (and from scratch: the
+    pre-trained model has one)."""
     from adclick_core.errors import MissingWeightsError
     from adclick_core.seg_training import SegTrainConfig, train_seg
 
     kw = dict(residual_config=residual_config, defect_types=list(defect_types), out=out, progress=progress,
               device=device)
     try:
-        return train_seg(items, extractor, bank, SegTrainConfig(iterations=iterations), **kw)
+        return train_seg(items, extractor, bank, SegTrainConfig(iterations=iterations), init=init, **kw)
     except MissingWeightsError as e:
-        logger.warning("ADClick-Seg: no text encoder (%s): training without the language branch", e)
+        if init is not None and str(init) in str(e):
+            raise
+        logger.warning("ADClick-Seg: no text encoder (%s): training without the language branch, from scratch", e)
         return train_seg(items, extractor, bank, SegTrainConfig(iterations=iterations, language=False), **kw)
 
 
@@ -114,9 +119,11 @@ class SegJob(BackgroundJob):
         m.dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_path(version)
         iterations = backend.settings.seg_iterations
-        logger.info("project %s: training ADClick-Seg on %d item(s) from %d task(s), %d iterations -> %s",
-                    m.project_id, len(items), collected["used_tasks"], iterations, path)
+        init = backend.settings.seg_init_checkpoint()
+        logger.info("project %s: training ADClick-Seg on %d item(s) from %d task(s), %d iterations from %s -> %s",
+                    m.project_id, len(items), collected["used_tasks"], iterations,
+                    init if init is not None else "a new model", path)
         _, summary = backend.seg_trainer(
             items, click.extractor, bank, iterations, getattr(click, "residual_config", None),
-            cfg.defect_types, path, self._progress, getattr(click, "device", "cpu"))
+            cfg.defect_types, path, self._progress, getattr(click, "device", "cpu"), init=init)
         return self._serve(version, path, bank, {**(summary or {}), **collected})  # model_version changes now

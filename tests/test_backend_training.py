@@ -142,8 +142,8 @@ class Trainer:
         self.fail = fail
         self.calls = []
 
-    def __call__(self, items, extractor, bank, iterations, rcfg, types, out, progress, device):
-        self.calls.append({"items": items, "iterations": iterations, "types": list(types), "out": out})
+    def __call__(self, items, extractor, bank, iterations, rcfg, types, out, progress, device, init=None):
+        self.calls.append({"items": items, "iterations": iterations, "types": list(types), "out": out, "init": init})
         progress(0.5, "iteration 1/2")
         assert self.gate.wait(10)
         if self.fail:
@@ -414,3 +414,26 @@ def test_click_suggestions_are_replayed_with_the_click_model_for_training(tmp_pa
     assert item.click_prob[14, 36] == pytest.approx(0.9) and item.click_prob[40, 5] == 0.0
     calls = backend.predictor().shared["calls"]
     assert [len(c["clicks"]) for c in calls] == [1, 2] and calls[1]["prev_mask"]
+
+
+@pytest.mark.parametrize("value,expected", [(None, "shipped"), ("none", None), ("~/pre.pt", "home")])
+def test_start_training_continues_from_the_configured_checkpoint(value, expected, tmp_path, ls, monkeypatch):
+    """ADCLICK_SEG_INIT: unset = the shipped pre-trained ADClick-Seg (when installed), ``none`` = a
+    new model, a path = that checkpoint; the trainer gets it and /health names it."""
+    from adclick_core import checkpoint
+
+    shipped = tmp_path / "shipped_seg.pt"
+    shipped.write_bytes(b"x")
+    monkeypatch.setattr(checkpoint, "SHIPPED_SEG_CHECKPOINT", shipped)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    trainer = Trainer()
+    trainer.gate.set()
+    backend = make(tmp_path, trainer, seg_init=value)
+    client = create_app(backend).test_client()
+    start(client)
+    assert wait_state(client)["state"] == "done"
+    want = {"shipped": shipped, None: None, "home": tmp_path / "pre.pt"}[expected]
+    assert trainer.calls[0]["init"] == want
+    assert client.get("/health").get_json()["seg_model"]["starts_from"] == (want.name if want else "a new model")
+    shipped.unlink()  # not installed: a new model
+    assert Settings(seg_init=None).seg_init_checkpoint() is None
