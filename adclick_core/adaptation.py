@@ -24,6 +24,7 @@ from .checkpoint import ensemble_members, replace_member
 from .errors import InputError
 from .predictor import ClickPredictor
 from .synthesis import AnomalySynthesizer
+from .distributed import Distributed
 from .training import ClickTrainConfig, ProgressFn, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
 __all__ = ["AdaptConfig", "adapt_click", "MIN_REFERENCES"]
@@ -140,7 +141,7 @@ def adapt_click(
     try:
         _, summary = train_click(pool, tcfg, out=trained, meta=meta, device=pred.device, progress=progress,
                                  callback=callback, checkpoint_every=0, init_state=state, sample_weights=weights)
-        if members is not None:
+        if members is not None and Distributed.current().is_main:  # under torchrun rank 0 wrote the member
             base = ensemble_members({"state_dict": pred.model.state_dict(), **pred.checkpoint_info})
             replace_member(base, config.member, trained, f"member {config.member} adapted", out,
                            adapted=meta["adapted"])

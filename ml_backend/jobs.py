@@ -295,7 +295,11 @@ class BackgroundJob:
 
     def _serve(self, version: str, path: Path, bank, summary: dict) -> dict:
         """Load the checkpoint ``_train`` wrote and swap it in (the served model changes only
-        now); the job's result."""
+        now); the job's result. Under torchrun only the first process wrote it and serves it."""
+        from adclick_core.distributed import Distributed
+
+        if not Distributed.current().is_main:
+            return {"version": version, "checkpoint": str(path), "summary": summary}
         if not Path(path).is_file():
             raise RuntimeError(f"{self.title} finished but {path} was not written")
         self._swap_in(TrainedModel(version, path, self._load(path, bank), summary))

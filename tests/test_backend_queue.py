@@ -15,7 +15,7 @@ from ml_backend.api import create_app
 from ml_backend.errors import ServiceUnavailable
 from ml_backend.queue import RedisJobs
 from tests.e2e.conftest import free_port
-from tests.test_backend_training import CONFIG, Trainer, ls, make, start, wait_state  # noqa: F401
+from tests.test_backend_training import CONFIG, REPO, Trainer, ls, make, start, wait_state  # noqa: F401
 
 
 @pytest.fixture
@@ -95,3 +95,57 @@ def test_a_replica_serves_the_model_another_process_recorded(tmp_path, ls):  # n
     assert st["training"]["1"]["model_version"] == v1, st["training"]
     assert replica.model_version == v1
     assert replica.seg.predictor(None) is not None  # loads the other process's checkpoint on first use
+
+
+def test_a_worker_job_trains_in_two_processes_under_torchrun(redis_url, ls, tmp_path, monkeypatch):
+    """ADCLICK_WORKER_PROCESSES=2: the job's training runs in two torchrun processes (gloo, DDP);
+    the first one writes and records the model and reports progress into the RQ job; the model
+    loads and answers in one process."""
+    import json
+
+    from redis import Redis
+    from rq.job import Job
+
+    from adclick_core.checkpoint import load_checkpoint
+    from ml_backend.model import Backend
+    from ml_backend.worker import run_job
+
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for p in sorted((REPO / "tests" / "data" / "mtd_sample" / "train" / "good").iterdir())[:4]:
+        shutil.copy(p, refs / p.name)
+    models = tmp_path / "models"
+    for k, v in {"ADCLICK_MODEL_DIR": str(models), "ADCLICK_REFERENCE_DIR": str(refs), "ADCLICK_SEG_ITERATIONS": "4",
+                 "ADCLICK_SEG_INIT": "none", "ADCLICK_DEVICE": "cpu", "ADCLICK_IMAGE_CACHE_DIR": str(tmp_path / "ic"),
+                 "ADCLICK_WORKER_PROCESSES": "2", "OMP_NUM_THREADS": "1", "REDIS_URL": redis_url}.items():
+        monkeypatch.setenv(k, v)
+    rq_job = Job.create("ml_backend.worker.run_job", connection=Redis.from_url(redis_url))
+    rq_job.save()
+    monkeypatch.setattr("rq.get_current_job", lambda: rq_job)  # run_job as the work horse runs it
+    result = run_job("seg", "1", uid="1.1700000000", label_config=CONFIG, reason="test")
+
+    summary = result["summary"]
+    assert summary["processes"] == 2 and summary["iterations"] == 4 and summary["labelled_images"] >= 2
+    ckpt = Path(result["checkpoint"])
+    assert ckpt.is_file() and load_checkpoint(ckpt, "adclick_seg")["train_summary"]["processes"] == 2
+    project = ckpt.parent
+    assert json.loads((project / "seg_current.json").read_text())["version"] == result["version"]
+    assert len(list(project.glob("seg-*.pt"))) == 1  # the second process wrote nothing
+    meta = Job.fetch(rq_job.id, connection=Redis.from_url(redis_url)).meta
+    assert meta["state"] == "done" and meta["percent"] == 100.0 and meta["worker"]
+    # A replica on the same model folder serves it.
+    monkeypatch.delenv("REDIS_URL")
+    backend = Backend(queue=False)
+    model = backend.model_for("1.1700000000", label_config=CONFIG)
+    model.seg.refresh()
+    assert model.seg.current.version == result["version"]
+
+
+def test_a_failing_process_fails_the_distributed_job_with_its_output(tmp_path, monkeypatch):
+    from ml_backend.worker import run_distributed
+
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")  # nothing listens: the export fails
+    monkeypatch.setenv("ADCLICK_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("ADCLICK_REFERENCE_DIR", str(tmp_path / "no-refs"))
+    with pytest.raises(RuntimeError, match="2-process training failed"):
+        run_distributed(2, "seg", "1", label_config=CONFIG, reason="test")
