@@ -24,7 +24,7 @@ from PIL import Image
 
 from adclick_core.clicks import next_eval_click
 
-from .helpers import DEFECTS, interactive, keypoint, verdict_result
+from .helpers import DATA, DEFECTS, MTD_SAMPLE, interactive, keypoint, verdict_result
 
 pytestmark = pytest.mark.e2e
 
@@ -40,6 +40,9 @@ MIN_SHARE_AT_IOU_MIN = 0.8
 MIN_MEAN_IOU = 0.55
 MIN_GAIN_OVER_WALKER = 0.1
 AGREEMENT_MIN = 0.95
+# The quality floors hold for the committed sample; on a folder of ADCLICK_E2E_DATA the test asks
+# for the classical baseline's quality at least and prints the figures.
+ON_SAMPLE = DATA == MTD_SAMPLE.resolve()
 
 
 def decode_answer(r: dict, w: int, h: int, label: str) -> np.ndarray:
@@ -112,9 +115,12 @@ def test_clicks_become_masks_through_label_studio(label_studio, mtd_project, bac
     print("\nADClick through Label Studio:", json.dumps(summary, indent=1), file=sys.stderr)
     assert backend_server.health()["state_cache"]["hits"] >= len(warm_ms), "later clicks must reuse the image state"
     assert min(agreement) >= AGREEMENT_MIN, summary
-    assert summary["n_iou_ge_0.5"] >= MIN_SHARE_AT_IOU_MIN * len(ious), summary
-    assert summary["mean_iou_after_3"] >= MIN_MEAN_IOU, summary
-    assert summary["mean_iou_after_3"] >= summary["random_walker_mean_iou_after_3"] + MIN_GAIN_OVER_WALKER, summary
+    if ON_SAMPLE:
+        assert summary["n_iou_ge_0.5"] >= MIN_SHARE_AT_IOU_MIN * len(ious), summary
+        assert summary["mean_iou_after_3"] >= MIN_MEAN_IOU, summary
+        assert summary["mean_iou_after_3"] >= summary["random_walker_mean_iou_after_3"] + MIN_GAIN_OVER_WALKER, summary
+    else:  # another product (ADCLICK_E2E_DATA): the floors above were measured on the sample
+        assert summary["mean_iou_after_3"] >= summary["random_walker_mean_iou_after_3"], summary
 
 
 def _walker_iou_after(img_path, gt_path, n_clicks: int) -> float:
