@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import AdclickError, DataError, InputError
+from .utils.errors import AdclickError, DataError, InputError
 
 log = logging.getLogger("adclick_core")
 
@@ -35,7 +35,7 @@ def _add_residual_args(p: argparse.ArgumentParser) -> None:
 
 
 def _residual_config(args, base=None):
-    from .residuals import ResidualConfig
+    from .features.residuals import ResidualConfig
 
     cfg = base or ResidualConfig()
     for name in ("k", "matching", "radius", "pos_weight"):
@@ -46,7 +46,7 @@ def _residual_config(args, base=None):
 
 
 def _backbone_config(args):
-    from .backbone import BackboneConfig
+    from .features.backbone import BackboneConfig
 
     stages, feature_dim = (2, 3, 4), 256
     if args.backbone == "wide_resnet50_2":
@@ -57,9 +57,9 @@ def _backbone_config(args):
 
 # ---------------------------------------------------------------------------- commands
 def cmd_build_bank(args) -> dict:
-    from .backbone import build_extractor
-    from .data import IMAGE_SUFFIXES
-    from .reference import ReferenceBank
+    from .features.backbone import build_extractor
+    from .utils.data import IMAGE_SUFFIXES
+    from .features.reference import ReferenceBank
 
     extractor = build_extractor(_backbone_config(args), weights=args.backbone_weights, device=args.device)
     src = Path(args.images)
@@ -78,8 +78,8 @@ def cmd_build_bank(args) -> dict:
 
 
 def cmd_combine_click(args) -> dict:
-    from .checkpoint import combine_checkpoints
-    from .predictor import ClickPredictor
+    from .utils.checkpoint import combine_checkpoints
+    from .inference.predictor import ClickPredictor
 
     summary = combine_checkpoints(args.checkpoints, args.out)
     # Load it back as the backend will: a file that does not build is an error now, not at the first click.
@@ -91,7 +91,7 @@ def cmd_combine_click(args) -> dict:
 def _init_predictor(args):
     """The click model ``train-click --init`` continues from; its backbone, model and residual
     config are the new model's, so options that would change them are refused."""
-    from .predictor import ClickPredictor
+    from .inference.predictor import ClickPredictor
 
     pred = ClickPredictor.from_checkpoint(args.init, device=args.device, backbone_weights=args.backbone_weights)
     bcfg, mcfg = pred.extractor.config, pred.model.config
@@ -114,16 +114,16 @@ def _paired(files: list | None, folders: list, option: str, folder_option: str) 
 
 
 def cmd_train_click(args) -> dict:
-    from .backbone import build_extractor
-    from .checkpoint import ensemble_members, joint_fingerprint, load_checkpoint, replace_member
-    from .data import MVTecFolder
+    from .features.backbone import build_extractor
+    from .utils.checkpoint import ensemble_members, joint_fingerprint, load_checkpoint, replace_member
+    from .utils.data import MVTecFolder
     from .models import ADClickConfig
-    from .reference import ReferenceBank
-    from .synthesis import AnomalySynthesizer
-    from .adaptation import member_weights
-    from .textures import texture_families
-    from .distributed import Distributed
-    from .training import ClickTrainConfig, build_defect_pool, build_synthetic_pool, concat_pools, train_click
+    from .features.reference import ReferenceBank
+    from .training.synthesis import AnomalySynthesizer
+    from .training.adaptation import member_weights
+    from .training.textures import texture_families
+    from .training.distributed import Distributed
+    from .training.click import ClickTrainConfig, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.time()
@@ -258,8 +258,8 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def cmd_eval_click(args) -> dict:
-    from .adaptation import AdaptConfig
-    from .evaluation import default_workers, evaluate_click_sets, format_click_tables
+    from .training.adaptation import AdaptConfig
+    from .evaluation.clicks import default_workers, evaluate_click_sets, format_click_tables
 
     result = evaluate_click_sets(
         args.data, checkpoint=args.checkpoint, bank_paths=args.bank, device=args.device,
@@ -281,9 +281,9 @@ def cmd_eval_click(args) -> dict:
 
 
 def cmd_adapt_click(args) -> dict:
-    from .adaptation import AdaptConfig, adapt_click
-    from .data import IMAGE_SUFFIXES, cached_bank
-    from .predictor import ClickPredictor
+    from .training.adaptation import AdaptConfig, adapt_click
+    from .utils.data import IMAGE_SUFFIXES, cached_bank
+    from .inference.predictor import ClickPredictor
 
     src = Path(args.data)
     if not src.is_dir():
@@ -303,7 +303,7 @@ def cmd_adapt_click(args) -> dict:
 
 
 def cmd_bench(args) -> dict:
-    from .benchmark import bench_clicks
+    from .evaluation.latency import bench_clicks
 
     return bench_clicks(data=args.data, checkpoint=args.checkpoint, bank_path=args.bank, device=args.device,
                         n_images=args.images, clicks_per_image=args.clicks_per_image, bank_images=args.bank_images,
@@ -329,11 +329,11 @@ def config_overrides(cls, pairs: list[str]) -> dict:
 
 
 def cmd_train_seg(args) -> dict:
-    from .data import MVTecFolder
-    from .predictor import ClickPredictor
-    from .seg_evaluation import _ok_items, split_folds, weak_items
-    from .distributed import Distributed
-    from .seg_training import SegTrainConfig, seg_synthetic_pool, train_seg
+    from .utils.data import MVTecFolder
+    from .inference.predictor import ClickPredictor
+    from .evaluation.seg import _ok_items, split_folds, weak_items
+    from .training.distributed import Distributed
+    from .training.seg import SegTrainConfig, seg_synthetic_pool, train_seg
 
     t0 = time.time()
     dist = Distributed.from_env(args.device)  # under torchrun: one of N processes
@@ -372,10 +372,10 @@ def cmd_train_seg(args) -> dict:
 def cmd_pretrain_seg(args) -> dict:
     """ADClick-Seg pre-trained on the real defects (painted masks) of several products, each
     against its own references: the starting point of ``train-seg --init`` and of Start Training."""
-    from .data import MVTecFolder
-    from .distributed import Distributed
-    from .predictor import ClickPredictor
-    from .seg_training import SegItem, SegProduct, SegTrainConfig, train_seg
+    from .utils.data import MVTecFolder
+    from .training.distributed import Distributed
+    from .inference.predictor import ClickPredictor
+    from .training.seg import SegItem, SegProduct, SegTrainConfig, train_seg
 
     t0 = time.time()
     roots = [Path(d) for part in args.data for d in part.split(",") if d]
@@ -411,7 +411,7 @@ def cmd_pretrain_seg(args) -> dict:
 
 
 def cmd_eval_seg(args) -> dict:
-    from .seg_evaluation import evaluate_seg
+    from .evaluation.seg import evaluate_seg
 
     result = evaluate_seg(data=args.data, runs=args.runs, modes=args.modes.split(","), seed=args.seed,
                           iterations=args.iterations, train_missing=not args.no_train,

@@ -18,9 +18,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from adclick_core.evaluation import simulate_clicks  # noqa: E402
-from adclick_core.predictor import ClickPredictor  # noqa: E402
-from adclick_core.reference import ReferenceBank  # noqa: E402
+from adclick_core.evaluation.clicks import simulate_clicks  # noqa: E402
+from adclick_core.inference.predictor import ClickPredictor  # noqa: E402
+from adclick_core.features.reference import ReferenceBank  # noqa: E402
 from tests.e2e.helpers import pick_defects, pick_references  # noqa: E402
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adclick_core.benchmark import bench_clicks  # noqa: E402
+from adclick_core.evaluation.latency import bench_clicks  # noqa: E402
 
 
 class Stop(Exception):
@@ -31,9 +31,9 @@ class Stop(Exception):
 def train(data: str, started: threading.Event | None = None, stop: threading.Event | None = None) -> None:
     """An unsupervised ADClick-Seg training on ``data`` (as ``train-seg --mode unsupervised``) that
     runs until ``stop`` is set (or forever)."""
-    from adclick_core.data import MVTecFolder
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.seg_training import SegTrainConfig, seg_synthetic_pool, train_seg
+    from adclick_core.utils.data import MVTecFolder
+    from adclick_core.inference.predictor import ClickPredictor
+    from adclick_core.training.seg import SegTrainConfig, seg_synthetic_pool, train_seg
 
     folder = MVTecFolder(data)
     clicker = ClickPredictor.from_checkpoint(None, device="cpu")

@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adclick_core.checkpoint import ensemble_members, replace_member  # noqa: E402
-from adclick_core.data import MVTecFolder  # noqa: E402
-from adclick_core.evaluation import default_workers, evaluate_clicks, format_click_tables  # noqa: E402
-from adclick_core.predictor import ClickPredictor  # noqa: E402
-from adclick_core.synthesis import AnomalySynthesizer  # noqa: E402
-from adclick_core.training import (ClickTrainConfig, build_defect_pool, build_synthetic_pool,  # noqa: E402
-                                   concat_pools, train_click)
+from adclick_core.utils.checkpoint import ensemble_members, replace_member  # noqa: E402
+from adclick_core.utils.data import MVTecFolder  # noqa: E402
+from adclick_core.evaluation.clicks import default_workers, evaluate_clicks, format_click_tables  # noqa: E402
+from adclick_core.inference.predictor import ClickPredictor  # noqa: E402
+from adclick_core.training.synthesis import AnomalySynthesizer  # noqa: E402
+from adclick_core.training.click import (ClickTrainConfig, build_defect_pool, build_synthetic_pool,  # noqa: E402
+                                         concat_pools, train_click)
 
 PRODUCTS = "mtd,bsd_pitting,mpdd_metal_plate,mtoc_lens,glass_edge"
 

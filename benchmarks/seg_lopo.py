@@ -33,10 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adclick_core.data import MVTecFolder  # noqa: E402
-from adclick_core.predictor import ClickPredictor  # noqa: E402
-from adclick_core.seg_evaluation import evaluate_seg  # noqa: E402
-from adclick_core.seg_training import SegItem, SegProduct, SegTrainConfig, train_seg  # noqa: E402
+from adclick_core.utils.data import MVTecFolder  # noqa: E402
+from adclick_core.inference.predictor import ClickPredictor  # noqa: E402
+from adclick_core.evaluation.seg import evaluate_seg  # noqa: E402
+from adclick_core.training.seg import SegItem, SegProduct, SegTrainConfig, train_seg  # noqa: E402
 
 PRODUCTS = "mtd,bsd_pitting,mpdd_metal_plate,mtoc_lens,glass_edge"
 

@@ -1,4 +1,4 @@
-"""Per-project adaptation of the click model (``adclick_core.adaptation``) as a background job.
+"""Per-project adaptation of the click model (``adclick_core.training.adaptation``) as a background job.
 
 On ``POST /adapt``, by itself once a project's reference bank holds ``ADCLICK_ADAPT_MIN_REFERENCES``
 defect-free images (0, the default: never) and again each time it has doubled since the last
@@ -28,7 +28,7 @@ MAX_MASKS = 200  # the most recent brush masks an adaptation learns from at most
 def default_adapter(pred, out, iterations: int, progress, masks=()) -> dict:
     """``adapt_click`` on the predictor's own bank (its references' stored pixels) and ``masks``,
     the project's (image, mask) pairs."""
-    from adclick_core.adaptation import AdaptConfig, adapt_click
+    from adclick_core.training.adaptation import AdaptConfig, adapt_click
 
     return adapt_click(pred, out, AdaptConfig(iterations=iterations), progress=False, callback=progress,
                        defects=list(masks) or None)
@@ -109,7 +109,7 @@ class AdaptJob(BackgroundJob):
         return pairs[-MAX_MASKS:], {"annotated_tasks": collected["exported_tasks"]}
 
     def _train(self) -> dict:
-        from adclick_core.adaptation import MIN_REFERENCES
+        from adclick_core.training.adaptation import MIN_REFERENCES
 
         m, backend = self.m, self.m.backend
         bank = self._reference_bank()

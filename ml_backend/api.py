@@ -59,7 +59,7 @@ def error_response(status: int, message: str) -> Response:
 def _core_error_status(e: Exception) -> tuple[int, str] | None:
     """Map the core's deliberate errors to HTTP statuses."""
     try:
-        from adclick_core.errors import (
+        from adclick_core.utils.errors import (
             AdclickError,
             CheckpointError,
             EmptyBankError,

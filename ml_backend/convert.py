@@ -24,7 +24,7 @@ import numpy as np
 from label_studio_sdk.converter.brush import mask2rle  # ~1.5 s import: paid at start, not per click
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from adclick_core.clicks import Click
+from adclick_core.inference.clicks import Click
 
 from .budget import charge_pixels
 from .errors import BadRequest, TooLarge
@@ -626,7 +626,7 @@ def seg_items_of(labels: TaskLabels, image: np.ndarray, click_prob=None) -> list
     given: that item carries ``click_prob`` + ``clicks`` (pixels) instead, so training treats the
     uncertain band of the click answer as such.
     """
-    from adclick_core.seg_training import SegItem
+    from adclick_core.training.seg import SegItem
 
     h, w = image.shape[:2]
     items = []

@@ -31,11 +31,11 @@ logger = logging.getLogger(__name__)
 
 
 def predictor_loader(class_name: str) -> Callable:
-    """(path, bank, device, extractor) -> ``adclick_core.predictor.<class_name>`` loaded from a
+    """(path, bank, device, extractor) -> ``adclick_core.inference.predictor.<class_name>`` loaded from a
     checkpoint a job wrote, on the shared click model's backbone (imported on first use)."""
 
     def load(path, bank, device, extractor):
-        from adclick_core import predictor
+        from adclick_core.inference import predictor
 
         return getattr(predictor, class_name).from_checkpoint(path, bank=bank, device=device, extractor=extractor)
 
@@ -296,7 +296,7 @@ class BackgroundJob:
     def _serve(self, version: str, path: Path, bank, summary: dict) -> dict:
         """Load the checkpoint ``_train`` wrote and swap it in (the served model changes only
         now); the job's result. Under torchrun only the first process wrote it and serves it."""
-        from adclick_core.distributed import Distributed
+        from adclick_core.training.distributed import Distributed
 
         if not Distributed.current().is_main:
             return {"version": version, "checkpoint": str(path), "summary": summary}

@@ -106,7 +106,7 @@ class Settings:
 
     def seg_init_checkpoint(self) -> Path | None:
         """The checkpoint Start Training continues from (``seg_init``), or None for a new model."""
-        from adclick_core.checkpoint import SHIPPED_SEG_CHECKPOINT
+        from adclick_core.utils.checkpoint import SHIPPED_SEG_CHECKPOINT
 
         value = (self.seg_init or "").strip()
         if value.lower() in ("none", "off", "scratch"):
@@ -156,7 +156,7 @@ def click_model_tag(checkpoint: str | None) -> str:
         p = Path(checkpoint)
     else:
         try:
-            from adclick_core.checkpoint import SHIPPED_CLICK_CHECKPOINT as p
+            from adclick_core.utils.checkpoint import SHIPPED_CLICK_CHECKPOINT as p
         except ImportError:
             return "click-embedded"
     try:
@@ -212,14 +212,14 @@ class Backend:
 
     # ------------------------------------------------------------ shared model
     def _default_predictor(self):
-        from adclick_core.predictor import ClickPredictor
+        from adclick_core.inference.predictor import ClickPredictor
 
         return ClickPredictor.from_checkpoint(self.settings.checkpoint, device=self.settings.device)
 
     @property
     def bank_cls(self):
         if self._bank_cls is None:
-            from adclick_core.reference import ReferenceBank
+            from adclick_core.features.reference import ReferenceBank
 
             self._bank_cls = ReferenceBank
         return self._bank_cls
@@ -237,7 +237,7 @@ class Backend:
                     self._predictor_error = f"the click model is not available: {e}"
                     raise ServiceUnavailable(self._predictor_error) from None
                 except Exception as e:
-                    from adclick_core.errors import AdclickError
+                    from adclick_core.utils.errors import AdclickError
 
                     if isinstance(e, AdclickError):
                         self._predictor_error = f"{type(e).__name__}: {e}"
@@ -537,7 +537,7 @@ class ADClickModel:
         return {"result": [], "score": 0.0, "model_version": version}
 
     def _seg_predict(self, task: dict, cfg: LabelConfig) -> dict:
-        from adclick_core.regions import defect_regions
+        from adclick_core.inference.regions import defect_regions
 
         t0 = time.perf_counter()
         seg_version = self.seg.current.version
@@ -595,7 +595,7 @@ class ADClickModel:
     def _image_state(self, task: dict, cfg: LabelConfig, with_timings: bool = False):
         """Fetch the task image and get its cached residual state (computed once per image, bank and
         click model). Returns (entry, bank, click predictor, image bytes)."""
-        from adclick_core.errors import EmptyBankError, InputError
+        from adclick_core.utils.errors import EmptyBankError, InputError
 
         t0 = time.perf_counter()
         if not isinstance(task, dict):
@@ -632,7 +632,7 @@ class ADClickModel:
         return entry, bank, pred, data
 
     def _interactive(self, task: dict, context: dict, cfg: LabelConfig) -> dict:
-        from adclick_core.errors import InputError
+        from adclick_core.utils.errors import InputError
 
         t0 = time.perf_counter()
         if not isinstance(task, dict):

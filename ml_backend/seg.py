@@ -5,7 +5,7 @@ that answers pre-annotation.
 swap, the previous model kept on failure) exports the project's finished annotations through
 Label Studio's API, turns them into ``SegItem``s (``convert.task_labels`` /
 ``convert.seg_items_of``), downloads the images with the shared loader, trains with
-``adclick_core.seg_training.train_seg`` on the project's reference bank with the click model's
+``adclick_core.training.seg.train_seg`` on the project's reference bank with the click model's
 backbone and residual config, writes ``<project dir>/seg-<version>.pt`` and swaps it in: the
 project's ``model_version`` changes after the file is complete.
 """
@@ -25,8 +25,8 @@ def default_trainer(items, extractor, bank, iterations, residual_config, defect_
     """Calls ``train_seg``, continuing from ``init`` (a pre-trained checkpoint) when given; without
     a text encoder installed, trains without the language branch (and from scratch: the
     pre-trained model has one)."""
-    from adclick_core.errors import MissingWeightsError
-    from adclick_core.seg_training import SegTrainConfig, train_seg
+    from adclick_core.utils.errors import MissingWeightsError
+    from adclick_core.training.seg import SegTrainConfig, train_seg
 
     kw = dict(residual_config=residual_config, defect_types=list(defect_types), out=out, progress=progress,
               device=device)
@@ -62,10 +62,10 @@ class SegJob(BackgroundJob):
         return self.m.backend.seg_loader
 
     def _prompt_boxes(self, items: list, pred) -> list:
-        """Box-only items -> the click model's answer to the box (``adclick_core.box_prompts``), so a
+        """Box-only items -> the click model's answer to the box (``adclick_core.inference.box_prompts``), so a
         rectangle trains like the clicks an annotator would have made inside it."""
-        from adclick_core.box_prompts import box_prompted_item
-        from adclick_core.seg_training import item_label_kind
+        from adclick_core.inference.box_prompts import box_prompted_item
+        from adclick_core.training.seg import item_label_kind
 
         n = sum(item_label_kind(it) == "boxes" for it in items)
         out, done = [], 0

@@ -82,7 +82,7 @@ def run_distributed(processes: int, kind: str, project: str, rq_job_id: str | No
 
 def _job_process(spec_path: str) -> int:
     """One of torchrun's processes of a distributed job (``python -m ml_backend.worker job SPEC``)."""
-    from adclick_core.distributed import Distributed
+    from adclick_core.training.distributed import Distributed
 
     spec = json.loads(Path(spec_path).read_text())
     dist = Distributed.from_env(os.environ.get("ADCLICK_DEVICE") or "auto")

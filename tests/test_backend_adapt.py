@@ -17,7 +17,7 @@ from ml_backend.model import Backend, Settings
 from tests.test_backend_api import CONFIG, PROJECT, H, W, kp, task
 from tests.test_backend_fakes import TOKEN, FakeBank, FakeLabelStudio, FakePredictor, png_bytes
 
-REFERENCES = 8  # adclick_core.adaptation.MIN_REFERENCES
+REFERENCES = 8  # adclick_core.training.adaptation.MIN_REFERENCES
 
 
 class AdaptedPredictor(FakePredictor):

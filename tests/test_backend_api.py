@@ -286,7 +286,7 @@ def test_unexpected_errors_are_500_json_and_the_worker_survives(tmp_path, refs_d
 
 
 def test_core_input_errors_become_400(tmp_path, refs_dir, env):
-    from adclick_core.errors import InputError
+    from adclick_core.utils.errors import InputError
 
     class Picky(FakePredictor):
         def predict(self, *a, **k):
@@ -300,7 +300,7 @@ def test_core_input_errors_become_400(tmp_path, refs_dir, env):
 
 
 def test_missing_weights_are_503_with_the_reason(tmp_path, refs_dir, env):
-    from adclick_core.errors import MissingWeightsError
+    from adclick_core.utils.errors import MissingWeightsError
 
     def no_weights():
         raise MissingWeightsError("no checkpoint at /x.pt; set ADCLICK_CHECKPOINT")

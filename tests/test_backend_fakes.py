@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from adclick_core.clicks import Click
-from adclick_core.errors import EmptyBankError, InputError
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.errors import EmptyBankError, InputError
 
 
 class FakeConfig:

@@ -106,7 +106,7 @@ def test_a_worker_job_trains_in_two_processes_under_torchrun(redis_url, ls, tmp_
     from redis import Redis
     from rq.job import Job
 
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.utils.checkpoint import load_checkpoint
     from ml_backend.model import Backend
     from ml_backend.worker import run_job
 

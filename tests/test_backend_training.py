@@ -279,7 +279,7 @@ def test_all_label_kinds_reach_the_trainer(tmp_path, ls):
 
 
 def test_a_box_the_click_model_cannot_answer_trains_as_a_plain_box(tmp_path, ls, monkeypatch):
-    from adclick_core.errors import InputError
+    from adclick_core.utils.errors import InputError
 
     def refuse(self, state, clicks, prev_mask=None, defect_type=None):
         raise InputError("simulated: no answer for these clicks")
@@ -420,7 +420,7 @@ def test_click_suggestions_are_replayed_with_the_click_model_for_training(tmp_pa
 def test_start_training_continues_from_the_configured_checkpoint(value, expected, tmp_path, ls, monkeypatch):
     """ADCLICK_SEG_INIT: unset = the shipped pre-trained ADClick-Seg (when installed), ``none`` = a
     new model, a path = that checkpoint; the trainer gets it and /health names it."""
-    from adclick_core import checkpoint
+    from adclick_core.utils import checkpoint
 
     shipped = tmp_path / "shipped_seg.pt"
     shipped.write_bytes(b"x")

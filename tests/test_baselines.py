@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.baselines import random_walker_probability, residual_cut_probability
-from adclick_core.clicks import Click
-from adclick_core.errors import InputError
-from adclick_core.metrics import iou
+from adclick_core.inference.baselines import random_walker_probability, residual_cut_probability
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.errors import InputError
+from adclick_core.evaluation.metrics import iou
 
 H, W = 64, 80
 

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from adclick_core.adaptation import MIN_REFERENCES, AdaptConfig, adapt_click
-from adclick_core.backbone import BackboneConfig
+from adclick_core.training.adaptation import MIN_REFERENCES, AdaptConfig, adapt_click
+from adclick_core.features.backbone import BackboneConfig
 from adclick_core.cli import main
-from adclick_core.errors import InputError
-from adclick_core.predictor import ClickPredictor
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import ResidualConfig
-from adclick_core.training import build_synthetic_pool
+from adclick_core.utils.errors import InputError
+from adclick_core.inference.predictor import ClickPredictor
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.training.click import build_synthetic_pool
 from tests.images import texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -75,7 +75,7 @@ def test_adapt_click_fine_tunes_the_model_on_the_bank_s_own_references(world, tm
 
 
 def test_an_adapted_ensemble_keeps_its_other_members_as_they_were(world, tmp_path):
-    from adclick_core.checkpoint import combine_checkpoints, load_checkpoint
+    from adclick_core.utils.checkpoint import combine_checkpoints, load_checkpoint
 
     _, ckpt, pred = world
     ens = tmp_path / "ens.pt"

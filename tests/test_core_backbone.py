@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from adclick_core import backbone as bb
-from adclick_core.backbone import BackboneConfig, build_extractor, load_image
-from adclick_core.errors import InputError, MissingWeightsError
+from adclick_core.features import backbone as bb
+from adclick_core.features.backbone import BackboneConfig, build_extractor, load_image
+from adclick_core.utils.errors import InputError, MissingWeightsError
 
 
 

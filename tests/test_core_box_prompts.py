@@ -1,12 +1,12 @@
-"""Boxes as prompts (``adclick_core.box_prompts``): click placement, leak correction, cut to the box."""
+"""Boxes as prompts (``adclick_core.inference.box_prompts``): click placement, leak correction, cut to the box."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adclick_core.box_prompts import box_clicks_and_probability, box_prompted_item, box_region
-from adclick_core.clicks import Click
-from adclick_core.seg_training import SegItem, item_label_kind
+from adclick_core.inference.box_prompts import box_clicks_and_probability, box_prompted_item, box_region
+from adclick_core.inference.clicks import Click
+from adclick_core.training.seg import SegItem, item_label_kind
 
 HW = (60, 80)
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from adclick_core.cli import build_parser, main
-from adclick_core.reference import ReferenceBank
+from adclick_core.features.reference import ReferenceBank
 from tests.images import write_mvtec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,7 +135,7 @@ def test_build_bank_empty_folder_is_a_clear_error(tmp_path, capsys):
 
 def test_config_overrides_are_typed_like_the_defaults():
     from adclick_core.cli import config_overrides
-    from adclick_core.seg_training import SegTrainConfig
+    from adclick_core.training.seg import SegTrainConfig
 
     out = config_overrides(SegTrainConfig, ["lr=2e-4", "iterations=50", "language=off", "calibration_at=0.5"])
     assert out == {"lr": 2e-4, "iterations": 50, "language": False, "calibration_at": 0.5}
@@ -152,7 +152,7 @@ def _tiny_mvtec(root: Path, n: int = 4) -> Path:
 
 
 def test_train_click_records_its_anomaly_mix(tmp_path):
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.utils.checkpoint import load_checkpoint
 
     data = _tiny_mvtec(tmp_path / "data")
     out = tmp_path / "click.pt"
@@ -186,7 +186,7 @@ def test_train_click_rejects_a_negative_click_count(tmp_path, capsys):
 
 
 def test_train_click_mixes_products_and_texture_families(tmp_path):
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.utils.checkpoint import load_checkpoint
 
     first, second = _tiny_mvtec(tmp_path / "a"), _tiny_mvtec(tmp_path / "b", n=3)
     out = tmp_path / "click.pt"
@@ -220,7 +220,7 @@ def _tiny_click(data: Path, out: Path, seed: int) -> Path:
 
 
 def test_train_click_continues_from_an_ensemble_member(tmp_path):
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.utils.checkpoint import load_checkpoint
 
     data = _tiny_mvtec(tmp_path / "data")
     members = [_tiny_click(data, tmp_path / f"m{i}.pt", seed=i) for i in range(2)]
@@ -274,7 +274,7 @@ def test_train_click_init_refuses_another_architecture(tmp_path, capsys):
 
 
 def test_train_click_learns_from_real_defects_of_other_products(tmp_path):
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.utils.checkpoint import load_checkpoint
 
     rng = np.random.default_rng(3)
     normals = [(rng.random((96, 96, 3)) * 255).astype(np.uint8) for _ in range(3)]

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from adclick_core.clicks import (
+from adclick_core.inference.clicks import (
     Click,
     click_maps,
     encode_clicks,
@@ -243,7 +243,7 @@ def _whole_image_click(gt, pred, clicks=(), rng=None):
     reference the bounding-box transform must reproduce exactly."""
     from scipy import ndimage
 
-    from adclick_core.clicks import _clicked_mask
+    from adclick_core.inference.clicks import _clicked_mask
 
     not_clicked = ~_clicked_mask(list(clicks), gt.shape, 5.0) if clicks else np.ones_like(gt)
     fn = ndimage.distance_transform_edt(np.pad(gt & ~pred & not_clicked, 1))[1:-1, 1:-1]

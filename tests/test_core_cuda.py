@@ -14,13 +14,13 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.clicks import Click
-from adclick_core.predictor import ClickPredictor, SegPredictor
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import ResidualConfig, compute_residuals
-from adclick_core.seg_training import SegItem, SegTrainConfig, train_seg
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.inference.clicks import Click
+from adclick_core.inference.predictor import ClickPredictor, SegPredictor
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import ResidualConfig, compute_residuals
+from adclick_core.training.seg import SegItem, SegTrainConfig, train_seg
+from adclick_core.training.click import ClickTrainConfig, build_synthetic_pool, train_click
 from adclick_core.models import ADClickConfig
 from tests.images import defective, texture
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from adclick_core.clicks import Click
-from adclick_core.data import MVTecFolder
-from adclick_core.distributed import Distributed
-from adclick_core.predictor import ClickPredictor, SegPredictor
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.data import MVTecFolder
+from adclick_core.training.distributed import Distributed
+from adclick_core.inference.predictor import ClickPredictor, SegPredictor
 
 REPO = Path(__file__).resolve().parents[1]
 MTD = REPO / "tests" / "data" / "mtd_sample"

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adclick_core.backbone import BackboneConfig
-from adclick_core.baselines import residual_cut_probability
+from adclick_core.features.backbone import BackboneConfig
+from adclick_core.inference.baselines import residual_cut_probability
 from adclick_core.cli import main
-from adclick_core.clicks import Click
-from adclick_core.data import MVTecFolder
-from adclick_core.errors import DataError, InputError
-from adclick_core.evaluation import DEFAULT_METHODS, METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
-from adclick_core.metrics import iou, pixel_ap
-from adclick_core.predictor import ClickPredictor
-from adclick_core.residuals import ResidualConfig
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.data import MVTecFolder
+from adclick_core.utils.errors import DataError, InputError
+from adclick_core.evaluation.clicks import DEFAULT_METHODS, METHODS, check_methods, evaluate_clicks, report_counts, simulate_clicks
+from adclick_core.evaluation.metrics import iou, pixel_ap
+from adclick_core.inference.predictor import ClickPredictor
+from adclick_core.features.residuals import ResidualConfig
 from tests.images import defective, texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -223,8 +223,8 @@ def test_eval_click_on_two_sets_gives_a_table_per_set_and_their_mean(toy, checkp
 
 
 def test_eval_click_adapt_evaluates_the_model_adapted_to_each_set(checkpoint, tmp_path, capsys):
-    from adclick_core.adaptation import MIN_REFERENCES
-    from adclick_core.checkpoint import load_checkpoint
+    from adclick_core.training.adaptation import MIN_REFERENCES
+    from adclick_core.utils.checkpoint import load_checkpoint
 
     product = write_mvtec(tmp_path / "product", [texture(20 + i, HW) for i in range(MIN_REFERENCES)],
                           {"dent": [defective(8, HW, size_range=(8, 14), margin=3, square_seed=702, texture_seed=302)]})
@@ -292,7 +292,7 @@ def test_bench_prints_the_latency_keys(toy, checkpoint, capsys):
 
 
 def test_ablations_leave_out_their_step_and_nothing_else(checkpoint):
-    from adclick_core.predictor import without_steps
+    from adclick_core.inference.predictor import without_steps
 
     pred = ClickPredictor.from_checkpoint(checkpoint, device="cpu")
     unseeded = without_steps(pred, ["seeds"])
@@ -310,9 +310,9 @@ def test_bench_rejects_counts_that_measure_nothing(toy, capsys):
 
 
 def test_eval_click_learn_from_adapts_to_masks_and_evaluates_the_rest(checkpoint, tmp_path, capsys):
-    from adclick_core.adaptation import MIN_REFERENCES
-    from adclick_core.checkpoint import load_checkpoint
-    from adclick_core.evaluation import masks_for_learning
+    from adclick_core.training.adaptation import MIN_REFERENCES
+    from adclick_core.utils.checkpoint import load_checkpoint
+    from adclick_core.evaluation.clicks import masks_for_learning
 
     dents = [defective(30 + i, HW, size_range=(8, 14), margin=3, square_seed=710 + i, texture_seed=310 + i)
              for i in range(4)]

@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.clicks import Click
-from adclick_core.errors import InputError
-from adclick_core.labels import (
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.errors import InputError
+from adclick_core.training.labels import (
     WeakLabel,
     block_fractions,
     block_labels,

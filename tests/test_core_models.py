@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock
 
-from adclick_core.clicks import Click, encode_clicks
-from adclick_core.losses import normalized_focal_loss
+from adclick_core.inference.clicks import Click, encode_clicks
+from adclick_core.training.losses import normalized_focal_loss
 from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.models.embeddings import residual_features
 

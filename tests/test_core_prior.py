@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adclick_core.baselines import residual_cut_probability
-from adclick_core.clicks import Click, encode_clicks
+from adclick_core.inference.baselines import residual_cut_probability
+from adclick_core.inference.clicks import Click, encode_clicks
 from adclick_core.models import ADClick, ADClickConfig
 from adclick_core.models.prior import click_distances, normalized_magnitude, residual_cut_prior
 from tests.test_core_models import tiny

@@ -9,8 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adclick_core.errors import InputError, MissingWeightsError
-from adclick_core.prompts import (
+from adclick_core.utils.errors import InputError, MissingWeightsError
+from adclick_core.features.prompts import (
     TEMPLATES,
     PromptEncoder,
     PromptFeatures,

@@ -9,9 +9,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.errors import CheckpointError, EmptyBankError
-from adclick_core.reference import BANK_FORMAT_VERSION, ReferenceBank, image_fingerprint
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.utils.errors import CheckpointError, EmptyBankError
+from adclick_core.features.reference import BANK_FORMAT_VERSION, ReferenceBank, image_fingerprint
 
 
 
@@ -198,7 +198,7 @@ def test_a_bank_written_before_pixels_were_kept_loads_without_them(bank, tmp_pat
 
 
 def test_large_references_are_kept_at_the_source_side(extractor):
-    from adclick_core.zoom import SOURCE_SIDE
+    from adclick_core.inference.zoom import SOURCE_SIDE
 
     wide = np.tile(texture(3), (1, 32, 1))  # 48 x 1536 -> 32 x 1024
     one = ReferenceBank.build(extractor, [wide], progress=False)

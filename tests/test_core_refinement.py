@@ -1,12 +1,12 @@
-"""Boundary refinement of click answers (adclick_core/refinement.py) on hand-made images."""
+"""Boundary refinement of click answers (adclick_core/inference/refinement.py) on hand-made images."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from adclick_core.clicks import Click
-from adclick_core.metrics import iou
-from adclick_core.refinement import RefineConfig, refine_answer, seeded_boundary
+from adclick_core.inference.clicks import Click
+from adclick_core.evaluation.metrics import iou
+from adclick_core.inference.refinement import RefineConfig, refine_answer, seeded_boundary
 
 H, W = 160, 200  # a 6 px spot's 3x blob covers ~1.3 % (below max_area_frac)
 
@@ -142,7 +142,7 @@ def test_clicks_in_separate_regions_are_not_joined():
 
 
 def test_every_click_pixel_carries_its_label_and_the_last_click_wins():
-    from adclick_core.refinement import ClickConsistency, keep_clicks
+    from adclick_core.inference.refinement import ClickConsistency, keep_clicks
 
     prob = np.full((40, 60), 0.3, np.float32)
     prob[10:20, 10:20] = 0.95  # the clicked defect
@@ -156,7 +156,7 @@ def test_every_click_pixel_carries_its_label_and_the_last_click_wins():
 
 
 def test_mask_parts_no_positive_click_touches_drop_out_of_the_mask():
-    from adclick_core.refinement import keep_clicks
+    from adclick_core.inference.refinement import keep_clicks
 
     prob = np.zeros((40, 60), np.float32)
     prob[5:12, 5:12] = 0.8  # clicked

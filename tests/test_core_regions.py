@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.regions import defect_regions
+from adclick_core.inference.regions import defect_regions
 
 
 def test_two_blobs_become_two_regions_ranked_by_score():

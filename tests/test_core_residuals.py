@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.errors import EmptyBankError
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import (
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.utils.errors import EmptyBankError
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import (
     ResidualConfig,
     _match_soft,
     _match_window,

@@ -12,23 +12,23 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.checkpoint import load_checkpoint
-from adclick_core.clicks import Click
-from adclick_core.errors import CheckpointError, InputError
-from adclick_core.metrics import pixel_ap
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.utils.checkpoint import load_checkpoint
+from adclick_core.inference.clicks import Click
+from adclick_core.utils.errors import CheckpointError, InputError
+from adclick_core.evaluation.metrics import pixel_ap
 from adclick_core.models import ADClickConfig
 from adclick_core.models.language import PWAM
-from adclick_core.predictor import ImageState, MapFusion, SegPredictor, fuse_with_map, gate_by_image_score, smooth_map
-from adclick_core.prompts import PromptEncoder, TextEncoderConfig
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import ResidualConfig
-from adclick_core.synthesis import AnomalySynthesizer
-from adclick_core.seg_training import (SEG_KIND, SegItem, SegProduct, SegTrainConfig, bank_map_reference,
+from adclick_core.inference.predictor import ImageState, MapFusion, SegPredictor, fuse_with_map, gate_by_image_score, smooth_map
+from adclick_core.features.prompts import PromptEncoder, TextEncoderConfig
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.training.synthesis import AnomalySynthesizer
+from adclick_core.training.seg import (SEG_KIND, SegItem, SegProduct, SegTrainConfig, bank_map_reference,
                                        bank_residual_scale, item_label_kind, normalize_residual,
                                        seg_synthesizer, seg_synthetic_pool,
                                        train_seg)
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from adclick_core.training.click import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import defective, texture
 
 BACKBONE = BackboneConfig(input_size=64)
@@ -178,7 +178,7 @@ def test_item_label_kind_without_label_raises():
 def test_box_prompted_item_leaves_the_uncovered_box_unknown(world):
     """A box-prompted click answer covering part of the box: the rest of the box is unknown (not
     normal), outside the box is normal, the answer is positive, and the box is a MIL region."""
-    from adclick_core.seg_training import _prepare
+    from adclick_core.training.seg import _prepare
 
     extractor, bank, _, _ = world
     img = texture(3)
@@ -202,7 +202,7 @@ def test_bank_normals_are_the_bank_images_residuals_with_all_normal_labels(world
     """A bank image as a normal sample: from the bank's stored features, the same residual as the
     image file gives as an OK item (itself excluded from its references either way), all pixels
     labelled normal, no MIL region."""
-    from adclick_core.seg_training import _bank_normals, _prepare
+    from adclick_core.training.seg import _bank_normals, _prepare
 
     extractor, bank, normals, _ = world
     data = _bank_normals(bank, RESIDUAL, [1, 4], 64)
@@ -644,7 +644,7 @@ def other_product(world):
 def test_pretraining_learns_from_every_product_against_its_own_bank(world, other_product, encoder, tmp_path):
     """``others``: their images count as labelled, their types join the model's, each is matched
     against its own bank (not the first product's), and the bank normals come from both banks."""
-    from adclick_core.seg_training import _prepare
+    from adclick_core.training.seg import _prepare
 
     extractor, bank, _, _ = world
     items = labelled_items()["mask"]
@@ -715,8 +715,8 @@ def test_pretrained_model_answers_a_new_projects_types_and_fuses_with_its_map(la
 def test_bank_residual_scale_and_a_per_bank_model_divides_by_its_banks_scale(world, other_product, encoder, tmp_path):
     """The scale is the mean r^2 of bank images against the rest of their bank, per channel; a
     per-bank model answers on residuals divided by the scale of the bank it is given."""
-    from adclick_core.seg_training import _bank_self_residuals
-    from adclick_core.predictor import seg_probabilities
+    from adclick_core.training.seg import _bank_self_residuals
+    from adclick_core.inference.predictor import seg_probabilities
 
     extractor, bank, _, _ = world
     scale = bank_residual_scale(bank, RESIDUAL, images=3)

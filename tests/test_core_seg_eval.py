@@ -12,14 +12,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adclick_core.backbone import BackboneConfig
-from adclick_core.data import MVTecFolder, Sample
-from adclick_core.errors import MissingWeightsError
-from adclick_core.predictor import ClickPredictor
-from adclick_core.prompts import TEXT_ENCODER_ENV
-from adclick_core.residuals import ResidualConfig
-from adclick_core.seg_evaluation import SEG_MODES, evaluate_seg, mask_boxes, split_folds, weak_items
-from adclick_core.seg_training import item_label_kind
+from adclick_core.features.backbone import BackboneConfig
+from adclick_core.utils.data import MVTecFolder, Sample
+from adclick_core.utils.errors import MissingWeightsError
+from adclick_core.inference.predictor import ClickPredictor
+from adclick_core.features.prompts import TEXT_ENCODER_ENV
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.evaluation.seg import SEG_MODES, evaluate_seg, mask_boxes, split_folds, weak_items
+from adclick_core.training.seg import item_label_kind
 from tests.images import defective, texture as _texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 
@@ -285,8 +285,8 @@ def test_evaluate_seg_scores_a_model_pretrained_on_other_products(mvtec, click_s
     """``pretrained``: the modes 'pretrained' (no label of this product) and 'pretrained_fused'
     score the checkpoint as it is on this product's types and bank, and a mode that trains starts
     from it; without one those modes are refused."""
-    from adclick_core.seg_evaluation import PRETRAINED_MODES
-    from adclick_core.seg_training import SegItem, SegProduct, SegTrainConfig, train_seg
+    from adclick_core.evaluation.seg import PRETRAINED_MODES
+    from adclick_core.training.seg import SegItem, SegProduct, SegTrainConfig, train_seg
     from adclick_core.models import ADClickConfig
 
     click_path, pred = click_setup
@@ -294,7 +294,7 @@ def test_evaluate_seg_scores_a_model_pretrained_on_other_products(mvtec, click_s
     other = write_mvtec(tmp_path / "other", [texture(80 + i) for i in range(5)],
                         {"dent": [_square(40 + k) for k in range(3)]}, [])
     folder = MVTecFolder(other)
-    from adclick_core.reference import ReferenceBank
+    from adclick_core.features.reference import ReferenceBank
 
     bank = ReferenceBank.build(pred.extractor, folder.train_good(), progress=False)
     items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from adclick_core.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, finish_mask, perlin_mask, strip_mask, perlin_noise,
-                                    photometric_jitter, spot_mask, uneven_mask)
+from adclick_core.training.synthesis import (AnomalySynthesizer, crack_mask, edge_mask, finish_mask, perlin_mask, strip_mask, perlin_noise,
+                                             photometric_jitter, spot_mask, uneven_mask)
 
 
 def texture(seed: int, hw=(64, 64)) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.textures import TEXTURE_KINDS, TextureFamily, texture_families
+from adclick_core.training.textures import TEXTURE_KINDS, TextureFamily, texture_families
 
 
 def test_families_cycle_through_every_kind_and_are_reproducible():

@@ -6,17 +6,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import adclick_core.training as training
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.checkpoint import load_checkpoint, save_checkpoint
-from adclick_core.clicks import Click, encode_clicks, next_eval_click
-from adclick_core.errors import CheckpointError, EmptyBankError, InputError, MissingWeightsError
+import adclick_core.training.click as training
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.utils.checkpoint import load_checkpoint, save_checkpoint
+from adclick_core.inference.clicks import Click, encode_clicks, next_eval_click
+from adclick_core.utils.errors import CheckpointError, EmptyBankError, InputError, MissingWeightsError
 from adclick_core.models import ADClick, ADClickConfig
-from adclick_core.predictor import ClickPredictor
-from adclick_core.reference import ReferenceBank
-from adclick_core.refinement import RefineConfig
-from adclick_core.residuals import ResidualConfig
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from adclick_core.inference.predictor import ClickPredictor
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.inference.refinement import RefineConfig
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.training.click import ClickTrainConfig, build_synthetic_pool, train_click
 from tests.images import reshot, texture
 
 ITERATIONS = 40
@@ -342,7 +342,7 @@ def checkpoint_meta(ckpt: dict) -> dict:
 
 
 def test_click_ensemble_checkpoint_answers_with_the_mean_probability(trained, setup, tmp_path):
-    from adclick_core.checkpoint import combine_checkpoints
+    from adclick_core.utils.checkpoint import combine_checkpoints
 
     _, bank, _, _ = setup
     first = load_checkpoint(trained["path"], "adclick_click")
@@ -372,7 +372,7 @@ def test_click_ensemble_checkpoint_answers_with_the_mean_probability(trained, se
 
 
 def test_members_trained_against_other_banks_answer_together_and_keep_their_records(trained, tmp_path):
-    from adclick_core.checkpoint import combine_checkpoints, joint_fingerprint
+    from adclick_core.utils.checkpoint import combine_checkpoints, joint_fingerprint
 
     first = load_checkpoint(trained["path"], "adclick_click")
     meta = checkpoint_meta(first)
@@ -387,7 +387,7 @@ def test_members_trained_against_other_banks_answer_together_and_keep_their_reco
 
 
 def test_click_ensemble_refuses_members_that_cannot_answer_together(trained, tmp_path):
-    from adclick_core.checkpoint import combine_checkpoints
+    from adclick_core.utils.checkpoint import combine_checkpoints
 
     first = load_checkpoint(trained["path"], "adclick_click")
     meta = checkpoint_meta(first)

@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adclick_core.backbone import BackboneConfig
-from adclick_core.clicks import Click
-from adclick_core.predictor import ClickPredictor
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import ResidualConfig
-from adclick_core.zoom import (ZoomConfig, canvas_shape, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box,
-                              zoom_boxes)
+from adclick_core.features.backbone import BackboneConfig
+from adclick_core.inference.clicks import Click
+from adclick_core.inference.predictor import ClickPredictor
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.inference.zoom import (ZoomConfig, canvas_shape, clicked_parts, relative_crop, spills_over, to_canvas, zoom_box,
+                                        zoom_boxes)
 from tests.images import texture, write_mvtec
 from tests.tiny_click import train_tiny_click
 

@@ -8,8 +8,8 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from adclick_core.errors import InputError
-from adclick_core.metrics import (
+from adclick_core.utils.errors import InputError
+from adclick_core.evaluation.metrics import (
     aupro,
     image_auroc,
     iou,
@@ -262,7 +262,7 @@ def test_segmentation_report_bundles_the_metrics():
 
 
 def test_best_f1_threshold_by_hand():
-    from adclick_core.metrics import best_f1_threshold
+    from adclick_core.evaluation.metrics import best_f1_threshold
 
     scores = np.array([[0.1, 0.4], [0.35, 0.8]])
     labels = np.array([[0, 0], [1, 1]], dtype=bool)

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import torch
 
-from adclick_core.backbone import BackboneConfig, build_extractor
-from adclick_core.data import MVTecFolder
+from adclick_core.features.backbone import BackboneConfig, build_extractor
+from adclick_core.utils.data import MVTecFolder
 from adclick_core.models import ADClickConfig
-from adclick_core.reference import ReferenceBank
-from adclick_core.residuals import ResidualConfig
-from adclick_core.training import ClickTrainConfig, build_synthetic_pool, train_click
+from adclick_core.features.reference import ReferenceBank
+from adclick_core.features.residuals import ResidualConfig
+from adclick_core.training.click import ClickTrainConfig, build_synthetic_pool, train_click
 
 
 def train_tiny_click(data: Path, out: Path, backbone: BackboneConfig, residual: ResidualConfig,

@@ -4,7 +4,7 @@ On real defects the residual magnitude near the clicks is already a strong answe
 ``residual_map`` baseline in ``baselines.py``); a network trained only on synthetic anomalies
 in a CPU budget does not rediscover it reliably. So the click model starts from this prior
 (as logits) and learns a correction on top, instead of learning region growing from scratch.
-This is the same formula as :func:`adclick_core.baselines.residual_cut_probability`, computed
+This is the same formula as :func:`adclick_core.inference.baselines.residual_cut_probability`, computed
 from click disks on the grid (differentiable w.r.t. nothing that is learnt, cheap: g x g).
 """
 from __future__ import annotations

@@ -111,7 +111,7 @@ def training_free_maps(references: list[Path], images: list[Path]) -> list:
 def trained_seg_maps(checkpoint: Path, references: list[Path], images: list[Path]) -> list:
     """The continuous map (max over defect types) of an ADClick-Seg checkpoint the backend wrote,
     computed with the core directly on the same references."""
-    from adclick_core.predictor import SegPredictor
+    from adclick_core.inference.predictor import SegPredictor
 
     click = _click_predictor(references)
     seg = SegPredictor.from_checkpoint(checkpoint, bank=click.bank, device="cpu", extractor=click.extractor)
@@ -124,8 +124,8 @@ def as_region_masks(maps: list, calibrate_on: list, gts: list) -> list:
     ``calibrate_on`` against ``gts``, on maps divided by their largest value there."""
     import numpy as np
 
-    from adclick_core.metrics import best_f1_threshold
-    from adclick_core.regions import defect_regions
+    from adclick_core.evaluation.metrics import best_f1_threshold
+    from adclick_core.inference.regions import defect_regions
 
     top = max(float(m.max()) for m in calibrate_on) or 1.0
     thr, _ = best_f1_threshold([m / top for m in calibrate_on], gts)
@@ -143,8 +143,8 @@ _PREDICTORS: dict = {}
 
 def _click_predictor(references: list[Path]):
     """The shipped click model with a bank of ``references`` (built once per reference list)."""
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.reference import ReferenceBank
+    from adclick_core.inference.predictor import ClickPredictor
+    from adclick_core.features.reference import ReferenceBank
 
     key = tuple(str(p) for p in references)
     if key not in _PREDICTORS:

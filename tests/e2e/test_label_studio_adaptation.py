@@ -33,7 +33,7 @@ ADAPT_TIMEOUT_S = 600  # a 24-sample pool and 20 iterations take about a minute 
 
 def _click(ls, ml_id: int, task_id: int, img: Path, gt: np.ndarray, label: str):
     """One positive click at the ground truth's deepest point, through Label Studio: (mask, click)."""
-    from adclick_core.clicks import next_eval_click
+    from adclick_core.inference.clicks import next_eval_click
 
     h, w = gt.shape
     c = next_eval_click(gt, np.zeros_like(gt))
@@ -61,8 +61,8 @@ def _adaptation(backend, pid: int) -> dict:
 
 
 def test_ok_tags_in_label_studio_adapt_the_click_model_of_their_project(label_studio, start_backend, mtd_dir):
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.reference import ReferenceBank
+    from adclick_core.inference.predictor import ClickPredictor
+    from adclick_core.features.reference import ReferenceBank
 
     ls = label_studio
     refs = pick_references(mtd_dir, MIN_REFERENCES)
@@ -121,8 +121,8 @@ def test_ok_tags_in_label_studio_adapt_the_click_model_of_their_project(label_st
 
 def test_brush_masks_submitted_in_label_studio_teach_the_click_model_of_their_project(label_studio, start_backend,
                                                                                        mtd_dir):
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.reference import ReferenceBank
+    from adclick_core.inference.predictor import ClickPredictor
+    from adclick_core.features.reference import ReferenceBank
 
     ls = label_studio
     refs = pick_references(mtd_dir, 8)

@@ -22,7 +22,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from adclick_core.clicks import next_eval_click
+from adclick_core.inference.clicks import next_eval_click
 
 from .helpers import DATA, DEFECTS, MTD_SAMPLE, interactive, keypoint, verdict_result
 
@@ -66,8 +66,8 @@ def test_backend_connects_and_reports_health(mtd_project, backend_server):
 def test_clicks_become_masks_through_label_studio(label_studio, mtd_project, backend_server):
     import os
 
-    from adclick_core.predictor import ClickPredictor
-    from adclick_core.reference import ReferenceBank
+    from adclick_core.inference.predictor import ClickPredictor
+    from adclick_core.features.reference import ReferenceBank
 
     # The same model and references as the backend, run directly: the backend must add nothing.
     core = ClickPredictor.from_checkpoint(os.environ.get("ADCLICK_CHECKPOINT") or None, device="cpu")
@@ -125,8 +125,8 @@ def test_clicks_become_masks_through_label_studio(label_studio, mtd_project, bac
 
 def _walker_iou_after(img_path, gt_path, n_clicks: int) -> float:
     """The random walker's IoU after ``n_clicks`` of its own protocol clicks (the baseline)."""
-    from adclick_core.baselines import random_walker_probability
-    from adclick_core.evaluation import simulate_clicks
+    from adclick_core.inference.baselines import random_walker_probability
+    from adclick_core.evaluation.clicks import simulate_clicks
 
     image = np.asarray(Image.open(img_path).convert("RGB"))
     gt = np.asarray(Image.open(gt_path).convert("L")) > 127

@@ -26,7 +26,7 @@ import pytest
 from label_studio_sdk.converter.brush import decode_rle
 from PIL import Image
 
-from adclick_core.metrics import pixel_ap
+from adclick_core.evaluation.metrics import pixel_ap
 
 from .helpers import (ANNOTATED_PER_TYPE, DEFECTS, SEG_ITERATIONS, as_region_masks, brush_result, import_tasks,
                       local_url, pick_annotated, trained_seg_maps, training_free_maps)
@@ -39,7 +39,7 @@ TRAIN_TIMEOUT_S = max(300, 180 + SEG_ITERATIONS)
 
 def box_results(gt: np.ndarray, label: str) -> list[dict]:
     """One RectangleLabels region (percent of the image) per 8-connected blob of the mask."""
-    from adclick_core.seg_evaluation import mask_boxes
+    from adclick_core.evaluation.seg import mask_boxes
 
     h, w = gt.shape
     return [{"from_name": "box", "to_name": "image", "type": "rectanglelabels", "original_width": w,

@@ -8,7 +8,7 @@ box (the residual map's in-box maximum), then negative clicks where the answer l
 boxes. The answer, cut to the boxes, is a pseudo label like the one from real clicks (``SegItem``
 with ``click_prob`` + ``clicks``, the boxes kept) and trains the same way (Eq. 8-10), except that the
 box pixels the answer leaves uncovered are unknown, not normal: on a large defect the answer covers
-a fraction of it (``seg_training._prepare``).
+a fraction of it (``training.seg._prepare``).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import numpy as np
 from scipy import ndimage
 
 from .clicks import Click
-from .labels import box_cover
+from ..training.labels import box_cover
 from .predictor import ClickPredictor, ImageState
-from .seg_training import SegItem
+from ..training.seg import SegItem
 
 __all__ = ["box_region", "box_clicks_and_probability", "box_prompted_item"]
 

@@ -12,11 +12,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .clicks import next_eval_click
-from .data import MVTecFolder
-from .errors import DataError, InputError
-from .predictor import ClickPredictor, without_steps
-from .reference import ReferenceBank
+from ..inference.clicks import next_eval_click
+from ..utils.data import MVTecFolder
+from ..utils.errors import DataError, InputError
+from ..inference.predictor import ClickPredictor, without_steps
+from ..features.reference import ReferenceBank
 
 __all__ = ["bench_clicks", "percentiles"]
 

@@ -22,7 +22,7 @@ from skimage.segmentation import random_walker
 from skimage.transform import resize
 
 from .clicks import Click, click_disk, scale_clicks
-from .errors import InputError
+from ..utils.errors import InputError
 
 try:  # a dependency of scikit-learn, so normally present
     from threadpoolctl import threadpool_limits

@@ -15,16 +15,16 @@ import numpy as np
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from .box_prompts import box_prompted_item
-from .clicks import Click
-from .data import MVTecFolder, Sample
-from .evaluation import simulate_clicks
+from ..inference.box_prompts import box_prompted_item
+from ..inference.clicks import Click
+from ..utils.data import MVTecFolder, Sample
+from .clicks import simulate_clicks
 from .metrics import image_auroc, segmentation_report
-from .predictor import ClickPredictor, ImageState, SegPredictor
-from .predictor import MapFusion
-from .seg_training import (SegItem, SegTrainConfig, bank_map_reference, seg_synthetic_pool,
-                           train_seg)
-from .training import ClickPool
+from ..inference.predictor import ClickPredictor, ImageState, SegPredictor
+from ..inference.predictor import MapFusion
+from ..training.seg import (SegItem, SegTrainConfig, bank_map_reference, seg_synthetic_pool,
+                            train_seg)
+from ..training.click import ClickPool
 
 __all__ = ["SEG_MODES", "PRETRAINED_MODES", "split_folds", "mask_boxes", "weak_items", "evaluate_seg"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backbone import load_image
+from ..features.backbone import load_image
 from .errors import DataError
 
 __all__ = ["Sample", "MVTecFolder", "load_mask"]
@@ -92,7 +92,7 @@ class MVTecFolder:
 def cached_bank(extractor, paths: list[Path], cache: str | Path | None = None, progress: bool = True):
     """The ReferenceBank of ``paths``: loaded from ``cache`` if it exists, fits the extractor's
     backbone and keeps its references' pixels, else built (and written to ``cache`` when given)."""
-    from .reference import ReferenceBank
+    from ..features.reference import ReferenceBank
 
     if cache and Path(cache).is_file():
         bank = ReferenceBank.load(cache, device=extractor.device)

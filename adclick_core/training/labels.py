@@ -12,8 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .clicks import Click
-from .errors import InputError
+from ..inference.clicks import Click
+from ..utils.errors import InputError
 
 __all__ = [
     "box_cover",

@@ -13,15 +13,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backbone import BackboneConfig, FeatureExtractor, build_extractor, load_image, resolve_device
+from ..features.backbone import BackboneConfig, FeatureExtractor, build_extractor, load_image, resolve_device
 from .baselines import gray_image
-from .checkpoint import load_checkpoint
+from ..utils.checkpoint import load_checkpoint
 from .clicks import Click, encode_clicks, scale_clicks
-from .errors import CheckpointError, InputError
-from .models import ADClick, ADClickConfig, ClickEnsemble
-from .reference import ReferenceBank, image_fingerprint
+from ..utils.errors import CheckpointError, InputError
+from ..models import ADClick, ADClickConfig, ClickEnsemble
+from ..features.reference import ReferenceBank, image_fingerprint
 from .refinement import ClickConsistency, RefineConfig, SeededBoundary, keep_clicks, refine_answer, seeded_boundary
-from .residuals import ResidualConfig, compute_residuals, match_residuals
+from ..features.residuals import ResidualConfig, compute_residuals, match_residuals
 from .zoom import Box, ZoomConfig, clicked_parts, relative_crop, spills_over, to_canvas, zoom_boxes
 
 __all__ = ["ImageState", "ClickPredictor", "SegPredictor", "ABLATIONS", "without_steps", "smooth_probability",
@@ -518,7 +518,7 @@ class SegPredictor(_ResidualPredictor):
         if self.model.config.text_dim == 0 or not missing:
             return self
         if encoder is None:
-            from .prompts import PromptEncoder
+            from ..features.prompts import PromptEncoder
 
             encoder = PromptEncoder()
         obj = object_name or self.checkpoint_info.get("object_name") or "surface"
@@ -532,15 +532,15 @@ class SegPredictor(_ResidualPredictor):
     @property
     def per_bank(self) -> bool:
         """Whether the model expects residuals divided by the bank's own scale (a model pre-trained
-        on several products: ``seg_training.bank_residual_scale``)."""
-        from .seg_training import PER_BANK
+        on several products: ``training.seg.bank_residual_scale``)."""
+        from ..training.seg import PER_BANK
 
         return self.checkpoint_info.get("residual_normalization") == PER_BANK
 
     def _model_residual(self, state: ImageState) -> torch.Tensor:
         if not self.per_bank:
             return state.residual
-        from .seg_training import bank_residual_scale, normalize_residual
+        from ..training.seg import bank_residual_scale, normalize_residual
 
         key = self.bank.fingerprint
         with _SCALE_LOCK:

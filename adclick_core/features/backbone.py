@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from .errors import InputError, MissingWeightsError
+from ..utils.errors import InputError, MissingWeightsError
 
 __all__ = ["BackboneConfig", "FeatureExtractor", "Features", "load_image", "resolve_device", "build_extractor"]
 

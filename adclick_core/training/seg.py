@@ -31,17 +31,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbone import FeatureExtractor, load_image
-from .checkpoint import load_checkpoint, save_checkpoint
+from ..features.backbone import FeatureExtractor, load_image
+from ..utils.checkpoint import load_checkpoint, save_checkpoint
 from .distributed import Distributed
-from .clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
+from ..inference.clicks import Click, encode_clicks, sample_training_clicks, scale_clicks
 from .labels import box_cover, box_labels, exact_labels, pseudo_labels, tag_labels
 from .losses import normalized_focal_loss, soft_dice_loss
-from .models import ADClick, ADClickConfig
-from .reference import ReferenceBank, image_fingerprint
-from .residuals import ResidualConfig, Residuals, compute_residuals
+from ..models import ADClick, ADClickConfig
+from ..features.reference import ReferenceBank, image_fingerprint
+from ..features.residuals import ResidualConfig, Residuals, compute_residuals
 from .synthesis import AnomalySynthesizer
-from .training import ClickPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
+from .click import ClickPool, build_synthetic_pool, input_scale, optimizer_and_ema, warmup_cosine_lr
 
 __all__ = ["SegItem", "SegProduct", "SegTrainConfig", "train_seg", "seg_synthetic_pool", "SEG_KIND", "item_label_kind",
            "UNSUPERVISED_PHOTOMETRIC_FRACTION", "seg_synthesizer"]
@@ -397,8 +397,8 @@ def calibrate_threshold(
     Uses the items whose defect pixels are known (masks, click pseudo labels), restricted to
     ``only`` (indices into ``data``) when given, reported as ``labelled_source``; without them,
     the synthetic pool. Returns ``{"threshold", "f1", "source", "images"}``."""
-    from .metrics import best_f1_threshold
-    from .predictor import fuse_with_map, gate_by_image_score, seg_probabilities, smooth_map
+    from ..evaluation.metrics import best_f1_threshold
+    from ..inference.predictor import fuse_with_map, gate_by_image_score, seg_probabilities, smooth_map
 
     known = _known_defect_pixels(data)
     if only is not None:
@@ -507,7 +507,7 @@ def train_seg(
     types = sorted(own | {i.defect_type for o in others for i in o.items if i.defect_type}) or ["defect"]
     start = _initial_weights(init, extractor) if init is not None else None
     if config.language and prompt_encoder is None:
-        from .prompts import PromptEncoder
+        from ..features.prompts import PromptEncoder
 
         prompt_encoder = PromptEncoder()
     prompts = _prompt_bank(types, prompt_encoder if config.language else None, object_name, phrases)
@@ -596,7 +596,7 @@ def train_seg(
     def language_for(batch_types: list[str | None]) -> torch.Tensor | None:
         if prompts is None:
             return None
-        from .prompts import sample_prompt
+        from ..features.prompts import sample_prompt
 
         feats = [sample_prompt(prompts[t if t in prompts else types[int(rng.integers(len(types)))]], rng, True)
                  for t in batch_types]
@@ -731,7 +731,7 @@ def train_seg(
     model = ema.module.eval()
     fusion = None
     if n_real == 0 and config.map_fusion_weight > 0:
-        from .predictor import MapFusion
+        from ..inference.predictor import MapFusion
 
         fusion = MapFusion(config.map_fusion_weight, bank_map_reference(bank, rcfg, seed=config.seed),
                            config.map_fusion_gate)

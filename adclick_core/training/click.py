@@ -15,18 +15,18 @@ from tqdm.auto import tqdm
 
 from scipy import ndimage
 
-from .backbone import FeatureExtractor, load_image
-from .checkpoint import save_checkpoint
+from ..features.backbone import FeatureExtractor, load_image
+from ..utils.checkpoint import save_checkpoint
 from .distributed import Distributed
-from .clicks import encode_clicks, next_training_click, sample_training_clicks
-from .data import load_mask
+from ..inference.clicks import encode_clicks, next_training_click, sample_training_clicks
+from ..utils.data import load_mask
 from .losses import normalized_focal_loss, soft_dice_loss
-from .models import ADClick, ADClickConfig
-from .models.embeddings import residual_features
-from .reference import ReferenceBank
-from .residuals import ResidualConfig, compute_residuals, match_residuals, retrieve_neighbours, similar_bank_images
+from ..models import ADClick, ADClickConfig
+from ..models.embeddings import residual_features
+from ..features.reference import ReferenceBank
+from ..features.residuals import ResidualConfig, compute_residuals, match_residuals, retrieve_neighbours, similar_bank_images
 from .synthesis import AnomalySynthesizer
-from .zoom import ZoomConfig, relative_crop, to_canvas
+from ..inference.zoom import ZoomConfig, relative_crop, to_canvas
 
 __all__ = ["ClickPool", "build_synthetic_pool", "build_defect_pool", "concat_pools", "ClickTrainConfig", "train_click", "ProgressFn"]
 

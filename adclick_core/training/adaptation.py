@@ -20,12 +20,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .checkpoint import ensemble_members, replace_member
-from .errors import InputError
-from .predictor import ClickPredictor
+from ..utils.checkpoint import ensemble_members, replace_member
+from ..utils.errors import InputError
+from ..inference.predictor import ClickPredictor
 from .synthesis import AnomalySynthesizer
 from .distributed import Distributed
-from .training import ClickTrainConfig, ProgressFn, build_defect_pool, build_synthetic_pool, concat_pools, train_click
+from .click import ClickTrainConfig, ProgressFn, build_defect_pool, build_synthetic_pool, concat_pools, train_click
 
 __all__ = ["AdaptConfig", "adapt_click", "MIN_REFERENCES"]
 

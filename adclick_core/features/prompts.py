@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, MissingWeightsError
+from ..utils.errors import InputError, MissingWeightsError
 
 __all__ = [
     "TEMPLATES",

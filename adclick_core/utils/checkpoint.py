@@ -15,10 +15,10 @@ __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "c
            "SHIPPED_SEG_CHECKPOINT"]
 
 CHECKPOINT_FORMAT_VERSION = 1
-SHIPPED_CLICK_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_click.pt"
+SHIPPED_CLICK_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "adclick_click.pt"
 # ADClick-Seg pre-trained on the real defects of the development products (``pretrain-seg``): what
 # Start Training and ``train-seg --init`` continue from.
-SHIPPED_SEG_CHECKPOINT = Path(__file__).parent / "weights" / "adclick_seg_pretrained.pt"
+SHIPPED_SEG_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "adclick_seg_pretrained.pt"
 
 
 def save_checkpoint(path: str | os.PathLike, kind: str, state_dict: dict, **meta: Any) -> Path:

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .baselines import random_walker_probability, residual_cut_probability
-from .clicks import Click, next_eval_click
-from .data import MVTecFolder, Sample
-from .errors import DataError, InputError
+from ..inference.baselines import random_walker_probability, residual_cut_probability
+from ..inference.clicks import Click, next_eval_click
+from ..utils.data import MVTecFolder, Sample
+from ..utils.errors import DataError, InputError
 from .metrics import iou, mean_iou_at, noc, pixel_ap, segmentation_report
-from .predictor import ClickPredictor, ImageState, without_steps
+from ..inference.predictor import ClickPredictor, ImageState, without_steps
 
 if TYPE_CHECKING:
-    from .adaptation import AdaptConfig
+    from ..training.adaptation import AdaptConfig
 
 __all__ = ["evaluate_clicks", "evaluate_click_sets", "mean_over_sets", "format_click_tables", "simulate_clicks",
            "report_counts", "check_methods", "check_workers", "default_workers", "masks_for_learning", "METHODS",
@@ -207,7 +207,7 @@ def _start_worker(checkpoint, device: str, residual_overrides: dict | None, bank
                   methods: Sequence[str], max_clicks: int, report_at: Sequence[int]) -> None:
     import torch
 
-    from .reference import ReferenceBank
+    from ..features.reference import ReferenceBank
 
     torch.set_num_threads(threads)
     pred = _load_predictor(checkpoint, device, residual_overrides)
@@ -420,7 +420,7 @@ def _evaluate_one(pred: ClickPredictor, label: str, data, bank: str | None, chec
     if adapt is None and not masks:
         return evaluate_clicks(data, checkpoint, bank_path=bank, device=device, predictor=pred,
                                residual_overrides=residual_overrides, exclude=exclude, **kwargs)
-    from .adaptation import AdaptConfig
+    from ..training.adaptation import AdaptConfig
 
     out = adapt_dir / f"{label.replace('/', '_')}_adapted.pt"
     summary = adapted_checkpoint(pred, data, bank, out, adapt or AdaptConfig(), progress=kwargs.get("progress", True),
@@ -446,7 +446,7 @@ def adapted_checkpoint(pred: ClickPredictor, data: str | Path, bank_path: str | 
     """``pred`` adapted to the data set's product as the backend adapts a project's: on its
     reference bank (train/good) and ``defects``, (image, mask) pairs of its own. Writes ``out``;
     returns the adaptation's summary."""
-    from .adaptation import adapt_click
+    from ..training.adaptation import adapt_click
 
     bank = MVTecFolder(data).reference_bank(pred.extractor, bank_path, progress=progress)
     return adapt_click(pred.with_bank(bank), out, config, progress=progress, defects=list(defects) or None)

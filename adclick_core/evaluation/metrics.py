@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from .errors import InputError
+from ..utils.errors import InputError
 
 __all__ = [
     "pixel_ap",

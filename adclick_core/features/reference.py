@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import BackboneConfig, FeatureExtractor, load_image, resolve_device
-from .errors import CheckpointError, EmptyBankError
-from .zoom import SOURCE_SIDE, decode_source, encode_source
+from ..utils.errors import CheckpointError, EmptyBankError
+from ..inference.zoom import SOURCE_SIDE, decode_source, encode_source
 
 __all__ = ["ReferenceBank", "BANK_FORMAT_VERSION", "image_fingerprint"]
 

@@ -1,0 +1,1 @@
+"""Evaluation: click and segmentation evaluation, metrics and the latency benchmark."""

@@ -1,0 +1,1 @@
+"""Features: the backbone extractor, reference banks, residuals and text prompts (what the models see)."""

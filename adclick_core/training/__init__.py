@@ -1,0 +1,1 @@
+"""Training: click and segmentation training, adaptation, synthetic anomalies, textures, losses, labels, distributed runs."""

@@ -1,0 +1,1 @@
+"""Utilities: checkpoints, errors and MVTec-style data folders."""
