@@ -42,7 +42,7 @@ ADCLICK_TRAIN_EVERY       Also start a training after every N new annotations (d
                           Start Training). One training per project at a time.
 ADCLICK_ADAPT_MIN_REFERENCES
                           Adapt the click model to a project once its reference bank holds this many
-                          images, and again each time they have doubled (default 0 = only on
+                          images, and again each time they have doubled (default 50; 0 = only on
                           POST /adapt). Written as <project dir>/click-<version>.pt + click_current.json.
 ADCLICK_ADAPT_ITERATIONS  Fine-tuning iterations of one adaptation (default 300).
 ADCLICK_DOWNLOAD_TIMEOUT  Seconds per image download (default 30).
