@@ -67,8 +67,9 @@ class Settings:
     bank_refresh_s: float = 600.0
     seg_iterations: int = 600
     seg_threshold: float | None = None  # None: the threshold calibrated at training (in the checkpoint)
-    # What Start Training continues from: None = the shipped pre-trained ADClick-Seg when installed,
-    # "none" = a new model, else a checkpoint path (ADCLICK_SEG_INIT).
+    # What Start Training continues from: None = adclick_core/weights/adclick_seg_pretrained.pt if a
+    # deployment installed one (none is shipped), "none" = a new model, else a checkpoint path
+    # (ADCLICK_SEG_INIT).
     seg_init: str | None = None
     train_every: int = 0
     # Adapt by itself from this many references (0: only on POST /adapt). Measured on products the

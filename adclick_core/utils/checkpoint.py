@@ -16,8 +16,9 @@ __all__ = ["CHECKPOINT_FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "c
 
 CHECKPOINT_FORMAT_VERSION = 1
 SHIPPED_CLICK_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "adclick_click.pt"
-# ADClick-Seg pre-trained on the real defects of the development products (``pretrain-seg``): what
-# Start Training and ``train-seg --init`` continue from.
+# An ADClick-Seg pre-trained with ``pretrain-seg``, installed here by a deployment: what Start
+# Training continues from when ADCLICK_SEG_INIT is unset. None is shipped: pre-trained on the other
+# development products it did not beat a new model (docs/results.md).
 SHIPPED_SEG_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "adclick_seg_pretrained.pt"
 
 
