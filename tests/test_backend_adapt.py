@@ -242,3 +242,14 @@ def test_an_adaptation_without_a_readable_export_learns_from_the_references_alon
     st = wait_adaptation(client)  # the fake Label Studio has no export for this project: 404
     assert st["state"] == "done" and adapter.masks == [[]]
     assert st["last_result"]["summary"]["masks"] == 0 and "masks_error" in st["last_result"]["summary"]
+
+
+def test_projects_adapt_by_themselves_from_50_references_by_default(monkeypatch):
+    """The default measured on products the click model never saw (docs/results.md): 50
+    references; ADCLICK_ADAPT_MIN_REFERENCES=0 turns it off."""
+    from ml_backend.model import Settings
+
+    monkeypatch.delenv("ADCLICK_ADAPT_MIN_REFERENCES", raising=False)
+    assert Settings.from_env().adapt_min_references == 50 == Settings().adapt_min_references
+    monkeypatch.setenv("ADCLICK_ADAPT_MIN_REFERENCES", "0")
+    assert Settings.from_env().adapt_min_references == 0
