@@ -372,10 +372,9 @@ def cmd_train_seg(args) -> dict:
 def cmd_pretrain_seg(args) -> dict:
     """ADClick-Seg pre-trained on the real defects (painted masks) of several products, each
     against its own references: the starting point of ``train-seg --init`` and of Start Training."""
-    from .utils.data import MVTecFolder
     from .training.distributed import Distributed
     from .inference.predictor import ClickPredictor
-    from .training.seg import SegItem, SegProduct, SegTrainConfig, train_seg
+    from .training.seg import SegProduct, SegTrainConfig, train_seg
 
     t0 = time.time()
     roots = [Path(d) for part in args.data for d in part.split(",") if d]
@@ -385,15 +384,13 @@ def cmd_pretrain_seg(args) -> dict:
     clicker = ClickPredictor.from_checkpoint(args.click_checkpoint, device=args.device)
     products = []
     for root in roots:
-        folder = MVTecFolder(root)
         cache = Path(args.bank_dir) / f"{root.name}_bank.safetensors" if args.bank_dir else None
-        with dist.main_first():
-            bank = folder.reference_bank(clicker.extractor, cache)
-        items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]
-        if not items:
+        with dist.main_first():  # rank 0 builds and saves the bank, the other processes load it
+            product = SegProduct.from_folder(root, clicker.extractor, cache)
+        if not product.items:
             raise SystemExit(f"{root}: no defective test image with a mask to pre-train on")
-        products.append(SegProduct(items, bank, root.name))
-        log.info("%s: %d defect images, %d references", root.name, len(items), len(bank))
+        products.append(product)
+        log.info("%s: %d defect images, %d references", root.name, len(product.items), len(product.bank))
     cfg = SegTrainConfig(seed=args.seed, **config_overrides(SegTrainConfig, args.set))
     if args.iterations:
         cfg.iterations = args.iterations

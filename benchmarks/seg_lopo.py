@@ -33,20 +33,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adclick_core.utils.data import MVTecFolder  # noqa: E402
 from adclick_core.inference.predictor import ClickPredictor  # noqa: E402
 from adclick_core.evaluation.seg import evaluate_seg  # noqa: E402
-from adclick_core.training.seg import SegItem, SegProduct, SegTrainConfig, train_seg  # noqa: E402
+from adclick_core.training.seg import SegProduct, SegTrainConfig, train_seg  # noqa: E402
 
 PRODUCTS = "mtd,bsd_pitting,mpdd_metal_plate,mtoc_lens,glass_edge"
-
-
-def product(root: Path, name: str, banks: Path, clicker: ClickPredictor) -> SegProduct:
-    """Every defective test image of a product with its mask, and the product's bank."""
-    folder = MVTecFolder(root / name)
-    bank = folder.reference_bank(clicker.extractor, banks / f"{name}_bank.safetensors")
-    items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]
-    return SegProduct(items, bank, name)
 
 
 def table(rows: dict[str, dict], modes: list[str]) -> str:
@@ -89,7 +80,7 @@ def main() -> None:
         if not ckpt.is_file():
             for q in others:
                 if q not in data:
-                    data[q] = product(root, q, banks, clicker)
+                    data[q] = SegProduct.from_folder(root / q, clicker.extractor, banks / f"{q}_bank.safetensors")
             first, rest = data[others[0]], [data[q] for q in others[1:]]
             cfg = SegTrainConfig(seed=args.seed, iterations=args.pretrain_iterations)
             _, pre_summary = train_seg(first.items, clicker.extractor, first.bank, cfg,

@@ -317,3 +317,16 @@ def test_evaluate_seg_scores_a_model_pretrained_on_other_products(mvtec, click_s
     with pytest.raises(ValueError, match="pre-trained checkpoint"):
         evaluate_seg(mvtec, tmp_path / "runs", modes=("pretrained",), click_checkpoint=str(click_path),
                      bank_path=str(tmp_path / "bank.pt"), device="cpu", progress=False)
+
+
+def test_seg_product_from_folder_takes_every_defect_image_with_its_mask(mvtec, click_setup, tmp_path):
+    from adclick_core.training.seg import SegProduct
+
+    _, pred = click_setup
+    product = SegProduct.from_folder(mvtec, pred.extractor, tmp_path / "bank.safetensors", progress=False)
+    samples = MVTecFolder(mvtec).test_samples(defective_only=True)
+    assert product.name == "toy" and len(product.bank) == len(MVTecFolder(mvtec).train_good())
+    assert (tmp_path / "bank.safetensors").is_file()
+    assert [(it.image, it.defect_type) for it in product.items] == [(s.image_path, s.defect_type) for s in samples]
+    for it, s in zip(product.items, samples):
+        np.testing.assert_array_equal(it.mask, s.mask())

@@ -92,6 +92,18 @@ class SegProduct:
     bank: ReferenceBank
     name: str = "product"
 
+    @classmethod
+    def from_folder(cls, root: str | Path, extractor: FeatureExtractor, bank_cache: str | Path | None = None,
+                    progress: bool = True) -> "SegProduct":
+        """Every defective test image of an MVTec-style folder with its painted mask, and the
+        folder's reference bank (``train/good``; loaded from / written to ``bank_cache``)."""
+        from ..utils.data import MVTecFolder
+
+        folder = MVTecFolder(root)
+        bank = folder.reference_bank(extractor, bank_cache, progress=progress)
+        items = [SegItem(s.image_path, s.defect_type, mask=s.mask()) for s in folder.test_samples(defective_only=True)]
+        return cls(items, bank, Path(root).name)
+
 
 @dataclass
 class SegTrainConfig:
@@ -160,10 +172,6 @@ class _Prepared:
     kind: list[str]
     clicks: list[list[Click]]  # for "clicks": the clicks in model-input pixels
     defect_type: list[str | None]
-
-
-def mcfg_kind(config: "SegTrainConfig") -> str:
-    return config.model.residual_input
 
 
 def _normalized(data: _Prepared, scale: torch.Tensor) -> _Prepared:
@@ -515,26 +523,25 @@ def train_seg(
     if callback:
         callback(0.0, f"computing residuals of {len(items)} labelled images")
     data = _prepare(items, extractor, bank, rcfg, bar_on)
+    banks = [bank, *(o.bank for o in others)]
     per_bank = bool(others)
-    scales = {}
+    scales: list[torch.Tensor] = []
     if per_bank:
-        if mcfg_kind(config) != "square":
+        if config.model.residual_input != "square":
             raise ValueError("pre-training on several products needs the 'square' residual input")
         if callback:
-            callback(0.0, f"residual scale of {1 + len(others)} products' references")
-        scales = {id(b): bank_residual_scale(b, rcfg) for b in [bank, *(o.bank for o in others)]}
-        parts = [_normalized(data, scales[id(bank)])]
-        for o in others:
-            parts.append(_normalized(_prepare(o.items, extractor, o.bank, rcfg, bar_on), scales[id(o.bank)]))
+            callback(0.0, f"residual scale of {len(banks)} products' references")
+        scales = [bank_residual_scale(b, rcfg) for b in banks]
+        parts = [_normalized(data, scales[0])]
+        for o, scale in zip(others, scales[1:]):
+            parts.append(_normalized(_prepare(o.items, extractor, o.bank, rcfg, bar_on), scale))
         data = _concat(parts)
         if synthetic is not None:  # drawn against the first product's bank
-            synthetic = ClickPool(normalize_residual(synthetic.residual, scales[id(bank)]), synthetic.fine,
-                                  synthetic.masks)
+            synthetic = ClickPool(normalize_residual(synthetic.residual, scales[0]), synthetic.fine, synthetic.masks)
     # OK-tagged items are real normals already (in a Label Studio project, the very images the
     # bank holds): the bank's images stand in only where the labels have none.
     has_ok = any(item_label_kind(it) == "tag" and it.verdict == "OK" for it in items)
     use_bank = len(data.kind) and not has_ok and config.normal_fraction > 0
-    banks = [bank, *(o.bank for o in others)]
     # Pre-training shares the normals between the products' banks.
     normals_each = config.bank_normals if len(banks) == 1 else max(1, config.bank_normals // len(banks))
     counts = [max(0, min(normals_each, len(b) - 1)) if use_bank else 0 for b in banks]
@@ -544,11 +551,11 @@ def train_seg(
         if callback:
             callback(0.0, f"residuals of {n_normals} defect-free reference images")
         parts = []
-        for b, n in zip(banks, counts):
+        for i, (b, n) in enumerate(zip(banks, counts)):
             if n:
                 picked = np.sort(np.random.default_rng(config.seed + 2).choice(len(b), size=n, replace=False))
                 part = _bank_normals(b, rcfg, picked.tolist(), extractor.config.input_size)
-                parts.append(_normalized(part, scales[id(b)]) if per_bank else part)
+                parts.append(_normalized(part, scales[i]) if per_bank else part)
         normals = _concat(parts)
     n_real, n_syn = len(data.kind), len(synthetic) if synthetic is not None else 0
     if n_real == 0 and n_syn == 0:
@@ -564,26 +571,18 @@ def train_seg(
     model = ADClick(mcfg).to(device)
     if start is not None:  # its input scale too: the weights were learnt on inputs scaled by it
         model.load_state_dict(start["state_dict"], strict=True)
-        if per_bank:
-            model.residual_embed.input_scale.fill_(1.0)
-        elif start.get("residual_normalization") == PER_BANK:
-            # Pre-trained on residuals divided by each product's scale: this project's scale, once
-            # and for all, in the input scale the model divides by (a one-image bank has no scale
-            # of its own: then the training inputs' normal pixels give it, as for a new model).
-            if len(bank) >= 2:
-                scale = bank_residual_scale(bank, rcfg)
-            elif n_syn:
-                scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
-            else:
-                scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
-            model.residual_embed.input_scale.copy_(scale.to(device))
-    elif per_bank:
-        pass  # inputs already divided by their bank's scale: the buffer stays 1
-    elif n_syn:
-        scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
-        model.residual_embed.input_scale.copy_(scale.to(device))
-    else:
-        scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
+    if per_bank:  # inputs already divided by their bank's scale
+        model.residual_embed.input_scale.fill_(1.0)
+    elif start is None or start.get("residual_normalization") == PER_BANK:
+        # A new model, or one pre-trained on residuals divided by each product's scale: then this
+        # project's scale, once and for all (a one-image bank has no scale of its own: the training
+        # inputs' normal pixels give it, as for a new model).
+        if start is not None and len(bank) >= 2:
+            scale = bank_residual_scale(bank, rcfg)
+        elif n_syn:
+            scale = input_scale(synthetic.residual, torch.from_numpy(synthetic.masks), mcfg.residual_input)
+        else:
+            scale = input_scale(data.residual, ~data.valid | (data.target > 0.5), mcfg.residual_input)
         model.residual_embed.input_scale.copy_(scale.to(device))
     opt, ema = optimizer_and_ema(model, config.lr, config.weight_decay, config.ema_decay)
     trained = dist.wrap(model, find_unused=True)  # the gradient step (the text branch may sit out a step)
